@@ -1,0 +1,213 @@
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as model_lib
+from model import (AutoencoderConfig, CheckpointError, ResidualAutoencoder, count_parameters, load_model,
+                   save_pretrained, weights_fingerprint)
+from tests.conftest import ROOT
+
+CARD_PARAMS = 34_849_667
+
+
+def test_default_model_matches_the_card():
+    model = ResidualAutoencoder().eval()
+    n = count_parameters(model)
+    assert abs(n - CARD_PARAMS) / CARD_PARAMS < 0.01
+    assert n == 34_757_507  # the figure the README states
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(x)
+        y = model.decode(z)
+    assert z.shape == (2, 512)
+    assert y.shape == (2, 3, 128, 128)
+    assert y.min() >= -1 and y.max() <= 1
+
+
+def test_reconstruction_error_reductions(tiny_model, tiny_batch):
+    with torch.no_grad():
+        per_image = tiny_model.reconstruction_error(tiny_batch, reduction="none")
+        mean = tiny_model.reconstruction_error(tiny_batch, reduction="mean")
+        pixel = tiny_model.reconstruction_error(tiny_batch, reduction="pixel")
+        manual = ((tiny_model(tiny_batch) - tiny_batch) ** 2).mean(dim=(1, 2, 3))
+    assert per_image.shape == (4,) and pixel.shape == (4, 32, 32) and mean.shape == ()
+    torch.testing.assert_close(per_image, manual)
+    torch.testing.assert_close(pixel.mean(dim=(1, 2)), per_image)
+    torch.testing.assert_close(mean, per_image.mean())
+    assert per_image.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.zeros(3, 32, 32), r"shape \[B, 3, 32, 32\]"),
+    (torch.zeros(1, 1, 32, 32), r"got \(1, 1, 32, 32\)"),
+    (torch.zeros(1, 3, 64, 64), r"got \(1, 3, 64, 64\)"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "float tensor"),
+])
+def test_bad_inputs_raise_value_error(tiny_model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model.reconstruction_error(bad)
+
+
+def test_unknown_reduction(tiny_model, tiny_batch):
+    with pytest.raises(ValueError, match="reduction"):
+        tiny_model.reconstruction_error(tiny_batch, reduction="sum")
+
+
+def scores(model, x):
+    with torch.no_grad():
+        return model.reconstruction_error(x, reduction="none")
+
+
+def test_round_trip_training_checkpoint(tiny_model, tiny_batch, tmp_path):
+    path = tmp_path / "model_best_checkpoint.ckpt"
+    torch.save({"model": tiny_model.state_dict(), "config": tiny_model.config.to_dict(), "epoch": 3}, path)
+    loaded = load_model(str(path), "cpu")  # the card's call
+    assert not loaded.training
+    assert torch.equal(scores(loaded, tiny_batch), scores(tiny_model, tiny_batch))
+
+
+def test_round_trip_hub_folder_and_safetensors_file(tiny_model, tiny_batch, tmp_path):
+    folder = save_pretrained(tiny_model, tmp_path / "export")
+    assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "config.json", "README.md"}
+    for source in (folder, folder / "model.safetensors"):
+        loaded = load_model(source, "cpu")
+        assert torch.equal(scores(loaded, tiny_batch), scores(tiny_model, tiny_batch))
+    assert weights_fingerprint(load_model(folder)) == weights_fingerprint(tiny_model)
+
+
+def test_save_pretrained_accepts_channels_last(tiny_model, tiny_batch, tmp_path):
+    tiny_model = tiny_model.to(memory_format=torch.channels_last)
+    loaded = load_model(save_pretrained(tiny_model, tmp_path / "cl"))
+    assert torch.equal(scores(loaded, tiny_batch), scores(tiny_model, tiny_batch))
+
+
+def test_round_trip_hub_repo_id(tiny_model, tiny_batch, tmp_path, monkeypatch):
+    folder = save_pretrained(tiny_model, tmp_path / "hub")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, **kwargs):
+        calls.append((repo_id, revision))
+        return str(folder)
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded = load_model("someone/autoencoder@v1.0", "cpu")
+    assert calls == [("someone/autoencoder", "v1.0")]
+    assert torch.equal(scores(loaded, tiny_batch), scores(tiny_model, tiny_batch))
+
+
+def test_prefixed_keys_from_ddp_and_compile_are_stripped(tiny_model, tiny_batch, tmp_path):
+    sd = {f"module._orig_mod.{k}": v for k, v in tiny_model.state_dict().items()}
+    path = tmp_path / "prefixed.pt"
+    torch.save({"model_state_dict": sd, "config": tiny_model.config.to_dict()}, path)
+    assert torch.equal(scores(load_model(path), tiny_batch), scores(tiny_model, tiny_batch))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_model(tmp_path / "nope.ckpt")
+
+
+def test_file_that_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.ckpt"
+    path.write_text("these are not weights")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_model(path)
+
+
+def test_checkpoint_of_another_architecture_names_the_mismatch(tiny_model, tmp_path):
+    other = ResidualAutoencoder(AutoencoderConfig(image_size=32, channels=(8, 8, 16, 16, 32), latent_dim=16))
+    path = tmp_path / "other.ckpt"
+    torch.save({"model": other.state_dict()}, path)  # no config: the tiny config is forced on it
+    with pytest.raises(CheckpointError, match=r"shape mismatches.*down\.4") as err:
+        load_model(path, config=tiny_model.config)
+    assert "\n" not in str(err.value)
+
+    sd = dict(tiny_model.state_dict())
+    sd.pop("head.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save({"model": sd, "config": tiny_model.config.to_dict()}, path)
+    with pytest.raises(CheckpointError, match=r"missing keys, e\.g\. head\.bias.*unexpected keys, e\.g\. extra\.weight"):
+        load_model(path)
+
+
+class Payload:
+    """Unpickling this runs code: it writes a file."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.target)!r}, 'w').write('pwned')",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tiny_model, tmp_path):
+    victim = tmp_path / "pwned.txt"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"model": tiny_model.state_dict(), "hook": Payload(victim)}, path)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_model(path)
+    assert not victim.exists()
+    # the payload is real: a plain unpickler does run it
+    control = tmp_path / "control.txt"
+    torch.save({"hook": Payload(control)}, tmp_path / "control.ckpt")
+    torch.load(tmp_path / "control.ckpt", weights_only=False)
+    assert control.read_text() == "pwned"
+
+
+def test_hub_folder_missing_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="lacks model.safetensors"):
+        load_model(tmp_path)
+
+
+def test_corrupt_safetensors(tiny_model, tmp_path):
+    folder = save_pretrained(tiny_model, tmp_path / "export")
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model(folder)
+
+
+def test_push_to_hub_uses_huggingface_hub(tiny_model, tmp_path, monkeypatch):
+    folder = save_pretrained(tiny_model, tmp_path / "export")
+    seen = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            seen["token"] = token
+
+        def create_repo(self, repo_id, private, exist_ok):
+            seen["create"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            seen["upload"] = (repo_id, sorted(os.listdir(folder_path)))
+            return "ok"
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert model_lib.push_to_hub(folder, "me/detector", token="t") == "ok"
+    assert seen["create"] == ("me/detector", False, True)
+    assert seen["upload"] == ("me/detector", ["README.md", "config.json", "model.safetensors"])
+
+
+def test_config_json_matches_dataclass_defaults():
+    on_disk = json.loads((ROOT / "config.json").read_text())
+    assert on_disk == model_lib.config_json(AutoencoderConfig())
+    assert AutoencoderConfig.from_dict(on_disk) == AutoencoderConfig()
+
+
+def test_model_py_cli_prints_summary_and_writes_config(tmp_path):
+    out = subprocess.run([sys.executable, "model.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "parameters: 34,757,507" in out
+    assert "down5        [1, 512, 4, 4]" in out and "head         [1, 3, 128, 128]" in out
+    gflops = float(out.split("forward GFLOPs per image:")[1].split()[0])
+    assert 1 < gflops < 50
+    target = tmp_path / "config.json"
+    subprocess.run([sys.executable, "model.py", "--write-config", str(target)], cwd=ROOT, check=True,
+                   capture_output=True)
+    assert json.loads(target.read_text()) == json.loads((ROOT / "config.json").read_text())
