@@ -263,8 +263,8 @@ def split_indices(n, val_fraction, seed):
 
 def batches(images, batch_size, size, device, perm=None, drop_last=False):
     """Yields preprocessed float batches from a uint8 tensor kept on `device`."""
-    n = images.shape[0]
-    idx = perm if perm is not None else torch.arange(n, device=images.device)
+    idx = perm if perm is not None else torch.arange(images.shape[0], device=images.device)
+    n = idx.shape[0]
     stop = (n // batch_size) * batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         yield preprocess(images[idx[start:start + batch_size]].to(device, non_blocking=True), size)

@@ -136,7 +136,7 @@ class ResidualAutoencoder(nn.Module):
 
     def decode(self, z):
         s = self.config.bottleneck_size
-        h = F.relu(self.from_latent(z)).view(z.shape[0], -1, s, s)  # [B, c4, 4, 4]
+        h = F.relu(self.from_latent(z)).view(z.shape[0], self.config.channels[-1], s, s)  # [B, c4, 4, 4]
         h = h.contiguous(memory_format=torch.channels_last) if self.is_channels_last() else h
         for stage in self.up:
             h = stage(h)  # [B, c_{i-1}, 2H, 2W]
@@ -289,17 +289,20 @@ def push_to_hub(directory, repo_id, private=False, token=None, commit_message="U
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
-def read_torch_checkpoint(path):
-    """Returns (state_dict, config dict or None) from a torch.save file, never running pickled code."""
+def load_checkpoint_dict(path):
+    """torch.load(weights_only=True) with one-line errors: tensors and plain data only,
+    so a checkpoint can never run code while loading."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
     except pickle.UnpicklingError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         unsafe = re.search(r"GLOBAL (\S+)", str(e))
         if unsafe:
             raise CheckpointError(
                 f"{path}: refused to load: it pickles {unsafe.group(1)}, an object other than tensors "
                 f"and plain data, which could run code") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = next((line.split("error:", 1)[1].strip() for line in lines if "WeightsUnpickler error:" in line), "")
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or not written by "
                               f"torch.save{': ' + detail[:120] if detail else ''})") from None
@@ -308,6 +311,12 @@ def read_torch_checkpoint(path):
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first[:200]})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint of this repo (holds a {type(ckpt).__name__}, expected a dict)")
+    return ckpt
+
+
+def read_torch_checkpoint(path):
+    """Returns (state_dict, config dict or None) from a torch.save file."""
+    ckpt = load_checkpoint_dict(path)
     for key in ("model", "model_state_dict", "state_dict"):
         if isinstance(ckpt.get(key), dict):
             return ckpt[key], ckpt.get("config")

@@ -1,0 +1,160 @@
+import json
+import math
+import pytest
+import torch
+from PIL import Image
+
+import train
+from model import load_checkpoint_dict, load_model, weights_fingerprint
+from tests.conftest import run_script
+
+# a tiny network on tiny synthetic images: each epoch takes a fraction of a second on CPU
+TINY = ["--image-size", "32", "--channels", "8,8,16,16,16", "--latent-dim", "16", "--batch-size", "16",
+        "--dataset", "synthetic", "--synthetic-images", "300", "--no-progress"]
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_preset_cli_writes_every_output(tmp_path):
+    out = tmp_path / "smoke"
+    proc = run_script("train.py", "--preset", "smoke", "--dataset", "synthetic", "--synthetic-images", "600",
+                      "--epochs", "3", "--out-dir", out, "--no-progress")
+    assert "test MSE" in proc.stdout
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # it learns
+    for key in ("train_loss", "val_loss", "lr", "epoch_time_s", "images_per_s", "peak_memory_gb"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    for name in ("model_best_checkpoint.ckpt", "last_checkpoint.ckpt", "loss_curve.png", "results.json",
+                 "release/model.safetensors", "release/config.json"):
+        assert (out / name).exists(), name
+    results = json.loads((out / "results.json").read_text())
+    best = load_model(out / "model_best_checkpoint.ckpt")  # the card's loader
+    release = load_model(out / "release")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(best.reconstruction_error(x), release.reconstruction_error(x))
+    assert results["best_weights"] == weights_fingerprint(best)
+    assert math.isfinite(results["test_mse"]) and 0 < results["test_mse"] < 1
+    with Image.open(out / "loss_curve.png") as img:
+        assert img.size[0] > 100
+
+
+def last_weights(out_dir):
+    return load_checkpoint_dict(out_dir / "last_checkpoint.ckpt")["model"]
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train.main(TINY + ["--epochs", "3", "--out-dir", str(straight)])
+    train.main(TINY + ["--epochs", "1", "--out-dir", str(interrupted)])
+    assert len(read_metrics(interrupted)) == 1
+    train.main(["--resume", "--epochs", "3", "--out-dir", str(interrupted), "--no-progress"])  # the rest comes from the checkpoint
+
+    a, b = last_weights(straight), last_weights(interrupted)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [(r["epoch"], r["train_loss"], r["val_loss"], r["lr"]) for r in rows]  # noqa: E731
+    assert strip(read_metrics(straight)) == strip(read_metrics(interrupted))
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--resume", "--out-dir", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_corrupt_resume_checkpoint_is_a_one_line_error(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last_checkpoint.ckpt").write_bytes(b"\x80\x02truncated")
+    proc = run_script("train.py", *TINY, "--resume", "--out-dir", out, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "not a readable PyTorch checkpoint" in proc.stderr
+
+
+def test_fresh_run_refuses_to_overwrite_a_previous_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(TINY + ["--epochs", "1", "--out-dir", str(out)])
+    before = (out / "last_checkpoint.ckpt").read_bytes()
+    with pytest.raises(SystemExit):
+        train.main(TINY + ["--epochs", "1", "--out-dir", str(out)])
+    assert "--resume" in capsys.readouterr().err
+    assert (out / "last_checkpoint.ckpt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(TINY + ["--epochs", "1", "--out-dir", str(out)])
+    files = {n: (out / n).read_bytes() for n in ("last_checkpoint.ckpt", "model_best_checkpoint.ckpt", "metrics.jsonl")}
+    # an absurd learning rate from those weights blows the network up in the first epoch
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--epochs", "2", "--out-dir", str(out), "--overwrite", "--lr", "1e30",
+                           "--init-from", str(out / "model_best_checkpoint.ckpt")])
+    assert exit_info.value.code == 1
+    assert "non-finite loss" in capsys.readouterr().out
+    assert {n: (out / n).read_bytes() for n in files} == files
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_init_from_fine_tunes_existing_weights(tmp_path):
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    train.main(TINY + ["--epochs", "2", "--out-dir", str(base)])
+    # the architecture comes from the checkpoint, not from the (different) flags
+    train.main(TINY + ["--epochs", "1", "--channels", "4,4,4,4,4", "--out-dir", str(tuned),
+                       "--init-from", str(base / "model_best_checkpoint.ckpt")])
+    assert load_model(tuned / "model_best_checkpoint.ckpt").config == load_model(base / "model_best_checkpoint.ckpt").config
+    # starting from trained weights, the first epoch already trains at a lower loss than from scratch
+    assert read_metrics(tuned)[0]["train_loss"] < read_metrics(base)[0]["train_loss"]
+
+
+def test_folder_dataset_skips_unreadable_files(tmp_path, capsys):
+    folder = tmp_path / "photos" / "nested"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(60):
+        pixels = (torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(pixels).save(folder / f"img{i}.{'png' if i % 2 else 'jpg'}")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (folder / "empty.png").write_bytes(b"")
+    out = tmp_path / "run"
+    train.main(["--dataset", "folder", "--data-dir", str(tmp_path / "photos"), "--image-size", "32",
+                "--channels", "8,8,16,16,16", "--latent-dim", "16", "--batch-size", "8", "--epochs", "1",
+                "--out-dir", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert "60 images from" in captured.out and "2 unreadable skipped" in captured.out
+    assert "broken.jpg" in captured.err
+    assert (out / "model_best_checkpoint.ckpt").exists()
+
+
+def test_cifar10_from_a_local_folder(cifar_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(["--data-dir", str(cifar_dir), "--image-size", "32", "--channels", "8,8,16,16,16", "--latent-dim",
+                "16", "--batch-size", "16", "--epochs", "1", "--out-dir", str(out), "--no-progress"])
+    captured = capsys.readouterr().out
+    assert "train 90 / val 10 / test 40 images at (32, 32)" in captured
+    assert math.isfinite(json.loads((out / "results.json").read_text())["test_mse"])
+
+
+def test_cifar10_missing_offline_says_where_to_put_it(tmp_path):
+    proc = run_script("train.py", "--data-dir", tmp_path / "nowhere", "--out-dir", tmp_path / "run", check=False,
+                      timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cifar-10-python.tar.gz" in lines[0], proc.stderr
+
+
+def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+                      "--epochs", "2", "--out-dir", out, env={"OMP_NUM_THREADS": "1"})
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2
+    ranks = results["final_weights_per_rank"]
+    assert len(ranks) == 2 and ranks[0] == ranks[1]
+    rows = read_metrics(out)
+    assert len(rows) == 2 and rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert proc.stdout.count("epoch   1 |") == 1  # only rank 0 logs
