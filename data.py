@@ -233,7 +233,7 @@ def dead_leaves(n, size=64, seed=0, leaves=150):
         palette = torch.rand(b, 3, 1, 1, generator=g)
         img = palette.expand(b, 3, size, size).clone()  # background
         covered = torch.zeros(b, 1, size, size, dtype=torch.bool)
-        rmin, rmax = size / 40, size / 2
+        rmin, rmax = size / 16, size / 2
         for _ in range(leaves):
             # radius density ~ r^-3 between rmin and rmax (inverse-CDF sampling)
             u = torch.rand(b, generator=g)

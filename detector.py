@@ -310,11 +310,14 @@ class Detector:
             if threshold is None:
                 return None, None
             try:
-                return float(threshold), f"{float(threshold):g} (given)"
+                value, label = float(threshold), f"{float(threshold):g} (given)"
             except ValueError:
                 raise ConfigError(f"threshold {threshold!r} needs a thresholds file (--thresholds)") from None
-        value, label = resolve_threshold(self.thresholds, self.score_name, "balanced" if threshold is None else threshold)
-        return value, f"{label} = {value:.6g}"
+        else:
+            value, label = resolve_threshold(self.thresholds, self.score_name, "balanced" if threshold is None else threshold)
+        if not math.isfinite(value):  # a typed nan / inf would silently call everything REAL (or FAKE)
+            raise ConfigError(f"threshold must be a finite number, got {threshold!r}")
+        return value, label if label.endswith("(given)") else f"{label} = {value:.6g}"
 
     def p_values(self, rows):
         """Adds p_value to scored rows (in place) when calibration scores exist."""
@@ -351,16 +354,12 @@ class Detector:
     def score_paths(self, paths, rank=0, world=1, keep_maps=False):
         """Yields one row per input file (streamed in batches)."""
         batch = []
-        for row in score_files(self.model, paths, self.batch_size, self.workers, rank, world,
-                               with_complexity=self.needs_complexity(), keep_maps=keep_maps):
+        for row in score_files(self.model, paths, self.batch_size, self.workers, rank, world, keep_maps=keep_maps):
             batch.append(row)
             if len(batch) >= self.batch_size:
                 yield from self._finish(batch)
                 batch = []
         yield from self._finish(batch)
-
-    def needs_complexity(self):
-        return self.score_name in ("complexity", "combined")
 
     def score_tensors(self, images):
         """uint8 [N, 3, H, W] tensor (or list of PIL images / uint8 [3, H, W] tensors) -> rows."""
@@ -370,8 +369,7 @@ class Detector:
             batch = [pil_or_tensor_to_uint8(im) for im in images]
         size = self.model.config.image_size
         x = torch.cat([preprocess(im, size) for im in batch]) if batch else torch.empty(0, 3, size, size)
-        png = input_png_bits(x) if self.needs_complexity() else None
-        scores = score_batch(self.model, x, png)
+        scores = score_batch(self.model, x, input_png_bits(x))
         rows = [{"path": f"<image {i}>", **{k: float(v[i]) for k, v in scores.items()}} for i in range(len(batch))]
         return self._finish(rows)
 

@@ -1,0 +1,153 @@
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import beta
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+import calibrate
+from data import dead_leaves
+from detector import Detector
+from model import load_model, weights_fingerprint
+from tests.conftest import run_script
+
+
+@pytest.fixture
+def tiny_ckpt(tiny_model, tmp_path):
+    path = tmp_path / "model_best_checkpoint.ckpt"
+    torch.save({"model": tiny_model.state_dict(), "config": tiny_model.config.to_dict()}, path)
+    return path
+
+
+@pytest.fixture
+def real_dir(tmp_path):
+    folder = tmp_path / "real photos"
+    (folder / "sub").mkdir(parents=True)
+    images = dead_leaves(220, 32, seed=3)
+    for i in range(images.shape[0]):
+        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / ("sub" if i % 3 else ".") / f"ïmg {i}.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return folder
+
+
+def read_scores(path):
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def calibrate_folder(tiny_ckpt, real_dir, tmp_path, *extra):
+    out = tmp_path / "out"
+    proc = run_script("calibrate.py", "--checkpoint", tiny_ckpt, "--real-dir", real_dir, "--num-noise", "150",
+                      "--num-hard", "60", "--output", out / "thr.json", "--plots-dir", out,
+                      "--scores-out", out / "scores.csv", "--no-progress", "--workers", "1", *extra)
+    return out, json.loads((out / "thr.json").read_text()), read_scores(out / "scores.csv"), proc
+
+
+def test_calibrate_cli_on_a_folder(tiny_ckpt, real_dir, tmp_path):
+    out, cfg, rows, proc = calibrate_folder(tiny_ckpt, real_dir, tmp_path)
+    t = cfg["reconstruction_thresholds"]["thresholds"]
+    # the card's users read thresholds exactly like this
+    values = {name: cfg["reconstruction_thresholds"]["thresholds"][name]["value"] for name in
+              ("strict", "balanced", "sensitive", "optimal")}
+    assert values["strict"] >= values["balanced"] >= values["sensitive"]
+    assert "AUROC" in proc.stdout and "skipped 1 unreadable real" in proc.stderr
+    assert cfg["binding"]["unreadable_skipped"]["real"] == 1
+    for name in ("threshold_calibration.png", "reconstruction_comparison.png", "roc_curve.png"):
+        with Image.open(out / name) as img:
+            assert img.size[0] > 200, name
+
+    real = [r for r in rows if r["set"] == "real"]
+    assert len(real) == 220
+    cal = np.sort([float(r["mse"]) for r in real if r["split"] == "calibration"])
+    held = np.array([float(r["mse"]) for r in real if r["split"] == "heldout"])
+    assert len(cal) == cfg["calibration_scores"]["n"] == 110 and len(held) == 110
+    # split-conformal: the k-th smallest calibration score, k = ceil((n + 1)(1 - a))
+    for name, alpha in (("strict", 0.01), ("balanced", 0.05), ("sensitive", 0.10)):
+        k = math.ceil((len(cal) + 1) * (1 - alpha) - 1e-9)
+        assert t[name]["k"] == k
+        assert t[name]["value"] == cal[k - 1]
+        flagged = int(np.sum(held > t[name]["value"]))
+        assert t[name]["heldout_fpr"] == flagged / len(held)
+        lo = beta.ppf(0.025, flagged, len(held) - flagged + 1) if flagged else 0.0
+        hi = beta.ppf(0.975, flagged + 1, len(held) - flagged) if flagged < len(held) else 1.0
+        assert t[name]["heldout_fpr_ci95"] == pytest.approx([lo, hi], abs=1e-7)
+    assert cfg["calibration_scores"]["scores"]["mse"] == pytest.approx(cal.tolist(), rel=0, abs=0)
+
+    # AUROC / AUPR per fake set against an independent implementation
+    for name in ("noise", "flat", "gradient", "blur", "jpeg", "splice"):
+        fake = np.array([float(r["mse"]) for r in rows if r["set"] == name])
+        y = np.r_[np.zeros(len(held)), np.ones(len(fake))]
+        s = np.r_[held, fake]
+        ev = cfg["evaluation"]["scores"]["mse"][name]
+        assert ev["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert ev["aupr"] == pytest.approx(average_precision_score(y, s), abs=1e-12)
+        assert t["balanced"]["tpr"][name] == pytest.approx(np.mean(fake > t["balanced"]["value"]))
+    assert cfg["mean_error_ratio"]["noise"] == pytest.approx(
+        np.mean([float(r["mse"]) for r in rows if r["set"] == "noise"]) / np.mean([float(r["mse"]) for r in real]))
+    assert cfg["binding"]["weights_fingerprint"] == weights_fingerprint(load_model(tiny_ckpt))
+    assert cfg["binding"]["real_split"] == {"seed": 0, "holdout_fraction": 0.5, "n_calibration": 110, "n_heldout": 110}
+    assert set(cfg["score_thresholds"]) == {"local", "complexity", "combined"}
+
+
+def test_calibration_and_inference_score_a_file_identically(tiny_ckpt, real_dir, tmp_path):
+    _, cfg, rows, _ = calibrate_folder(tiny_ckpt, real_dir, tmp_path)
+    by_path = {r["path"]: r for r in rows if r["set"] == "real"}
+    paths = sorted(by_path)[:20]
+    det = Detector(tiny_ckpt, thresholds=tmp_path / "out" / "thr.json", device="cpu", workers=0)
+    assert det.warnings == []  # the file is bound to these weights
+    for row in det.score(paths):
+        for score in ("mse", "local", "complexity"):
+            assert row[score] == float(by_path[row["path"]][score]), (row["path"], score)
+
+
+def test_calibrate_on_cifar10_test_by_default(tiny_ckpt, cifar_dir, tmp_path, capsys):
+    from tests.conftest import write_cifar_folder
+    write_cifar_folder(cifar_dir, n_train=10, n_test=400)
+    out = tmp_path / "cifar_out"
+    calibrate.main(["--checkpoint", str(tiny_ckpt), "--data-dir", str(cifar_dir), "--num-noise", "100",
+                    "--hard-fakes", "flat,blur", "--num-hard", "50", "--output", str(out / "t.json"),
+                    "--no-progress", "--bootstrap", "0"])
+    cfg = json.loads((out / "t.json").read_text())
+    assert cfg["binding"]["real"] == "CIFAR-10 test set, 400 images"
+    assert set(cfg["evaluation"]["scores"]["mse"]) == {"noise", "flat", "blur"}
+    assert (out / "roc_curve.png").exists()  # plots default to the output's folder
+
+
+def test_fake_dir_is_reported_by_name(tiny_ckpt, real_dir, tmp_path):
+    fakes_dir = tmp_path / "generated"
+    fakes_dir.mkdir()
+    for i in range(30):
+        Image.new("RGB", (40, 40), (i * 8, 100, 200 - i * 5)).save(fakes_dir / f"f{i}.jpg")
+    _, cfg, rows, _ = calibrate_folder(tiny_ckpt, real_dir, tmp_path, "--fake-dir", f"sd14={fakes_dir}",
+                                       "--hard-fakes", "none", "--num-noise", "0", "--optimal-against", "sd14")
+    assert set(cfg["evaluation"]["scores"]["mse"]) == {"sd14"}
+    assert "optimal" in cfg["reconstruction_thresholds"]["thresholds"]
+    assert len([r for r in rows if r["set"] == "sd14"]) == 30
+
+
+@pytest.mark.parametrize("case", ["empty_real", "unwritable", "bad_checkpoint", "too_few_real"])
+def test_bad_input_gives_one_line_and_exit_2(case, tiny_ckpt, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    n_real = 0 if case == "empty_real" else 40 if case == "too_few_real" else 220
+    for i, img in enumerate(dead_leaves(n_real, 32, seed=1)):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(real / f"{i}.png")
+    ckpt, output = tiny_ckpt, tmp_path / "out" / "t.json"
+    if case == "bad_checkpoint":
+        ckpt = tmp_path / "broken.ckpt"
+        ckpt.write_text("nope")
+    if case == "unwritable":
+        (tmp_path / "a_file").write_text("")
+        output = tmp_path / "a_file" / "t.json"
+    proc = run_script("calibrate.py", "--checkpoint", ckpt, "--real-dir", real, "--num-noise", "20",
+                      "--hard-fakes", "none", "--output", output, "--no-progress", "--workers", "0", check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    expected = {"empty_real": "no readable images", "unwritable": "cannot write",
+                "bad_checkpoint": "not a readable PyTorch checkpoint", "too_few_real": "need at least 99"}[case]
+    assert expected in lines[0]
