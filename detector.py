@@ -354,12 +354,18 @@ class Detector:
     def score_paths(self, paths, rank=0, world=1, keep_maps=False):
         """Yields one row per input file (streamed in batches)."""
         batch = []
-        for row in score_files(self.model, paths, self.batch_size, self.workers, rank, world, keep_maps=keep_maps):
+        for row in score_files(self.model, paths, self.batch_size, self.workers, rank, world,
+                               with_complexity=self.needs_complexity, keep_maps=keep_maps):
             batch.append(row)
             if len(batch) >= self.batch_size:
                 yield from self._finish(batch)
                 batch = []
         yield from self._finish(batch)
+
+    @property
+    def needs_complexity(self):
+        # PNG coding costs ~3 ms per image on a CPU core: only when the score uses it
+        return self.score_name in ("complexity", "combined")
 
     def score_tensors(self, images):
         """uint8 [N, 3, H, W] tensor (or list of PIL images / uint8 [3, H, W] tensors) -> rows."""
@@ -369,7 +375,7 @@ class Detector:
             batch = [pil_or_tensor_to_uint8(im) for im in images]
         size = self.model.config.image_size
         x = torch.cat([preprocess(im, size) for im in batch]) if batch else torch.empty(0, 3, size, size)
-        scores = score_batch(self.model, x, input_png_bits(x))
+        scores = score_batch(self.model, x, input_png_bits(x) if self.needs_complexity else None)
         rows = [{"path": f"<image {i}>", **{k: float(v[i]) for k, v in scores.items()}} for i in range(len(batch))]
         return self._finish(rows)
 

@@ -97,7 +97,7 @@ def test_calibration_and_inference_score_a_file_identically(tiny_ckpt, real_dir,
     _, cfg, rows, _ = calibrate_folder(tiny_ckpt, real_dir, tmp_path)
     by_path = {r["path"]: r for r in rows if r["set"] == "real"}
     paths = sorted(by_path)[:20]
-    det = Detector(tiny_ckpt, thresholds=tmp_path / "out" / "thr.json", device="cpu", workers=0)
+    det = Detector(tiny_ckpt, thresholds=tmp_path / "out" / "thr.json", device="cpu", workers=0, score="combined")
     assert det.warnings == []  # the file is bound to these weights
     for row in det.score(paths):
         for score in ("mse", "local", "complexity"):

@@ -21,7 +21,7 @@ import detector
 import inference_example
 import metrics
 from data import ImageReadError, read_image
-from detector import Detector
+from detector import Detector, score_files
 from model import ResidualAutoencoder, weights_fingerprint
 from tests.conftest import ROOT, TINY, run_script
 
@@ -139,9 +139,8 @@ def env(tmp_path_factory):
     # calibration: the model's scores of procedural "real" images; thresholds at the median
     # score of the good photos, so that both verdicts occur
     det = Detector(ckpt, workers=0)
-    cal = det.score_tensors(data.dead_leaves(40, 32, seed=1))
-    cal = {s: [r[s] for r in cal] for s in detector.BASE_SCORES}
-    scored = list(det.score_paths(good))
+    cal = detector.score_uint8(det.model, data.dead_leaves(40, 32, seed=1))  # every base score
+    scored = list(score_files(det.model, good, workers=0))
     balanced = {s: float(np.median([r[s] for r in scored])) for s in detector.BASE_SCORES}
     fp = weights_fingerprint(model)
     th = {"bound": write_thresholds(root / "bound.json", fp, cal, balanced),
