@@ -53,7 +53,7 @@ def parse_args(argv=None):
     add("--variants", default="eager,channels_last,bf16,compile",
         help="comma-separated subset of eager,channels_last,bf16,compile (default: all that apply)")
     add("--skip-train", action="store_true", help="inference only")
-    add("--folder-images", type=int, default=64, help="multi-megapixel JPEGs for the folder benchmarks, 0 = skip (default: 64)")
+    add("--folder-images", type=int, default=128, help="multi-megapixel JPEGs for the folder benchmarks, 0 = skip (default: 128)")
     add("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     add("--json", default=None, help="also write every figure to this file")
     return p.parse_args(argv)

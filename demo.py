@@ -13,6 +13,7 @@ Each step runs the real script as a subprocess, exactly as a user would.
 """
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
@@ -38,11 +39,25 @@ def run(step, args):
     return proc.returncode
 
 
+def copy_figures(out, figures):
+    figures.mkdir(parents=True, exist_ok=True)
+    picks = [out / n for n in ("threshold_calibration.png", "roc_curve.png", "reconstruction_comparison.png")]
+    picks.append(out / "model" / "loss_curve.png")
+    heatmaps = sorted((out / "heatmaps").glob("*.png"))
+    picks += [next(p for p in heatmaps if p.name.startswith(k)) for k in ("real_like", "flat")]
+    for src in picks:
+        name = f"heatmap_{src.name.split('-')[0]}.png" if src.parent.name == "heatmaps" else src.name
+        shutil.copyfile(src, figures / name)
+    print(f"copied {len(picks)} figures to {figures}/")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default="demo_output", help="everything goes here (default: demo_output)")
     p.add_argument("--real-images", type=int, default=1000, help="held-out real images for calibration (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="default: 0")
+    p.add_argument("--figures-dir", default=None,
+                   help="also copy the plots and two heatmaps here (the README's pictures: --figures-dir docs)")
     args = p.parse_args(argv)
     out = Path(args.out_dir)
     t0 = time.perf_counter()
@@ -76,6 +91,8 @@ def main(argv=None):
     if code not in (0, 1):
         raise SystemExit(code)
 
+    if args.figures_dir:
+        copy_figures(out, Path(args.figures_dir))
     print(f"\nDone in {time.perf_counter() - t0:.0f}s. Everything is in {out}/:")
     for name, what in [("model/", "checkpoints, metrics.jsonl, loss_curve.png, release/ (safetensors)"),
                        ("thresholds_calibrated.json", "thresholds, p-value calibration, AUROC per score and fake set"),

@@ -28,8 +28,7 @@ import json
 import math
 import os
 import sys
-import warnings
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -78,6 +77,11 @@ def model_bits_per_dim(mse):
     return 0.5 * np.log2(2 * math.pi * math.e * mse) - math.log2(BIN_WIDTH)
 
 
+def complexity_score(mse, png, dims):
+    """Model code length minus PNG code length, in bits per dimension (see the module doc)."""
+    return model_bits_per_dim(mse) - np.asarray(png, dtype=np.float64) / dims
+
+
 def input_png_bits(x):
     """PNG code length in bits of each preprocessed image, quantized back to uint8."""
     return png_bits(to_uint8(x.cpu()))
@@ -98,8 +102,7 @@ def score_batch(model, x, png=None, keep_maps=False):
     local = F.avg_pool2d(pixel.unsqueeze(1), window, stride=max(window // 2, 1)).amax(dim=(1, 2, 3))
     out = {"mse": mse.double().cpu().numpy(), "local": local.double().cpu().numpy()}
     if png is not None:
-        dims = x[0].numel()
-        out["complexity"] = model_bits_per_dim(out["mse"]) - np.asarray(png, dtype=np.float64) / dims
+        out["complexity"] = complexity_score(out["mse"], png, x[0].numel())
     if keep_maps:
         out["maps"], out["recon"] = pixel.cpu(), recon.float().cpu()
     return out
@@ -110,13 +113,18 @@ def score_uint8(model, images, batch_size=256, with_complexity=True, progress=No
     device = next(model.parameters()).device
     size = model.config.image_size
     parts = {}
-    for start in range(0, images.shape[0], batch_size):
-        x = preprocess(images[start:start + batch_size].to(device), size)
-        png = input_png_bits(x) if with_complexity else None
-        for name, values in score_batch(model, x, png).items():
-            parts.setdefault(name, []).append(values)
-        if progress is not None:
-            progress.update(x.shape[0])
+    # PNG coding runs in a thread while the model scores the batch: zlib releases the GIL
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for start in range(0, images.shape[0], batch_size):
+            x = preprocess(images[start:start + batch_size].to(device), size)
+            png = pool.submit(input_png_bits, x) if with_complexity else None
+            scores = score_batch(model, x)
+            if png is not None:
+                scores["complexity"] = complexity_score(scores["mse"], png.result(), x[0].numel())
+            for name, values in scores.items():
+                parts.setdefault(name, []).append(values)
+            if progress is not None:
+                progress.update(x.shape[0])
     return {name: np.concatenate(v) for name, v in parts.items()}
 
 
@@ -265,13 +273,15 @@ class Detector:
     """
 
     def __init__(self, checkpoint, thresholds=None, device="auto", score="mse", threshold=None,
-                 batch_size=64, workers=None):
+                 batch_size=None, workers=None):
         if score not in SCORES:
             raise ConfigError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
         self.device = pick_device(device)
         self.model = prepare_model(load_model(checkpoint, self.device), self.device)
         self.fingerprint = weights_fingerprint(self.model)
-        self.score_name, self.batch_size, self.workers = score, batch_size, workers
+        # small batches on a CPU keep decode and model overlapped; a GPU wants large ones
+        self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
+        self.score_name, self.workers = score, workers
         self.thresholds = read_thresholds(thresholds) if thresholds else None
         self.calibration = calibration_scores(self.thresholds) if self.thresholds else {}
         self.warnings = self.binding_warnings()

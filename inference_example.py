@@ -50,7 +50,7 @@ def parse_args(argv=None):
     add("--output", default=None, help="also write the rows to this .csv, .json or .jsonl file (default: none)")
     add("--heatmaps", default=None, metavar="DIR",
         help="write one PNG per image: input, reconstruction, error map (default: none)")
-    add("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    add("--batch-size", type=int, default=None, help="images per forward pass (default: 32 on CPU, 256 on CUDA)")
     add("--workers", type=int, default=None, help="decoding processes per rank (default: min(4, CPU count))")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: auto (cuda if available)")
     return p.parse_args(argv)

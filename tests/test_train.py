@@ -33,7 +33,8 @@ def test_smoke_preset_cli_writes_every_output(tmp_path):
     results = json.loads((out / "results.json").read_text())
     best = load_model(out / "model_best_checkpoint.ckpt")  # the card's loader
     release = load_model(out / "release")
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    size = best.config.image_size
+    x = torch.rand(2, 3, size, size) * 2 - 1
     with torch.no_grad():
         assert torch.equal(best.reconstruction_error(x), release.reconstruction_error(x))
     assert results["best_weights"] == weights_fingerprint(best)

@@ -1,0 +1,81 @@
+"""The scores beyond the card's MSE, on constructed cases with known answers."""
+import math
+
+import numpy as np
+import torch
+
+import metrics
+from data import preprocess
+from detector import (NOISE_FLOOR, combined_pvalue, complexity_score, input_png_bits, model_bits_per_dim,
+                      score_batch)
+from fakes import flat_colours, uniform_noise
+
+
+class FixedReconstruction(torch.nn.Module):
+    """A stand-in model whose reconstruction is always `target`: the error is then exactly
+    the difference we construct."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = torch.nn.Parameter(target, requires_grad=False)
+
+    def forward(self, x):
+        return self.target.expand_as(x)
+
+
+def test_model_bits_per_dim_formula():
+    # Gaussian code length of an 8-bit value with error variance mse, bin width 2/255
+    mse = 0.01
+    expected = 0.5 * math.log2(2 * math.pi * math.e * mse) - math.log2(2 / 255)
+    assert model_bits_per_dim([mse])[0] == expected
+    # below the quantization noise floor the cost stops falling
+    assert model_bits_per_dim([0.0])[0] == model_bits_per_dim([NOISE_FLOOR])[0]
+
+
+def test_flat_images_are_nearly_free_for_png_and_noise_is_not():
+    flat = preprocess(flat_colours(4, 64, seed=0), 64)
+    noise = preprocess(uniform_noise(4, 64, seed=0), 64)
+    dims = 3 * 64 * 64
+    assert (input_png_bits(flat) / dims < 0.2).all()
+    assert (input_png_bits(noise) / dims > 7.5).all()
+    # same reconstruction error, very different complexity: the flat image's low error is
+    # no longer an unearned "real" signal
+    mse = np.full(4, 0.01)
+    assert (complexity_score(mse, input_png_bits(flat), dims) > complexity_score(mse, input_png_bits(noise), dims) + 5).all()
+
+
+def test_a_splice_raises_local_more_than_mse():
+    torch.manual_seed(0)
+    clean = torch.rand(1, 3, 64, 64) * 2 - 1
+    model = FixedReconstruction(clean)
+    # a splice: the top quarter replaced by other content
+    spliced = clean.clone()
+    spliced[:, :, :16] = torch.rand(1, 3, 16, 64) * 2 - 1
+    # the same total squared error spread over the whole image
+    delta = (spliced - clean).pow(2).mean().sqrt()
+    spread = clean + delta * torch.sign(torch.randn_like(clean))
+    s_splice, s_spread = score_batch(model, spliced), score_batch(model, spread)
+    assert math.isclose(s_splice["mse"][0], s_spread["mse"][0], rel_tol=1e-4)
+    assert s_splice["local"][0] > 3 * s_splice["mse"][0]  # concentrated error: local sees it whole
+    assert math.isclose(s_spread["local"][0], s_spread["mse"][0], rel_tol=1e-3)  # spread: no difference
+
+
+def test_combined_pvalue_keeps_the_false_positive_guarantee_on_exchangeable_data():
+    rng = np.random.default_rng(0)
+    n_cal, n_test, trials, alpha = 199, 50, 400, 0.05
+    rates = []
+    for _ in range(trials):
+        # three dependent scores per image, as mse / local / complexity are
+        base = rng.normal(size=(n_cal + n_test, 1))
+        scores = base + 0.5 * rng.normal(size=(n_cal + n_test, 3))
+        cal, test = scores[:n_cal], scores[n_cal:]
+        p = [metrics.conformal_pvalues(np.sort(cal[:, k]), test[:, k]) for k in range(3)]
+        rates.append(np.mean(combined_pvalue(p) <= alpha))
+    assert np.mean(rates) <= alpha + 0.005
+    # Bonferroni is conservative, but not useless: it still flags a fair share
+    assert np.mean(rates) > alpha / 4
+
+
+def test_combined_pvalue_is_bonferroni_of_the_minimum():
+    p = np.array([[0.2, 0.01, 0.5], [0.03, 0.4, 0.9], [0.5, 0.5, 0.6]])
+    np.testing.assert_allclose(combined_pvalue(p), [0.09, 0.03, 1.0])
