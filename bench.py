@@ -16,9 +16,7 @@ Warm-up runs are excluded; figures are medians over --repeats.
 """
 
 import argparse
-import io
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -29,9 +27,10 @@ import numpy as np
 import torch
 
 from data import preprocess, read_image
+from detector import pick_device
 from fakes import png_bits
 from model import AutoencoderConfig, ResidualAutoencoder, forward_gflops
-from train import PRESETS
+from train import PRESETS, peak_memory_gb
 
 # dense (no sparsity) datasheet peaks, TFLOP/s, by precision
 DATASHEET_TFLOPS = {
@@ -97,13 +96,6 @@ def datasheet_tflops(device, precision):
     return next((v[precision] for k, v in DATASHEET_TFLOPS.items() if k in name), None)
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-
-
 def build(config, device, variant):
     model = ResidualAutoencoder(config).to(device)
     if variant in ("channels_last", "bf16", "compile"):
@@ -155,10 +147,7 @@ def bench_variant(config, device, variant, batch_size, args, gflops, peak):
         # a training step costs about 3 forwards (forward, and twice that for the backward)
         row["train_utilisation"] = row["train_images_per_s"] * 3 * gflops / 1e3 / peak
         row["train_peak_memory_gb"] = peak_memory_gb(device)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
+    return row  # the model goes out of scope here; the caller empties the CUDA cache
 
 
 # ----------------------------------------------------------------------------
@@ -268,8 +257,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          args.device if args.device != "auto" else "cpu")
+    device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -301,6 +289,8 @@ def main(argv=None):
             continue  # no fast bf16 on the CPUs we target
         try:
             result["variants"].append(bench_variant(config, device, variant, args.batch_size, args, gflops, peak))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         except Exception as e:  # a variant that cannot run here (e.g. compile without a compiler) is reported, not fatal
             result["variants"].append({"variant": variant, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
     ok = [r for r in result["variants"] if "error" not in r]

@@ -305,7 +305,7 @@ def build_report(model, args, device, real, real_source, sets, sources, skipped,
 def print_summary(report, output):
     ev = report["evaluation"]["scores"]
     sets = list(next(iter(ev.values())))
-    print(f"\nAUROC (fake = positive; held-out real vs each set)")
+    print("\nAUROC (fake = positive; held-out real vs each set)")
     print(f"{'score':<11}" + "".join(f"{n:>10}" for n in sets))
     for score, rows in ev.items():
         print(f"{score:<11}" + "".join(f"{rows[n]['auroc']:>10.3f}" for n in sets))

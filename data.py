@@ -8,7 +8,6 @@ gets the same score everywhere.
 """
 
 import glob
-import math
 import os
 import socket
 import warnings
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
 PREPROCESSING = ("uint8 RGB -> float / 255 -> bilinear resize to image_size x image_size "

@@ -27,7 +27,6 @@ input x (data.preprocess) and its reconstruction r, with D = 3 * S * S values:
 import json
 import math
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
