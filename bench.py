@@ -16,7 +16,6 @@ Warm-up runs are excluded; figures are medians over --repeats.
 """
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -29,7 +28,7 @@ import torch
 from data import preprocess, read_image
 from detector import pick_device
 from fakes import png_bits
-from model import AutoencoderConfig, ResidualAutoencoder, forward_gflops
+from model import AutoencoderConfig, ResidualAutoencoder, forward_gflops, write_json
 from train import PRESETS, peak_memory_gb
 
 # dense (no sparsity) datasheet peaks, TFLOP/s, by precision
@@ -181,7 +180,11 @@ def card_recipe(model, paths, batch_size, device):
     transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
                                     transforms.Normalize(mean=[0.5] * 3, std=[0.5] * 3)])
     for start in range(0, len(paths), batch_size):
-        batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[start:start + batch_size]])
+        images = []
+        for p in paths[start:start + batch_size]:
+            with Image.open(p) as img:
+                images.append(transform(img.convert("RGB")))
+        batch = torch.stack(images)
         with torch.no_grad():
             model.reconstruction_error(batch.to(device), reduction="none")
 
@@ -297,7 +300,7 @@ def main(argv=None):
     result["best_inference_variant"] = max(ok, key=lambda r: r["infer_images_per_s"])["variant"] if ok else None
     print_table(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
         print(f"wrote {args.json}")
 
 

@@ -27,11 +27,11 @@ from tqdm import tqdm
 import fakes
 import metrics
 from data import PREPROCESSING, DataError, load_cifar10, load_image_folder
-from detector import (BASE_SCORES, ConfigError, combined_pvalue, pick_device, precision_name, prepare_model,
+from detector import (BASE_SCORES, FPR_LEVELS, ConfigError, combined_pvalue, pick_device, precision_name, prepare_model,
                       score_files, score_uint8)
-from model import CheckpointError, file_sha256, load_model, weights_fingerprint, write_json
+from model import CheckpointError, atomic_write, file_sha256, load_model, weights_fingerprint, write_json
 
-LEVELS = {"strict": 0.01, "balanced": 0.05, "sensitive": 0.10}
+LEVELS = FPR_LEVELS
 CONVENTION = ("fake = positive class, real = negative; higher score = more fake (for combined, lower p-value); "
               "AUROC / AUPR computed on held-out real images vs each fake set; AUPR-In takes real as positive; "
               "FPR@95TPR = fraction of held-out real images flagged at the threshold that catches 95% of the fakes")
@@ -67,9 +67,12 @@ def parse_args(argv=None):
 
 
 def default_output(checkpoint):
+    """Beside the checkpoint, so the thresholds travel with it; for a hub id, a folder of its own
+    (never the repo's top-level file, which holds the card's values)."""
     path = Path(checkpoint)
-    folder = path if path.is_dir() else path.parent if path.exists() else Path(".")
-    return folder / "thresholds_calibrated.json"
+    if path.exists():
+        return (path if path.is_dir() else path.parent) / "thresholds_calibrated.json"
+    return Path("runs") / str(checkpoint).replace("/", "--").replace("@", "--") / "thresholds_calibrated.json"
 
 
 def check_writable(path):
@@ -322,6 +325,10 @@ def print_summary(report, output):
 
 
 def write_scores_csv(path, real, real_paths, result, sets):
+    atomic_write(path, lambda tmp: _write_scores_csv(tmp, real, real_paths, result, sets))
+
+
+def _write_scores_csv(path, real, real_paths, result, sets):
     split = np.empty(len(real["mse"]), dtype=object)
     split[result["cal_idx"]], split[result["held_idx"]] = "calibration", "heldout"
     with open(path, "w", newline="", encoding="utf-8") as f:

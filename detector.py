@@ -41,7 +41,7 @@ from model import load_model, weights_fingerprint
 
 BASE_SCORES = ("mse", "local", "complexity")
 SCORES = BASE_SCORES + ("combined",)
-THRESHOLD_NAMES = ("strict", "balanced", "sensitive", "optimal")
+FPR_LEVELS = {"strict": 0.01, "balanced": 0.05, "sensitive": 0.10}  # conformal false-positive levels
 LOCAL_WINDOW = 16
 BIN_WIDTH = 2 / 255  # one 8-bit level in [-1, 1] units
 NOISE_FLOOR = BIN_WIDTH ** 2 / 12
@@ -165,13 +165,14 @@ def _init_worker(_):
     torch.set_num_threads(1)  # decode workers must not fight the model for cores
 
 
-def iter_file_batches(paths, size, batch_size=64, workers=None, rank=0, world=1, with_complexity=True):
+def iter_file_batches(paths, size, batch_size=64, workers=None, rank=0, world=1, with_complexity=True,
+                      pin_memory=False):
     """Yields lists of (path, x, png, error) of up to batch_size decoded files."""
     if workers is None:
         workers = min(4, os.cpu_count() or 1)
     loader = DataLoader(ImageFiles(paths, size, rank, world, with_complexity), batch_size=batch_size,
                         num_workers=workers, collate_fn=list, worker_init_fn=_init_worker,
-                        prefetch_factor=2 if workers else None, persistent_workers=False)
+                        prefetch_factor=2 if workers else None, persistent_workers=False, pin_memory=pin_memory)
     yield from loader
 
 
@@ -179,7 +180,8 @@ def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with
     """Yields one dict per input: path, the scores (or error). Files stream through: memory
     stays flat however many there are."""
     size = model.config.image_size
-    for items in iter_file_batches(paths, size, batch_size, workers, rank, world, with_complexity):
+    cuda = next(model.parameters()).device.type == "cuda"  # pinned batches make the copy truly asynchronous
+    for items in iter_file_batches(paths, size, batch_size, workers, rank, world, with_complexity, pin_memory=cuda):
         good = [it for it in items if it[3] is None]
         scores = {}
         if good:
@@ -289,6 +291,10 @@ class Detector:
     def binding_warnings(self):
         if self.thresholds is None:
             return []
+        precision = self.thresholds.get("binding", {}).get("precision")
+        if precision and precision != precision_name(self.device):
+            return [f"the thresholds were calibrated in {precision}, this run scores in "
+                    f"{precision_name(self.device)}: scores shift slightly; calibrate on this device for exact thresholds"]
         bound = self.thresholds.get("binding", {}).get("weights_fingerprint")
         if bound is None:
             return ["the thresholds file records no checkpoint fingerprint (e.g. the card's published values): "
@@ -308,7 +314,7 @@ class Detector:
             try:
                 level = float(level)
             except ValueError:
-                level = {"strict": 0.01, "balanced": 0.05, "sensitive": 0.10}.get(level)
+                level = FPR_LEVELS.get(level)
                 if level is None:
                     raise ConfigError(f"for --score combined the threshold is a p-value level: a number or "
                                       f"strict / balanced / sensitive, not {threshold!r}") from None
@@ -334,7 +340,7 @@ class Detector:
             return rows
         if self.score_name == "combined":
             per_score = [metrics.conformal_pvalues(self.calibration[s], [r[s] for r in rows]) for s in BASE_SCORES]
-            for r, p, *parts in zip(rows, combined_pvalue(per_score), *per_score):
+            for r, p in zip(rows, combined_pvalue(per_score)):
                 r["p_value"], r["combined"] = float(p), float(p)
         elif len(self.calibration.get(self.score_name, [])):
             ps = metrics.conformal_pvalues(self.calibration[self.score_name], [r[self.score_name] for r in rows])
@@ -389,7 +395,8 @@ class Detector:
         return self._finish(rows)
 
     def score(self, inputs):
-        """Paths (files, folders, globs), PIL images and uint8 tensors, mixed; returns a list of rows."""
+        """Paths (files, folders, globs), PIL images and uint8 tensors, mixed; returns a list of rows:
+        first the files (in listing order), then the in-memory images in the order given."""
         if not isinstance(inputs, (list, tuple)):
             inputs = [inputs]
         paths = [i for i in inputs if isinstance(i, (str, os.PathLike))]

@@ -102,7 +102,7 @@ def gather(obj, world):
 # ----------------------------------------------------------------------------
 # rows: stdout lines and streamed output files
 
-def columns_for(det):
+def output_columns():
     """Fixed up front: a CSV header cannot grow. A score the detector did not compute stays empty."""
     return ["path", "score_name", "score", "p_value", "verdict", "threshold", "error", *BASE_SCORES]
 
@@ -229,9 +229,9 @@ def open_outputs(args, det, fmt, rank, world):
     if not args.output:
         return None
     if world == 1:
-        return RowWriter(args.output, columns_for(det), fmt)
+        return RowWriter(args.output, output_columns(), fmt)
     # under torchrun each rank streams its own part; rank 0 merges them at the end
-    return RowWriter(part_path(args.output, rank), columns_for(det), "jsonl")
+    return RowWriter(part_path(args.output, rank), output_columns(), "jsonl")
 
 
 def score_all(det, writer, args, thresholds, fmt, rank, world):
@@ -250,7 +250,7 @@ def score_all(det, writer, args, thresholds, fmt, rank, world):
             writer.close()  # even on Ctrl-C: a .json file keeps its closing bracket
     counts = sum(gather(counts, world), Counter())  # also a barrier: every part is complete
     if rank == 0 and args.output and world > 1:
-        merge_parts(args.output, columns_for(det), fmt, world)
+        merge_parts(args.output, output_columns(), fmt, world)
     return summarize(counts, det, args, thresholds, rank)
 
 

@@ -212,6 +212,11 @@ def atomic_write(path, write_fn):
     os.close(fd)
     try:
         write_fn(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -270,7 +275,7 @@ def save_pretrained(model, directory, repo_id="path/to/this/folder"):
     card = MODEL_CARD.format(
         n_stages=len(model.config.channels), size=model.config.image_size, latent=model.config.latent_dim,
         params=count_parameters(model), fingerprint=weights_fingerprint(tensors), repo=repo_id)
-    (directory / "README.md").write_text(card, encoding="utf-8")
+    atomic_write(directory / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
     return directory
 
 
@@ -325,12 +330,12 @@ def read_torch_checkpoint(path):
     raise CheckpointError(f"{path}: no model weights inside (keys: {sorted(map(str, ckpt))[:8]})")
 
 
-def read_hub_folder(directory):
+def read_hub_folder(directory, weights_name=WEIGHTS_NAME):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    weights, config_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+    weights, config_path = directory / weights_name, directory / CONFIG_NAME
     for p in (weights, config_path):
         if not p.is_file():
             raise CheckpointError(f"{directory}: hub-layout folder lacks {p.name}")
@@ -364,9 +369,10 @@ def resolve_source(source):
         return read_hub_folder(path)
     if path.is_file():
         if path.suffix == ".safetensors":
-            return read_hub_folder(path.parent)
+            return read_hub_folder(path.parent, path.name)
         return read_torch_checkpoint(path)
-    if REPO_ID.match(str(source)) and not str(source).endswith((".ckpt", ".pt", ".pth", ".safetensors")):
+    local_looking = str(source).endswith((".ckpt", ".pt", ".pth", ".safetensors")) or Path(path.parts[0]).exists()
+    if REPO_ID.match(str(source)) and not local_looking:  # e.g. runs/cifar10 with runs/ here is a missing path
         return read_hub_folder(download_from_hub(str(source)))
     raise CheckpointError(f"checkpoint not found: {source}")
 

@@ -4,7 +4,7 @@ batch 1024, AdamW (lr 1e-3, wd 1e-5), MSE, ReduceLROnPlateau (0.5, patience 5),
 100 epochs.
 
     python train.py                                          # one GPU (or the CPU)
-    torchrun --nproc_per_node=8 train.py                     # DDP, batch 1024 per GPU
+    torchrun --nproc_per_node=8 train.py --batch-size 128    # DDP, global batch 1024
     python train.py --resume --out-dir runs/cifar10          # continue an interrupted run
     python train.py --preset smoke --dataset synthetic --out-dir runs/smoke   # CPU, < 2 min
     python train.py --dataset folder --data-dir ~/photos --init-from runs/cifar10/model_best_checkpoint.ckpt
@@ -21,7 +21,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -79,7 +79,9 @@ PRESETS = {
 
 def parse_args(argv=None):
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: --resume must know exactly which flags were typed
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     add = p.add_argument
     add("--preset", choices=sorted(PRESETS), default="card", help="defaults to start from (default: card)")
     add("--dataset", choices=["cifar10", "folder", "synthetic"], default=d.dataset, help=f"default: {d.dataset}")
@@ -105,8 +107,8 @@ def parse_args(argv=None):
     add("--latent-dim", type=int, default=d.latent_dim, help=f"default: {d.latent_dim}")
     add("--init-from", default=d.init_from, help="fine-tune from these weights (any load_model source; sets the architecture)")
     add("--resume", action="store_true",
-        help=f"continue from --out-dir/{LAST_NAME} (model, optimizer, LR schedule, RNG); other flags typed now "
-             f"override the saved run's, e.g. --epochs to extend it")
+        help=f"continue from --out-dir/{LAST_NAME} (model, optimizer, LR schedule, RNG; the architecture is the "
+             f"checkpoint's); other flags typed now override the saved run's, e.g. --epochs to extend it or --lr")
     add("--overwrite", action="store_true", help="start afresh even if --out-dir holds a previous run's checkpoints")
     add("--progress", action=argparse.BooleanOptionalAction, default=d.progress, help="tqdm progress bars (default: on)")
 
@@ -198,20 +200,28 @@ def evaluate(model, images, cfg, device, rank=0, world=1):
     for x in batches(images, cfg.batch_size, cfg.image_size, device, perm=shard):
         with autocast(device):
             err = unwrap(model).reconstruction_error(x.contiguous(memory_format=torch.channels_last), "none")
-        total += torch.stack([err.double().sum(), torch.tensor(err.numel(), dtype=torch.float64, device=device)])
+        total[0] += err.double().sum()
+        total[1] += err.numel()  # a Python scalar: no host-to-device copy
     all_reduce_sum(total)
     return (total[0] / total[1]).item()
 
 
+def epoch_shard(n, batch_size, seed, epoch, rank, world, device):
+    """Indices rank `rank` trains on in `epoch`: a fresh seeded permutation (identical on every
+    rank, reproducible on resume), dealt round-robin and cut to the same whole number of
+    batches on every rank -- DDP deadlocks if one rank takes a step the others do not."""
+    gen = torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=gen, device=device)
+    steps = n // world // batch_size
+    return perm[rank::world][:steps * batch_size]
+
+
 def train_one_epoch(net, opt, train_images, cfg, device, epoch, rank, world, bar):
     net.train()
-    # a fresh seeded permutation per epoch: identical on every rank, and reproducible on resume
-    gen = torch.Generator(device=train_images.device).manual_seed(cfg.seed * 100_003 + epoch)
-    perm = torch.randperm(train_images.shape[0], generator=gen, device=train_images.device)
-    shard = perm[rank::world]
+    shard = epoch_shard(train_images.shape[0], cfg.batch_size, cfg.seed, epoch, rank, world, train_images.device)
     total = torch.zeros((), device=device)
     steps = 0
-    for x in batches(train_images, cfg.batch_size, cfg.image_size, device, perm=shard, drop_last=True):
+    for x in batches(train_images, cfg.batch_size, cfg.image_size, device, perm=shard):
         x = x.contiguous(memory_format=torch.channels_last)  # [B, 3, S, S]
         with autocast(device):
             recon = net(x)
@@ -280,6 +290,25 @@ def plot_losses(history, path):
     plt.close(fig)
 
 
+def with_architecture(cfg, model_config):
+    """cfg with the architecture of an existing model: it decides the input size too."""
+    return replace(cfg, image_size=model_config.image_size, channels=model_config.channels,
+                   blocks_per_stage=model_config.blocks_per_stage, latent_dim=model_config.latent_dim)
+
+
+def override_hyperparameters(opt, sched, cfg, explicit):
+    """On --resume the optimizer and schedule come back as saved; flags typed now win."""
+    for group in opt.param_groups:
+        if "lr" in explicit:
+            group["lr"] = cfg.lr
+        if "weight_decay" in explicit:
+            group["weight_decay"] = cfg.weight_decay
+    if "lr_factor" in explicit:
+        sched.factor = cfg.lr_factor
+    if "lr_patience" in explicit:
+        sched.patience = cfg.lr_patience
+
+
 def restore_config(cfg, explicit, out_dir):
     """For --resume: the saved run's config, with the flags typed now taking precedence."""
     path = Path(out_dir) / LAST_NAME
@@ -314,14 +343,20 @@ def train(cfg, resume=False, overwrite=False, explicit=()):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
+    init = None
+    if ckpt is not None:
+        cfg = with_architecture(cfg, AutoencoderConfig.from_dict(ckpt["config"]))
+    elif cfg.init_from:
+        init = load_model(cfg.init_from, "cpu").train()
+        cfg = with_architecture(cfg, init.config)  # the architecture also sets the input size
     train_u8, val_u8, test_u8, source = load_datasets(cfg)
     # the whole data set lives on the device as uint8 at native size; batches are cut there
     train_u8, val_u8, test_u8 = (t.to(device) for t in (train_u8, val_u8, test_u8))
     log(rank, f"data: {source}; train {len(train_u8):,} / val {len(val_u8):,} / test {len(test_u8):,} images "
               f"at {tuple(train_u8.shape[2:])} -> {cfg.image_size}x{cfg.image_size}")
 
-    if cfg.init_from and ckpt is None:
-        model = load_model(cfg.init_from, "cpu").train()
+    if init is not None:
+        model = init
         log(rank, f"fine-tuning from {cfg.init_from}")
     else:
         model = ResidualAutoencoder(cfg.model_config())
@@ -335,6 +370,7 @@ def train(cfg, resume=False, overwrite=False, explicit=()):
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
+        override_hyperparameters(opt, sched, cfg, explicit)
         start_epoch, best_val, history = ckpt["epoch"] + 1, ckpt["best_val_loss"], list(ckpt.get("history", []))
         log(rank, f"resumed from {out_dir / LAST_NAME} after epoch {ckpt['epoch']} (best val {best_val:.6f})")
     if cfg.compile:
@@ -394,8 +430,8 @@ def finish(model, cfg, history, test_u8, device, rank, world, out_dir):
     test_mse = evaluate(best, test_u8, cfg, device, rank, world)
     fingerprints = [weights_fingerprint(model)]
     if dist.is_initialized():
-        fingerprints = [None] * world
-        dist.all_gather_object(fingerprints, weights_fingerprint(model))
+        mine, fingerprints = fingerprints[0], [None] * world
+        dist.all_gather_object(fingerprints, mine)
     if rank != 0:
         return
     save_pretrained(best, out_dir / "release")

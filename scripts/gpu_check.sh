@@ -21,9 +21,24 @@ done
 python - "$out" <<'PY'
 import json, sys
 from pathlib import Path
+import torch
+from data import dead_leaves, preprocess
+from detector import prepare_model, score_batch
+from model import load_model
 out = Path(sys.argv[1])
+# bf16 + channels_last (what inference uses on CUDA) against the fp32 eager path, per image
+ckpt = out / "train_no-compile" / "model_best_checkpoint.ckpt"
+torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
+torch.backends.cuda.matmul.allow_tf32 = False
+x = preprocess(dead_leaves(512, 32, seed=7).cuda(), 128)
+eager = load_model(ckpt, "cuda")
+with torch.no_grad():
+    reference = eager.reconstruction_error(x, reduction="none").double().cpu().numpy()
+fast = score_batch(prepare_model(load_model(ckpt, "cuda"), torch.device("cuda")), x)["mse"]
+bf16_rel = float(abs(fast / reference - 1).max())
 bench = json.loads((out / "bench.json").read_text())
-summary = {"gpu": (out / "gpu.txt").read_text().strip(), "bench": bench, "train": {}}
+summary = {"gpu": (out / "gpu.txt").read_text().strip(), "bench": bench, "train": {},
+           "bf16_vs_fp32_max_relative_score_difference": bf16_rel}
 for mode in ("no-compile", "compile"):
     rows = [json.loads(l) for l in (out / f"train_{mode}" / "metrics.jsonl").read_text().splitlines()]
     summary["train"][mode] = {"epoch_time_s": [r["epoch_time_s"] for r in rows],

@@ -37,7 +37,7 @@ def test_compiled_model_keeps_scores_within_one_percent(trained_like_tiny):
     compiled = prepare_model(ResidualAutoencoder(TINY).eval(), torch.device("cpu"))
     compiled.load_state_dict(model.state_dict())
     compiled.compile()
-    assert abs(scores_of(compiled, x) / eager - 1).max() < 0.01
+    assert abs(scores_of(compiled, x) / eager - 1).max() < 1e-3  # fp32 both: only summation order differs
 
 
 def test_bench_cli_writes_every_figure(tmp_path):

@@ -151,3 +151,18 @@ def test_bad_input_gives_one_line_and_exit_2(case, tiny_ckpt, tmp_path):
     expected = {"empty_real": "no readable images", "unwritable": "cannot write",
                 "bad_checkpoint": "not a readable PyTorch checkpoint", "too_few_real": "need at least 99"}[case]
     assert expected in lines[0]
+
+
+def test_thresholds_from_another_precision_warn(tiny_ckpt, real_dir, tmp_path):
+    out, cfg, _, _ = calibrate_folder(tiny_ckpt, real_dir, tmp_path, "--hard-fakes", "none")
+    assert cfg["binding"]["precision"] == "fp32"
+    assert Detector(tiny_ckpt, thresholds=out / "thr.json", device="cpu").warnings == []
+    cfg["binding"]["precision"] = "bf16 autocast, scores in fp32"
+    (out / "bf16.json").write_text(json.dumps(cfg))
+    warnings = Detector(tiny_ckpt, thresholds=out / "bf16.json", device="cpu").warnings
+    assert len(warnings) == 1 and "calibrated in bf16" in warnings[0]
+
+
+def test_default_output_for_a_hub_id_never_touches_the_card_file():
+    out = calibrate.default_output("someone/detector@v2")
+    assert out.name == "thresholds_calibrated.json" and out.parent.name == "someone--detector--v2"

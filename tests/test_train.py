@@ -112,6 +112,41 @@ def test_init_from_fine_tunes_existing_weights(tmp_path):
     assert read_metrics(tuned)[0]["train_loss"] < read_metrics(base)[0]["train_loss"]
 
 
+@pytest.mark.parametrize("n, world, batch", [(31, 2, 16), (4095, 2, 1024), (1000, 3, 7), (50, 4, 16)])
+def test_every_rank_gets_the_same_number_of_whole_batches(n, world, batch):
+    shards = [train.epoch_shard(n, batch, 0, 1, rank, world, torch.device("cpu")) for rank in range(world)]
+    assert len({len(s) for s in shards}) == 1 and len(shards[0]) % batch == 0
+    assert len(shards[0]) == n // world // batch * batch
+    everything = torch.cat(shards)
+    assert len(set(everything.tolist())) == len(everything)  # no image twice in an epoch
+
+
+def test_resume_applies_typed_hyperparameters(tmp_path):
+    out = tmp_path / "run"
+    train.main(TINY + ["--epochs", "1", "--out-dir", str(out)])
+    train.main(["--resume", "--epochs", "2", "--lr", "5e-4", "--lr-patience", "9", "--out-dir", str(out), "--no-progress"])
+    ckpt = load_checkpoint_dict(out / "last_checkpoint.ckpt")
+    assert read_metrics(out)[1]["lr"] == 5e-4
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == 5e-4 and ckpt["scheduler"]["patience"] == 9
+
+
+def test_resume_after_fine_tuning_keeps_the_checkpoint_architecture(tmp_path):
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    train.main(TINY + ["--epochs", "1", "--out-dir", str(base)])
+    train.main(TINY + ["--epochs", "1", "--channels", "4,4,4,4,4", "--out-dir", str(tuned),
+                       "--init-from", str(base / "model_best_checkpoint.ckpt")])
+    train.main(["--resume", "--epochs", "2", "--out-dir", str(tuned), "--no-progress"])
+    assert len(read_metrics(tuned)) == 2
+    assert load_model(tuned / "last_checkpoint.ckpt").config.channels == (8, 8, 16, 16, 16)
+
+
+def test_abbreviated_flags_are_refused(tmp_path, capsys):
+    # --resume must know which flags were typed; an abbreviation would slip past it
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--epoch", "3", "--out-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+
+
 def test_folder_dataset_skips_unreadable_files(tmp_path, capsys):
     folder = tmp_path / "photos" / "nested"
     folder.mkdir(parents=True)
