@@ -182,7 +182,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tiny_model, tmp_path):
     with pytest.raises(CheckpointError, match="refused to load"):
         load_model(path)
     assert not victim.exists()
-    # the payload is real: a plain unpickler does run it
+    # control: the payload is real. Deliberately unsafe loading of a file this test just wrote
     control = tmp_path / "control.txt"
     torch.save({"hook": Payload(control)}, tmp_path / "control.ckpt")
     torch.load(tmp_path / "control.ckpt", weights_only=False)
