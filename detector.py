@@ -95,8 +95,9 @@ def score_batch(model, x, png=None, keep_maps=False):
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         recon = model(x)
-    pixel = (recon.float() - x.float()).pow(2).mean(dim=1)  # [B, S, S]
-    mse = pixel.mean(dim=(1, 2))  # [B], the card's reconstruction_error(x, 'none')
+    sq = (recon.float() - x.float()).pow(2)  # [B, 3, S, S]
+    mse = sq.flatten(1).mean(dim=1)  # [B], computed as model.reconstruction_error(x, 'none') does
+    pixel = sq.mean(dim=1)  # [B, S, S]
     window = min(LOCAL_WINDOW, pixel.shape[-1])
     local = F.avg_pool2d(pixel.unsqueeze(1), window, stride=max(window // 2, 1)).amax(dim=(1, 2, 3))
     out = {"mse": mse.double().cpu().numpy(), "local": local.double().cpu().numpy()}
