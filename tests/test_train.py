@@ -61,6 +61,33 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert strip(read_metrics(straight)) == strip(read_metrics(interrupted))
 
 
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--epochs", "50", "--out-dir", str(killed)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (killed / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        time.sleep(0.3)  # somewhere in the middle of an epoch, or of writing a checkpoint
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = load_checkpoint_dict(killed / "last_checkpoint.ckpt")["epoch"]  # loads: never truncated
+    assert 1 <= done < 50
+    train.main(["--resume", "--epochs", str(done + 1), "--out-dir", str(killed), "--no-progress"])
+    train.main(TINY + ["--epochs", str(done + 1), "--out-dir", str(straight)])
+    a, b = last_weights(straight), last_weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(TINY + ["--resume", "--out-dir", str(tmp_path / "empty")])
