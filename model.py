@@ -423,7 +423,7 @@ def summarize(config, batch_size=1):
     model = ResidualAutoencoder(config).eval()
     x = torch.zeros(batch_size, config.in_channels, config.image_size, config.image_size)
     rows = []
-    hooks = [m.register_forward_hook(lambda m, i, o, name=name: rows.append((name, tuple(o.shape))))
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: rows.append((name, tuple(o.shape), count_parameters(m))))
              for name, m in [("stem", model.stem)]
              + [(f"down{i + 1}", m) for i, m in enumerate(model.down)]
              + [("to_latent", model.to_latent), ("from_latent", model.from_latent)]
@@ -453,9 +453,9 @@ def main():
         return
     model, rows, gflops = summarize(config)
     print(f"{ARCHITECTURE}: {config}")
-    print(f"{'layer':<12} output shape")
-    for name, shape in rows:
-        print(f"{name:<12} {list(shape)}")
+    print(f"{'layer':<12} {'output shape':<22} parameters")
+    for name, shape, params in rows:
+        print(f"{name:<12} {str(list(shape)):<22} {params:>10,}")
     print(f"parameters: {count_parameters(model):,} (card: 34,849,667)")
     print(f"forward GFLOPs per image: {gflops:.3f} (multiply-add = 2 FLOPs)")
 

@@ -233,7 +233,7 @@ def test_config_json_matches_dataclass_defaults():
 def test_model_py_cli_prints_summary_and_writes_config(tmp_path):
     out = subprocess.run([sys.executable, "model.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "parameters: 34,757,507" in out
-    assert "down5        [1, 512, 4, 4]" in out and "head         [1, 3, 128, 128]" in out
+    assert "down5        [1, 512, 4, 4]" in out and "6,491,136" in out and "head         [1, 3, 128, 128]" in out
     assert "forward GFLOPs per image: 6.885" in out  # the figure the README states
     target = tmp_path / "config.json"
     subprocess.run([sys.executable, "model.py", "--write-config", str(target)], cwd=ROOT, check=True,
