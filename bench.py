@@ -249,6 +249,8 @@ def print_table(result):
                  if "train_images_per_s" in r else "")
         print(f"{r['variant']:<14}{r['infer_images_per_s']:>12.1f}{r['infer_utilisation']:>7.1%}"
               f"{r['infer_peak_memory_gb']:>8.2f}{train}")
+    if result["device"] == "cpu":
+        print("(on CPU the memory columns are the process's peak RSS so far, not a per-variant figure)")
     print(f"best inference variant: {result['best_inference_variant']}")
     for key, value in result.get("data_path", {}).items():
         print(f"data path  {key:<40} {value:10.1f}")
