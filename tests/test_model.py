@@ -182,10 +182,10 @@ def test_malicious_pickle_is_refused_and_never_runs(tiny_model, tmp_path):
     with pytest.raises(CheckpointError, match="refused to load"):
         load_model(path)
     assert not victim.exists()
-    # control: the payload is real. Deliberately unsafe loading of a file this test just wrote
+    # control: the payload is real -- what an unpickler would call does write the file
     control = tmp_path / "control.txt"
-    torch.save({"hook": Payload(control)}, tmp_path / "control.ckpt")
-    torch.load(tmp_path / "control.ckpt", weights_only=False)
+    function, args = Payload(control).__reduce__()
+    function(*args)
     assert control.read_text() == "pwned"
 
 
