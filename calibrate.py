@@ -27,11 +27,10 @@ from tqdm import tqdm
 import fakes
 import metrics
 from data import PREPROCESSING, DataError, load_cifar10, load_image_folder
-from detector import (BASE_SCORES, FPR_LEVELS, ConfigError, combined_pvalue, pick_device, precision_name, prepare_model,
+from detector import (BASE_SCORES, FPR_LEVELS, ConfigError, combined_pvalue, pick_device, prepare_model,
                       score_files, score_uint8)
-from model import CheckpointError, atomic_write, file_sha256, load_model, weights_fingerprint, write_json
+from model import CheckpointError, atomic_write, file_sha256, load_model, precision_name, weights_fingerprint, write_json
 
-LEVELS = FPR_LEVELS
 CONVENTION = ("fake = positive class, real = negative; higher score = more fake (for combined, lower p-value); "
               "AUROC / AUPR computed on held-out real images vs each fake set; AUPR-In takes real as positive; "
               "FPR@95TPR = fraction of held-out real images flagged at the threshold that catches 95% of the fakes")
@@ -191,15 +190,15 @@ def tpr_per_set(sets, threshold, score):
 
 
 def check_calibration_size(n_cal):
-    need = round(1 / min(LEVELS.values())) - 1  # k = ceil((n + 1)(1 - a)) <= n needs n >= 1/a - 1
+    need = round(1 / min(FPR_LEVELS.values())) - 1  # k = ceil((n + 1)(1 - a)) <= n needs n >= 1/a - 1
     if n_cal < need:
-        raise DataError(f"{n_cal} real calibration images cannot set a {min(LEVELS.values()):.0%} false-positive "
+        raise DataError(f"{n_cal} real calibration images cannot set a {min(FPR_LEVELS.values()):.0%} false-positive "
                         f"threshold: need at least {need} (give more real images or a lower --holdout-fraction)")
 
 
 def threshold_table(cal, held, sets, score, optimal_against):
     table = {}
-    for name, alpha in LEVELS.items():
+    for name, alpha in FPR_LEVELS.items():
         value = metrics.conformal_threshold(cal, alpha)
         table[name] = {"value": float(value), "target_fpr": alpha, "percentile": 100 * (1 - alpha),
                        "method": "split-conformal: k-th smallest calibration score",
@@ -244,7 +243,7 @@ def analyse(real, sets, args):
     evaluation["combined"] = evaluation_table(1 - held_p, {n: 1 - p for n, p in fake_p.items()}, args.bootstrap, args.seed)
     levels = {name: {"value": alpha, "rule": "FAKE when combined p-value <= value", **heldout_rate(held_p <= alpha),
                      "tpr": {n: float(np.mean(p <= alpha)) for n, p in fake_p.items()}}
-              for name, alpha in LEVELS.items()}
+              for name, alpha in FPR_LEVELS.items()}
     return dict(cal_idx=cal_idx, held_idx=held_idx, cal=cal, thresholds=thresholds, evaluation=evaluation,
                 combined_levels=levels, held_p=held_p, fake_p=fake_p)
 

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import metrics
 from data import ImageReadError, iter_image_files, preprocess, read_image, to_uint8
 from fakes import png_bits
-from model import load_model, weights_fingerprint
+from model import autocast, load_model, precision_name, weights_fingerprint
 
 BASE_SCORES = ("mse", "local", "complexity")
 SCORES = BASE_SCORES + ("combined",)
@@ -57,10 +57,6 @@ def pick_device(name="auto"):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda requested but no CUDA device is available")
     return torch.device(name)
-
-
-def precision_name(device):
-    return "bf16 autocast, scores in fp32" if device.type == "cuda" else "fp32"
 
 
 def prepare_model(model, device):
@@ -93,7 +89,7 @@ def score_batch(model, x, png=None, keep_maps=False):
     'recon' if keep_maps."""
     device = next(model.parameters()).device
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         recon = model(x)
     sq = (recon.float() - x.float()).pow(2)  # [B, 3, S, S]
     mse = sq.flatten(1).mean(dim=1)  # [B], computed as model.reconstruction_error(x, 'none') does

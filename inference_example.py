@@ -186,8 +186,7 @@ def heatmap_name(path):
 def save_heatmap(row, directory, score_name):
     from matplotlib.figure import Figure  # no pyplot: no global figure state, Agg by default
 
-    def rgb(x):  # normalized [-1, 1] [3, S, S] -> [S, S, 3] in [0, 1]
-        return ((x.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+    from plots import to_image as rgb  # normalized [-1, 1] [3, S, S] -> [S, S, 3] in [0, 1]
 
     fig = Figure(figsize=(9.6, 3.4), layout="constrained")
     axes = fig.subplots(1, 3)

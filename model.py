@@ -163,6 +163,16 @@ class ResidualAutoencoder(nn.Module):
         return per_image.mean() if reduction == "mean" else per_image
 
 
+def autocast(device):
+    """The precision policy everywhere: bf16 autocast on CUDA; fp32 on CPU (the CPUs we
+    target have no fast bf16). Errors and losses are always taken in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def precision_name(device):
+    return "bf16 autocast, scores in fp32" if device.type == "cuda" else "fp32"
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

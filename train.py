@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import DataError, batches, dead_leaves, load_cifar10, load_image_folder, split_indices
-from model import (AutoencoderConfig, CheckpointError, ResidualAutoencoder, atomic_write, clean_state_dict,
-                   count_parameters, load_checkpoint_dict, load_model, save_pretrained, unwrap, weights_fingerprint,
+from model import (AutoencoderConfig, CheckpointError, ResidualAutoencoder, atomic_write, autocast, clean_state_dict,
+                   count_parameters, load_checkpoint_dict, load_model, precision_name, save_pretrained, unwrap, weights_fingerprint,
                    write_json)
 
 BEST_NAME = "model_best_checkpoint.ckpt"  # the card's file name
@@ -185,11 +185,6 @@ def load_datasets(cfg):
 
 # ----------------------------------------------------------------------------
 # training
-
-def autocast(device):
-    # bf16 on CUDA; the CPUs we target have no fast bf16, so fp32 there
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
 
 @torch.no_grad()
 def evaluate(model, images, cfg, device, rank=0, world=1):
@@ -377,7 +372,7 @@ def train(cfg, resume=False, overwrite=False, explicit=()):
         model.compile()  # in place: state_dict keys stay clean
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     log(rank, f"model: {count_parameters(model):,} parameters, {model_config}; device {device} x {world}, "
-              f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+              f"{precision_name(device)}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for epoch in range(start_epoch, cfg.epochs + 1):
