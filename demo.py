@@ -3,13 +3,18 @@ The whole pipeline, end to end, offline, on a CPU in a few minutes:
 
     python demo.py --out-dir demo_output
 
-1. trains the smoke model on synthetic dead-leaves images (train.py --preset smoke),
-2. writes held-out "real" images (dead leaves from another seed) as PNG files and
-   calibrates on them against noise and the hard synthetic sets (calibrate.py),
-3. writes an example folder -- real-like images, noise, flat colours, gradients and
-   one corrupt file -- and classifies it with heatmaps and a CSV (inference_example.py).
-
-Each step runs the real script as a subprocess, exactly as a user would.
+trains the smoke model on synthetic dead leaves (train.py), calibrates it on held-out ones (calibrate.py)
+and classifies an example folder -- real-like images, noise, flat colours, gradients and one corrupt
+file -- (inference_example.py), running each script as a user would. It writes:
+  model/                         checkpoints, metrics.jsonl, loss_curve.png, release/ (safetensors)
+  thresholds_calibrated.json     thresholds, p-value calibration, AUROC per score and fake set
+  threshold_calibration.png      error distributions with thresholds
+  roc_curve.png                  ROC per score and fake set
+  reconstruction_comparison.png  originals / reconstructions / error maps
+  calibration_scores.csv         every calibration score
+  examples/                      the classified example folder
+  results.csv                    one row per example image
+  heatmaps/                      original / reconstruction / error map per example
 """
 
 import argparse
@@ -23,87 +28,60 @@ from PIL import Image
 
 import fakes
 from data import dead_leaves
+from utils import HelpFormatter
 
 
-def save_pngs(images, folder, prefix):
+def save_pngs(folder, **sets):  # prefix=uint8 images [N, 3, H, W] -> folder/prefix_0000.png, ...
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(images.shape[0]):
-        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / f"{prefix}_{i:04d}.png")
+    for prefix, images in sets.items():
+        for i, image in enumerate(images):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{prefix}_{i:04d}.png")
 
 
-def run(step, args):
+def run(step, args, ok=(0,)):
     print(f"\n=== {step}: {' '.join(map(str, args))}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *map(str, args)])
-    print(f"=== {step} finished in {time.perf_counter() - t0:.1f}s (exit {proc.returncode})", flush=True)
-    return proc.returncode
-
-
-def copy_figures(out, figures):
-    figures.mkdir(parents=True, exist_ok=True)
-    picks = [out / n for n in ("threshold_calibration.png", "roc_curve.png", "reconstruction_comparison.png")]
-    picks.append(out / "model" / "loss_curve.png")
-    heatmaps = sorted((out / "heatmaps").glob("*.png"))
-    picks += [next(p for p in heatmaps if p.name.startswith(k)) for k in ("real_like", "flat")]
-    for src in picks:
-        name = f"heatmap_{src.name.split('-')[0]}.png" if src.parent.name == "heatmaps" else src.name
-        shutil.copyfile(src, figures / name)
-    print(f"copied {len(picks)} figures to {figures}/")
+    code = subprocess.run([sys.executable, *map(str, args)]).returncode
+    print(f"=== {step} finished in {time.perf_counter() - t0:.1f}s (exit {code})", flush=True)
+    if code not in ok:
+        raise SystemExit(code)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", default="demo_output", help="everything goes here (default: demo_output)")
-    p.add_argument("--real-images", type=int, default=1000, help="held-out real images for calibration (default: 1000)")
-    p.add_argument("--seed", type=int, default=0, help="default: 0")
-    p.add_argument("--figures-dir", default=None,
-                   help="also copy the plots and two heatmaps here (the README's pictures: --figures-dir docs)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out-dir", default="demo_output", help="everything goes here")
+    p.add_argument("--real-images", type=int, default=1000, help="held-out real images for calibration")
+    p.add_argument("--seed", type=int, default=0, help="seed of training and of the generated images")
+    p.add_argument("--figures-dir", default=None, help="also copy the README's pictures here (--figures-dir docs)")
     args = p.parse_args(argv)
-    out = Path(args.out_dir)
-    t0 = time.perf_counter()
+    out, t0 = Path(args.out_dir), time.perf_counter()
+    checkpoint, thresholds = out / "model" / "model_best_checkpoint.ckpt", out / "thresholds_calibrated.json"
 
-    model_dir = out / "model"
-    code = run("1/3 train", ["train.py", "--preset", "smoke", "--dataset", "synthetic", "--out-dir", model_dir,
-                             "--seed", args.seed, "--no-progress", "--overwrite"])
-    if code:
-        raise SystemExit(code)
-    checkpoint = model_dir / "model_best_checkpoint.ckpt"
-
+    run("1/3 train", ["train.py", "--preset", "smoke", "--dataset", "synthetic", "--out-dir", out / "model",
+                      "--seed", args.seed, "--no-progress", "--overwrite"])
     # real images the model never saw: same generator, another seed
-    real_dir = out / "real_heldout"
-    save_pngs(dead_leaves(args.real_images, 32, seed=args.seed + 1000), real_dir, "real")
-    code = run("2/3 calibrate", ["calibrate.py", "--checkpoint", checkpoint, "--real-dir", real_dir,
-                                 "--num-noise", 1000, "--num-hard", 500, "--output", out / "thresholds_calibrated.json",
-                                 "--plots-dir", out, "--scores-out", out / "calibration_scores.csv", "--no-progress"])
-    if code:
-        raise SystemExit(code)
-
-    examples = out / "examples"
-    save_pngs(dead_leaves(6, 32, seed=args.seed + 2000), examples, "real_like")
-    save_pngs(fakes.uniform_noise(3, 32, seed=1), examples, "noise")
-    save_pngs(fakes.flat_colours(3, 32, seed=2), examples, "flat")
-    save_pngs(fakes.gradients(3, 32, seed=3), examples, "gradient")
-    (examples / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this JPEG stops here")
-    code = run("3/3 inference", ["inference_example.py", examples, "--checkpoint", checkpoint,
-                                 "--thresholds", out / "thresholds_calibrated.json", "--score", "combined",
-                                 "--output", out / "results.csv", "--heatmaps", out / "heatmaps"])
-    # exit 1 is expected: the corrupt file is reported and skipped
-    if code not in (0, 1):
-        raise SystemExit(code)
-
-    if args.figures_dir:
-        copy_figures(out, Path(args.figures_dir))
+    save_pngs(out / "real_heldout", real=dead_leaves(args.real_images, 32, seed=args.seed + 1000))
+    run("2/3 calibrate", ["calibrate.py", "--checkpoint", checkpoint, "--real-dir", out / "real_heldout",
+                          "--num-noise", 1000, "--num-hard", 500, "--output", thresholds,
+                          "--plots-dir", out, "--scores-out", out / "calibration_scores.csv", "--no-progress"])
+    save_pngs(out / "examples", real_like=dead_leaves(6, 32, seed=args.seed + 2000),
+              noise=fakes.uniform_noise(3, 32, seed=1), flat=fakes.flat_colours(3, 32, seed=2),
+              gradient=fakes.gradients(3, 32, seed=3))
+    (out / "examples" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this JPEG stops here")
+    run("3/3 inference", ["inference_example.py", out / "examples", "--checkpoint", checkpoint,
+                          "--thresholds", thresholds, "--score", "combined", "--output", out / "results.csv",
+                          "--heatmaps", out / "heatmaps"], ok=(0, 1))  # 1: the corrupt file is reported and skipped
+    if args.figures_dir:  # the README's pictures: four plots, and the first real-like and flat heatmaps
+        figures = Path(args.figures_dir)
+        figures.mkdir(parents=True, exist_ok=True)
+        plots = ["threshold_calibration.png", "roc_curve.png", "reconstruction_comparison.png", "model/loss_curve.png"]
+        picks = [out / n for n in plots] + [min((out / "heatmaps").glob(f"{k}*.png")) for k in ("real_like", "flat")]
+        for src in picks:
+            name = f"heatmap_{src.name.split('-')[0]}.png" if src.parent.name == "heatmaps" else src.name
+            shutil.copyfile(src, figures / name)
+        print(f"copied {len(picks)} figures to {figures}/")
     print(f"\nDone in {time.perf_counter() - t0:.0f}s. Everything is in {out}/:")
-    for name, what in [("model/", "checkpoints, metrics.jsonl, loss_curve.png, release/ (safetensors)"),
-                       ("thresholds_calibrated.json", "thresholds, p-value calibration, AUROC per score and fake set"),
-                       ("threshold_calibration.png", "error distributions with thresholds"),
-                       ("roc_curve.png", "ROC per score and fake set"),
-                       ("reconstruction_comparison.png", "originals / reconstructions / error maps"),
-                       ("calibration_scores.csv", "every calibration score"),
-                       ("examples/", "the classified example folder"),
-                       ("results.csv", "one row per example image"),
-                       ("heatmaps/", "original / reconstruction / error map per example")]:
-        print(f"  {out / name}  -- {what}")
+    print(__doc__[__doc__.index("  model/"):].rstrip())  # the list of what it wrote, above
 
 
 if __name__ == "__main__":

@@ -1,21 +1,21 @@
 """
-The pictures calibrate.py writes: error distributions with the thresholds, ROC
-curves per score and fake set, and originals over reconstructions over error maps.
+The pictures: calibrate.py's error histograms, ROC curves and reconstructions; inference_example.py's heatmaps.
 """
 
+import hashlib
+import os
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import metrics
+from data import preprocess
+from detector import score_batch
+from utils import atomic_write
 
-import metrics  # noqa: E402
-from data import preprocess  # noqa: E402
-from detector import score_batch  # noqa: E402
-from model import atomic_write  # noqa: E402
+plt.switch_backend("Agg")  # files only; never needs a display
 
 
 def save(fig, path):
@@ -25,34 +25,29 @@ def save(fig, path):
 
 def threshold_plot(report, real, sets, path):
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    values = [real["mse"]] + [s["mse"] for s in sets.values()]
-    lo = max(min(v[v > 0].min() for v in values if (v > 0).any()), 1e-8)
-    bins = np.logspace(np.log10(lo), np.log10(max(v.max() for v in values)) + 1e-9, 80)
+    values = np.concatenate([real["mse"]] + [s["mse"] for s in sets.values()])
+    lo = max(values[values > 0].min(), 1e-8)  # log bins: zero errors fall off the left edge
+    bins = np.logspace(np.log10(lo), np.log10(values.max()) + 1e-9, 80)
     ax.hist(real["mse"], bins=bins, alpha=0.6, label=f"real (n={len(real['mse']):,})", color="tab:green")
     for name, s in sets.items():
         ax.hist(s["mse"], bins=bins, alpha=0.45, histtype="stepfilled", label=f"{name} (n={len(s['mse']):,})")
     for (name, t), style in zip(report["reconstruction_thresholds"]["thresholds"].items(), ["-", "--", ":", "-."]):
         ax.axvline(t["value"], color="black", linestyle=style, linewidth=1, label=f"{name} {t['value']:.4g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("reconstruction MSE (log scale)")
-    ax.set_ylabel("images")
-    ax.set_title("Reconstruction error: real vs fakes, with the mse thresholds")
+    ax.set(xscale="log", xlabel="reconstruction MSE (log scale)", ylabel="images",
+           title="Reconstruction error: real vs fakes, with the mse thresholds")
     ax.legend(fontsize=7, ncol=2)
     save(fig, path)
 
 
 def roc_plot(real, sets, result, path):
-    held = result["held_idx"]
-    panels = [(s, real[s][held], {n: v[s] for n, v in sets.items()}) for s in ("mse", "local", "complexity")]
+    panels = [(s, real[s][result["held_idx"]], {n: v[s] for n, v in sets.items()}) for s in ("mse", "local", "complexity")]
     panels.append(("combined", 1 - result["held_p"], {n: 1 - p for n, p in result["fake_p"].items()}))
     fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharey=True)
     for ax, (score, r, fs) in zip(axes, panels):
         for name, f in fs.items():
-            fpr, tpr, _ = metrics.roc_curve(r, f)
-            ax.plot(fpr, tpr, label=f"{name} {metrics.auroc(r, f):.3f}")
+            ax.plot(*metrics.roc_curve(r, f)[:2], label=f"{name} {metrics.auroc(r, f):.3f}")  # fpr, tpr
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
-        ax.set_title(f"score: {score}")
-        ax.set_xlabel("FPR (held-out real flagged)")
+        ax.set(title=f"score: {score}", xlabel="FPR (held-out real flagged)")
         ax.legend(title="AUROC", fontsize=7, loc="lower right")
     axes[0].set_ylabel("TPR (fakes caught)")
     save(fig, path)
@@ -63,27 +58,22 @@ def to_image(x):
     return ((x.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
 
 
+def draw(axes, x, recon, error_map, vmax=None):
+    """Input, reconstruction and error map of one image on three axes; returns the map's image."""
+    axes[0].imshow(to_image(x))
+    axes[1].imshow(to_image(recon))
+    plt.setp(axes, xticks=[], yticks=[])
+    return axes[2].imshow(error_map.numpy(), cmap="inferno", vmin=0, vmax=vmax)
+
+
 def comparison_plot(model, samples, path):
-    names, images = [], []
-    for name, batch in samples.items():
-        for i in range(batch.shape[0]):
-            names.append(name)
-            images.append(preprocess(batch[i], model.config.image_size))
-    device = next(model.parameters()).device
-    x = torch.cat(images).to(device)
+    x = torch.cat([preprocess(batch, model.config.image_size) for batch in samples.values()]).cpu()  # [N, 3, S, S]
     out = score_batch(model, x, keep_maps=True)
-    n = len(names)
-    fig, axes = plt.subplots(3, n, figsize=(1.9 * n, 6), squeeze=False)
-    vmax = float(out["maps"].max())
-    for j in range(n):
-        axes[0, j].imshow(to_image(x[j].cpu()))
-        axes[0, j].set_title(names[j], fontsize=9)
-        axes[1, j].imshow(to_image(out["recon"][j]))
-        im = axes[2, j].imshow(out["maps"][j].numpy(), cmap="inferno", vmin=0, vmax=vmax)
+    fig, axes = plt.subplots(3, len(x), figsize=(1.9 * len(x), 6), squeeze=False)
+    for j, name in enumerate(name for name, batch in samples.items() for _ in batch):  # one column per image
+        im = draw(axes[:, j], x[j], out["recon"][j], out["maps"][j], vmax=float(out["maps"].max()))
+        axes[0, j].set_title(name, fontsize=9)
         axes[2, j].set_xlabel(f"mse {out['mse'][j]:.4f}", fontsize=8)
-        for ax in axes[:, j]:
-            ax.set_xticks([])
-            ax.set_yticks([])
     for row, label in enumerate(["original", "reconstruction", "error map"]):
         axes[row, 0].set_ylabel(label)
     fig.colorbar(im, ax=axes[2, :].tolist(), shrink=0.8, label="squared error")
@@ -91,8 +81,25 @@ def comparison_plot(model, samples, path):
 
 
 def calibration_plots(report, real, sets, result, model, samples, plots_dir):
-    plots_dir = Path(plots_dir)
-    threshold_plot(report, real, sets, plots_dir / "threshold_calibration.png")
-    roc_plot(real, sets, result, plots_dir / "roc_curve.png")
+    threshold_plot(report, real, sets, Path(plots_dir) / "threshold_calibration.png")
+    roc_plot(real, sets, result, Path(plots_dir) / "roc_curve.png")
     if samples:
-        comparison_plot(model, samples, plots_dir / "reconstruction_comparison.png")
+        comparison_plot(model, samples, Path(plots_dir) / "reconstruction_comparison.png")
+
+
+def heatmap_name(path):
+    """<stem>-<8 hex of the path>.png: readable, and distinct for same-named files in different
+    folders (and the same on every rank, unlike a running index)."""
+    # at most 120 bytes of the stem (file systems cap names at 255); drops bytes that are not UTF-8
+    stem = os.fsencode(Path(path).stem)[:120].decode("utf-8", "ignore") or "image"
+    return f"{stem}-{hashlib.sha1(os.fsencode(path)).hexdigest()[:8]}.png"
+
+
+def save_heatmap(row, directory, title):
+    """One PNG per scored row (keep_maps=True): input as the model sees it, reconstruction, error map."""
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.4), layout="constrained")
+    fig.colorbar(draw(axes, row["input"], row["recon"], row["map"]), ax=axes[2], fraction=0.046)
+    for ax, label in zip(axes, ["input (as the model sees it)", "reconstruction", "squared error per pixel"]):
+        ax.set_title(label)
+    fig.suptitle(title)
+    save(fig, Path(directory) / heatmap_name(row["path"]))

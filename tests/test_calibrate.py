@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -12,14 +13,16 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 import calibrate
 from data import dead_leaves
 from detector import Detector
-from model import load_model, weights_fingerprint
+import thresholds
+from model import load_model
+from utils import weights_fingerprint
 from tests.conftest import run_script
 
 
 @pytest.fixture
 def tiny_ckpt(tiny_model, tmp_path):
     path = tmp_path / "model_best_checkpoint.ckpt"
-    torch.save({"model": tiny_model.state_dict(), "config": tiny_model.config.to_dict()}, path)
+    torch.save({"model": tiny_model.state_dict(), "config": asdict(tiny_model.config)}, path)
     return path
 
 
@@ -164,5 +167,5 @@ def test_thresholds_from_another_precision_warn(tiny_ckpt, real_dir, tmp_path):
 
 
 def test_default_output_for_a_hub_id_never_touches_the_card_file():
-    out = calibrate.default_output("someone/detector@v2")
+    out = thresholds.beside("someone/detector@v2")
     assert out.name == "thresholds_calibrated.json" and out.parent.name == "someone--detector--v2"

@@ -98,16 +98,21 @@ def test_blur_keeps_size_and_constant_images():
     assert torch.equal(fakes.blurred(tiny), tiny)
     with pytest.raises(ValueError):
         fakes.blurred(const.float())
+    with pytest.raises(ValueError):
+        fakes.blurred(const, sigma=0)
 
 
 def test_blur_matches_a_direct_2d_convolution(real64):
-    k = fakes.gaussian_kernel(1.0)
-    assert len(k) == 2 * 3 + 1 and abs(k.sum().item() - 1) < 1e-6
-    x = real64[:1].float()
-    k2 = (k[:, None] * k[None, :]).expand(3, 1, 7, 7)
-    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (3, 3, 3, 3), mode="reflect"), k2, groups=3)
-    got = fakes.blurred(real64[:1], sigma=1.0).float()
-    assert (got - ref).abs().max() <= 1  # rounding only
+    # an 11x11 Gaussian of sigma 1.5 (radius ceil(3 sigma) = 5), built here in 2-D and normalized
+    x = torch.arange(-5, 6, dtype=torch.float64)
+    k = torch.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * 1.5 ** 2))
+    k = (k / k.sum()).expand(3, 1, 11, 11)
+    ref = torch.nn.functional.conv2d(real64.double(), k, groups=3)  # no padding: the interior only
+    got = fakes.blurred(real64, sigma=1.5).double()
+    assert (got[..., 5:-5, 5:-5] - ref).abs().max() <= 1  # rounding only
+    # and the border is reflected, not zero-padded (which would darken it)
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(real64.double(), (5,) * 4, mode="reflect"), k, groups=3)
+    assert (got - ref).abs().max() <= 1
 
 
 def test_jpeg_differs_but_stays_close(real64):
@@ -117,6 +122,10 @@ def test_jpeg_differs_but_stays_close(real64):
     p = psnr(j, real64)
     assert ((p > 18) & (p < 35)).all(), p  # q=10 on 64x64 photos measures 21.6-25.6 dB
     assert (psnr(fakes.jpeg(real64, quality=90), real64) > p).all()  # higher quality, closer
+    assert torch.equal(j, fakes.jpeg(real64, quality=10))
+    assert fakes.jpeg(real64[:0]).shape == (0, 3, 64, 64)
+    with pytest.raises(ValueError):
+        fakes.jpeg(real64, quality=0)
 
 
 def test_splice_swaps_top_halves(real64):
@@ -139,10 +148,11 @@ def test_splice_needs_two_images(real64):
     assert torch.equal(out[0, :, :32], real64[1, :, :32]) and torch.equal(out[1, :, :32], real64[0, :, :32])
 
 
-def test_derangement_has_no_fixed_points():
+def test_splice_never_takes_an_images_own_half():
+    real = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 3, 4, 4).contiguous()  # image i is all i
     for seed in range(20):
-        p = fakes.derangement(5, seed)
-        assert sorted(p.tolist()) == list(range(5)) and not (p == torch.arange(5)).any()
+        j = fakes.splice(real, seed)[:, 0, 0, 0]  # where each top half came from
+        assert sorted(j.tolist()) == list(range(5)) and not (j == torch.arange(5)).any()
 
 
 # ----------------------------------------------------------------------------
@@ -154,7 +164,7 @@ def test_make_fake_sets_names_and_counts(real64):
     assert list(sets) == list(fakes.ALL_FAKES)
     for name, x in sets.items():
         assert x.dtype == torch.uint8
-        if name in fakes.DERIVED_FAKES:
+        if name in ("blur", "jpeg", "splice"):
             assert x.shape == (4, 3, 64, 64)  # at most n, at the real images' size
         else:
             assert x.shape == (4, 3, 32, 32)
@@ -162,7 +172,22 @@ def test_make_fake_sets_names_and_counts(real64):
     assert few["blur"].shape == (3, 3, 64, 64)  # fewer real images than n: all of them
     again = fakes.make_fake_sets(fakes.ALL_FAKES, real=real, n=4, size=32, seed=0)
     assert all(torch.equal(sets[k], again[k]) for k in sets)
-    assert fakes.DEFAULT_FAKES == ("noise",) and set(fakes.ALL_FAKES) == set(fakes.HARD_FAKES)
+    assert fakes.ALL_FAKES == ("noise", "flat", "gradient", "blur", "jpeg", "splice")
+    assert set(fakes.DESCRIPTIONS) == set(fakes.ALL_FAKES)
+
+
+def test_make_fake_sets_seeding(real64):
+    # each set draws from seed + its index in ALL_FAKES; derived sets edit a seeded subset in order
+    real = torch.cat([real64, real64.flip(-1), real64.flip(-2)])
+    sets = fakes.make_fake_sets(fakes.ALL_FAKES, real=real, n=4, size=16, seed=10)
+    assert torch.equal(sets["noise"], fakes.uniform_noise(4, 16, 10))
+    assert torch.equal(sets["flat"], fakes.flat_colours(4, 16, 11))
+    assert torch.equal(sets["gradient"], fakes.gradients(4, 16, 12))
+    subset = real[torch.randperm(9, generator=torch.Generator().manual_seed(10))[:4].sort().values]
+    assert torch.equal(sets["blur"], fakes.blurred(subset))
+    assert torch.equal(sets["jpeg"], fakes.jpeg(subset))
+    assert torch.equal(sets["splice"], fakes.splice(subset, seed=15))
+    assert torch.equal(fakes.make_fake_sets("flat", n=4, size=16, seed=10)["flat"], sets["flat"])  # one name as a str
 
 
 def test_make_fake_sets_rejects_bad_input(real64):
@@ -184,11 +209,12 @@ def test_png_complexity_orders_flat_photo_noise():
     bits = fakes.png_bits(torch.cat([flat, real, noise]))
     assert bits.dtype == np.float64 and bits.shape == (9,)
     assert bits[:3].max() * 50 < bits[6:].min()
-    L_flat, L_real, L_noise = (fakes.complexity_bits_per_dim(x) for x in (flat, real, noise))
+    per_dim = lambda x: fakes.png_bits(x) / (3 * 128 * 128)  # noqa: E731  (Serra et al.'s L(x))
+    L_flat, L_real, L_noise = per_dim(flat), per_dim(real), per_dim(noise)
     assert (L_flat < 0.1).all()
     assert (L_noise > 7.5).all()
     assert (L_real > L_flat.max()).all() and (L_real < L_noise.min()).all()
-    assert (fakes.complexity_bits_per_dim(fakes.gradients(3, 128, 0)) < L_real.min()).all()
+    assert (per_dim(fakes.gradients(3, 128, 0)) < L_real.min()).all()
 
 
 def test_png_bits_accepts_numpy_torch_and_one_image():

@@ -3,6 +3,7 @@ input becomes a row with a reason, output files round-trip, exit statuses, warni
 heatmaps and a two-process torchrun run. A tiny untrained model: nothing is trained."""
 
 import csv
+from dataclasses import asdict
 import json
 import math
 import os
@@ -20,9 +21,11 @@ import data
 import detector
 import inference_example
 import metrics
+import thresholds
 from data import ImageReadError, read_image
 from detector import Detector, score_files
-from model import ResidualAutoencoder, weights_fingerprint
+from model import ResidualAutoencoder
+from utils import weights_fingerprint
 from tests.conftest import ROOT, TINY, run_script
 
 skdata = pytest.importorskip("skimage.data")
@@ -133,7 +136,7 @@ def env(tmp_path_factory):
     model = ResidualAutoencoder(TINY).eval()
     ckpt = root / "model" / "tiny.ckpt"
     ckpt.parent.mkdir()
-    torch.save({"model": model.state_dict(), "config": TINY.to_dict()}, ckpt)
+    torch.save({"model": model.state_dict(), "config": asdict(TINY)}, ckpt)
     good, bad = write_good(root / "good"), write_bad(root / "bad")
 
     # calibration: the model's scores of procedural "real" images; thresholds at the median
@@ -477,10 +480,10 @@ def test_fingerprint_warning_without_binding_and_not_when_it_matches(env, capsys
 def test_repo_thresholds_are_the_fallback(env, capsys, tmp_path, monkeypatch):
     lone = tmp_path / "lone.ckpt"  # no thresholds file beside it
     lone.write_bytes(env["ckpt"].read_bytes())
-    monkeypatch.setattr(inference_example, "REPO_THRESHOLDS", tmp_path / "absent.json")
+    monkeypatch.setattr(thresholds, "REPO_THRESHOLDS", tmp_path / "absent.json")
     status, _, err = run_main(capsys, env["root"] / "good", "--checkpoint", lone, "--workers", "0")
     assert status == 2 and "needs a thresholds file" in err
-    monkeypatch.setattr(inference_example, "REPO_THRESHOLDS", Path(env["th"]["none"]))  # like the card's values
+    monkeypatch.setattr(thresholds, "REPO_THRESHOLDS", Path(env["th"]["none"]))  # like the card's values
     status, out, err = run_main(capsys, env["root"] / "good", "--checkpoint", lone, "--workers", "0")
     assert status == 0 and str(env["th"]["none"]) in out and err.count("warning:") == 1
 

@@ -63,7 +63,7 @@ def test_conformal_guarantee_on_exchangeable_data():
         cal = rng.gamma(2.0, 1.0, n_cal)
         test = rng.gamma(2.0, 1.0, n_test)
         t = metrics.conformal_threshold(cal, alpha)
-        fprs[i] = metrics.rates_at_threshold(test, None, t)[0]
+        fprs[i] = np.mean(test > t)  # the detector's rule
     assert fprs.mean() <= alpha + 0.005  # std error of the mean is ~0.0007
     assert fprs.mean() >= 0.07
 
@@ -91,13 +91,6 @@ def test_conformal_pvalues_exact_values_and_ties():
 
 # ----------------------------------------------------------------------------- Clopper-Pearson
 
-def scipy_cp(k, n, conf):
-    a = 1.0 - conf
-    lo = 0.0 if k == 0 else stats.beta.ppf(a / 2, k, n - k + 1)
-    hi = 1.0 if k == n else stats.beta.ppf(1 - a / 2, k + 1, n - k)
-    return lo, hi
-
-
 GRID = [(0, 1), (1, 1), (0, 10), (3, 10), (10, 10), (0, 100), (1, 100), (50, 100), (99, 100),
         (0, 10000), (1, 10000), (100, 10000), (500, 10000), (9999, 10000), (10000, 10000),
         (0, 100000), (7, 100000), (5000, 100000), (99990, 100000), (100000, 100000)]
@@ -105,16 +98,20 @@ GRID = [(0, 1), (1, 1), (0, 10), (3, 10), (10, 10), (0, 100), (1, 100), (50, 100
 
 @pytest.mark.parametrize("conf", [0.95, 0.99, 0.8])
 @pytest.mark.parametrize("k,n", GRID)
-def test_clopper_pearson_matches_scipy(k, n, conf):
+def test_clopper_pearson_solves_the_binomial_tails(k, n, conf):
+    # the definition, checked through the binomial distribution rather than the beta quantiles
+    # the implementation uses: P(X >= k | lo) = P(X <= k | hi) = (1 - conf) / 2
     lo, hi = metrics.clopper_pearson(k, n, conf)
-    slo, shi = scipy_cp(k, n, conf)
-    assert lo == pytest.approx(slo, rel=1e-8, abs=1e-15)
-    assert hi == pytest.approx(shi, rel=1e-8, abs=1e-15)
+    tail = (1 - conf) / 2
     assert 0.0 <= lo <= k / n <= hi <= 1.0
     if k == 0:
-        assert lo == 0.0
+        assert lo == 0.0 and hi == pytest.approx(1 - tail ** (1 / n), rel=1e-9)  # (1 - hi)^n = tail
+    else:
+        assert stats.binom.sf(k - 1, n, lo) == pytest.approx(tail, rel=1e-6)
     if k == n:
-        assert hi == 1.0
+        assert hi == 1.0 and lo == pytest.approx(tail ** (1 / n), rel=1e-9)  # lo^n = tail
+    else:
+        assert stats.binom.cdf(k, n, hi) == pytest.approx(tail, rel=1e-6)
 
 
 def test_clopper_pearson_known_values():
@@ -155,6 +152,7 @@ def test_auroc_ties_count_half():
     assert metrics.auroc([0.0], [1.0]) == 1.0
     assert metrics.auroc([1.0], [0.0]) == 0.0
     assert metrics.auroc([0.0, 1.0], [1.0]) == 0.75
+    assert metrics.auroc([-np.inf, 0.0], [np.inf, 0.0]) == 0.875  # infinite scores rank like any other
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -207,7 +205,7 @@ def test_youden_on_separable_groups():
     t, tpr, fpr = metrics.youden_threshold(real, fake)
     assert (tpr, fpr) == (1.0, 0.0)
     assert 0.3 <= t < 0.6
-    assert metrics.rates_at_threshold(real, fake, t) == (0.0, 1.0)
+    assert (np.mean(real > t), np.mean(fake > t)) == (0.0, 1.0)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -218,7 +216,7 @@ def test_youden_against_brute_force(seed):
     cands = np.r_[np.unique(np.r_[real, fake]), -np.inf]
     best = max(np.mean(fake > c) - np.mean(real > c) for c in cands)
     assert tpr - fpr == pytest.approx(best, abs=1e-12)
-    assert (fpr, tpr) == metrics.rates_at_threshold(real, fake, t)  # the rule realises them
+    assert (fpr, tpr) == (np.mean(real > t), np.mean(fake > t))  # the rule `score > t` realises them
     assert t in real
 
 
@@ -230,12 +228,6 @@ def test_youden_when_fakes_score_lower():
 def test_youden_ties_go_to_fewest_false_alarms():
     # t = 1: TPR 1, FPR 1/2; t = 3: TPR 1/2, FPR 0; both J = 1/2 -> the higher threshold
     assert metrics.youden_threshold([1.0, 3.0], [2.0, 4.0]) == (3.0, 0.5, 0.0)
-
-
-def test_rates_at_threshold_is_strict():
-    fpr, tpr = metrics.rates_at_threshold([1.0, 2.0, 3.0, 4.0], [3.0, 5.0], 3.0)
-    assert (fpr, tpr) == (0.25, 0.5)
-    assert metrics.rates_at_threshold([1.0, 2.0], None, 1.5) == (0.5, None)
 
 
 # ----------------------------------------------------------------------------- bootstrap, summary
@@ -299,12 +291,13 @@ def test_summary_stats():
     lambda bad: metrics.roc_curve([1.0], bad),
     lambda bad: metrics.fpr_at_tpr(bad, [1.0]),
     lambda bad: metrics.youden_threshold([1.0], bad),
-    lambda bad: metrics.rates_at_threshold(bad, None, 0.5),
-    lambda bad: metrics.rates_at_threshold([1.0], bad, 0.5),
+    lambda bad: metrics.as_scores(bad),
+    lambda bad: metrics.aupr([1.0], bad, positive="real"),
+    lambda bad: metrics.bootstrap_ci(metrics.auroc, [1.0], bad, n_boot=2),
     lambda bad: metrics.bootstrap_ci(metrics.auroc, bad, [1.0], n_boot=2),
     lambda bad: metrics.summary_stats(bad),
 ])
-@pytest.mark.parametrize("bad", [[], np.array([]), torch.tensor([]), [1.0, float("nan")], torch.tensor([np.nan])])
+@pytest.mark.parametrize("bad", [None, [], np.array([]), torch.tensor([]), [1.0, float("nan")], torch.tensor([np.nan])])
 def test_bad_scores_raise(call, bad):
     with pytest.raises(ValueError):
         call(bad)
@@ -324,4 +317,6 @@ def test_other_bad_parameters_raise():
     with pytest.raises(ValueError):
         metrics.fpr_at_tpr([1.0], [2.0], tpr=0.0)
     with pytest.raises(ValueError):
-        metrics.rates_at_threshold([1.0], None, float("nan"))
+        metrics.fpr_at_tpr([1.0], [2.0], tpr=float("nan"))
+    with pytest.raises(ValueError):
+        metrics.bootstrap_ci(metrics.auroc, [1.0], [2.0], n_boot=0)

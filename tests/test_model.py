@@ -5,11 +5,11 @@ import sys
 
 import pytest
 import torch
+from dataclasses import asdict
 
-import model as model_lib
-from model import (AutoencoderConfig, CheckpointError, ResidualAutoencoder, count_parameters, load_model,
-                   save_pretrained, weights_fingerprint)
+from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model
 from tests.conftest import ROOT
+from utils import UserError, weights_fingerprint
 
 CARD_PARAMS = 34_849_667
 
@@ -42,10 +42,10 @@ def test_reconstruction_error_reductions(tiny_model, tiny_batch):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (torch.zeros(3, 32, 32), r"shape \[B, 3, 32, 32\]"),
+    (torch.zeros(3, 32, 32), r"float batch \[B, 3, 32, 32\]"),
     (torch.zeros(1, 1, 32, 32), r"got \(1, 1, 32, 32\)"),
     (torch.zeros(1, 3, 64, 64), r"got \(1, 3, 64, 64\)"),
-    (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "float tensor"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), r"got \(1, 3, 32, 32\) torch.uint8"),
 ])
 def test_bad_inputs_raise_value_error(tiny_model, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -64,14 +64,15 @@ def scores(model, x):
 
 def test_round_trip_training_checkpoint(tiny_model, tiny_batch, tmp_path):
     path = tmp_path / "model_best_checkpoint.ckpt"
-    torch.save({"model": tiny_model.state_dict(), "config": tiny_model.config.to_dict(), "epoch": 3}, path)
+    torch.save({"model": tiny_model.state_dict(), "config": asdict(tiny_model.config), "epoch": 3}, path)
     loaded = load_model(str(path), "cpu")  # the card's call
     assert not loaded.training
     assert torch.equal(scores(loaded, tiny_batch), scores(tiny_model, tiny_batch))
 
 
 def test_round_trip_hub_folder_and_safetensors_file(tiny_model, tiny_batch, tmp_path):
-    folder = save_pretrained(tiny_model, tmp_path / "export")
+    folder = tmp_path / "export"
+    tiny_model.save_pretrained(folder)
     assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "config.json", "README.md"}
     for source in (folder, folder / "model.safetensors"):
         loaded = load_model(source, "cpu")
@@ -81,12 +82,14 @@ def test_round_trip_hub_folder_and_safetensors_file(tiny_model, tiny_batch, tmp_
 
 def test_save_pretrained_accepts_channels_last(tiny_model, tiny_batch, tmp_path):
     tiny_model = tiny_model.to(memory_format=torch.channels_last)
-    loaded = load_model(save_pretrained(tiny_model, tmp_path / "cl"))
+    tiny_model.save_pretrained(tmp_path / "cl")
+    loaded = load_model(tmp_path / "cl")
     assert torch.equal(scores(loaded, tiny_batch), scores(tiny_model, tiny_batch))
 
 
 def test_round_trip_hub_repo_id(tiny_model, tiny_batch, tmp_path, monkeypatch):
-    folder = save_pretrained(tiny_model, tmp_path / "hub")
+    folder = tmp_path / "hub"
+    tiny_model.save_pretrained(folder)
     calls = []
 
     def fake_snapshot_download(repo_id, revision=None, **kwargs):
@@ -103,14 +106,15 @@ def test_round_trip_hub_repo_id(tiny_model, tiny_batch, tmp_path, monkeypatch):
 def test_prefixed_keys_from_ddp_and_compile_are_stripped(tiny_model, tiny_batch, tmp_path):
     sd = {f"module._orig_mod.{k}": v for k, v in tiny_model.state_dict().items()}
     path = tmp_path / "prefixed.pt"
-    torch.save({"model_state_dict": sd, "config": tiny_model.config.to_dict()}, path)
+    torch.save({"model_state_dict": sd, "config": asdict(tiny_model.config)}, path)
     assert torch.equal(scores(load_model(path), tiny_batch), scores(tiny_model, tiny_batch))
 
 
 def test_named_safetensors_file_loads_that_file(tiny_model, tiny_batch, tmp_path):
-    folder = save_pretrained(tiny_model, tmp_path / "export")
+    folder = tmp_path / "export"
+    tiny_model.save_pretrained(folder)
     other = ResidualAutoencoder(tiny_model.config).eval()
-    save_pretrained(other, tmp_path / "other")
+    other.save_pretrained(tmp_path / "other")
     (tmp_path / "other" / "model.safetensors").rename(folder / "v2.safetensors")
     assert torch.equal(scores(load_model(folder / "v2.safetensors"), tiny_batch), scores(other, tiny_batch))
 
@@ -124,28 +128,29 @@ def test_missing_local_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match="checkpoint not found: runs/cifar10"):
+    with pytest.raises(UserError, match="checkpoint not found: runs/cifar10"):
         load_model("runs/cifar10")
 
 
 def test_saved_files_get_normal_permissions(tiny_model, tmp_path):
     old = os.umask(0o022)
     try:
-        folder = save_pretrained(tiny_model, tmp_path / "export")
+        folder = tmp_path / "export"
+        tiny_model.save_pretrained(folder)
     finally:
         os.umask(old)
     assert all((p.stat().st_mode & 0o777) == 0o644 for p in folder.iterdir())
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(CheckpointError, match="checkpoint not found"):
+    with pytest.raises(UserError, match="checkpoint not found"):
         load_model(tmp_path / "nope.ckpt")
 
 
 def test_file_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "notes.ckpt"
     path.write_text("these are not weights")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
         load_model(path)
 
 
@@ -153,15 +158,15 @@ def test_checkpoint_of_another_architecture_names_the_mismatch(tiny_model, tmp_p
     other = ResidualAutoencoder(AutoencoderConfig(image_size=32, channels=(8, 8, 16, 16, 32), latent_dim=16))
     path = tmp_path / "other.ckpt"
     torch.save({"model": other.state_dict()}, path)  # no config: the tiny config is forced on it
-    with pytest.raises(CheckpointError, match=r"shape mismatches.*down\.4") as err:
+    with pytest.raises(UserError, match=r"weights do not fit the architecture: size mismatch for down\.4") as err:
         load_model(path, config=tiny_model.config)
     assert "\n" not in str(err.value)
 
     sd = dict(tiny_model.state_dict())
     sd.pop("head.bias")
     sd["extra.weight"] = torch.zeros(1)
-    torch.save({"model": sd, "config": tiny_model.config.to_dict()}, path)
-    with pytest.raises(CheckpointError, match=r"missing keys, e\.g\. head\.bias.*unexpected keys, e\.g\. extra\.weight"):
+    torch.save({"model": sd, "config": asdict(tiny_model.config)}, path)
+    with pytest.raises(UserError, match=r'Missing key.*"head\.bias".*Unexpected key.*"extra\.weight"'):
         load_model(path)
 
 
@@ -179,7 +184,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tiny_model, tmp_path):
     victim = tmp_path / "pwned.txt"
     path = tmp_path / "evil.ckpt"
     torch.save({"model": tiny_model.state_dict(), "hook": Payload(victim)}, path)
-    with pytest.raises(CheckpointError, match="refused to load"):
+    with pytest.raises(UserError, match="refused to load"):
         load_model(path)
     assert not victim.exists()
     # control: the payload is real -- what an unpickler would call does write the file
@@ -191,43 +196,73 @@ def test_malicious_pickle_is_refused_and_never_runs(tiny_model, tmp_path):
 
 def test_hub_folder_missing_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="lacks model.safetensors"):
+    with pytest.raises(UserError, match="lacks model.safetensors"):
         load_model(tmp_path)
 
 
 def test_corrupt_safetensors(tiny_model, tmp_path):
-    folder = save_pretrained(tiny_model, tmp_path / "export")
+    folder = tmp_path / "export"
+    tiny_model.save_pretrained(folder)
     (folder / "model.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+    with pytest.raises(UserError, match="not a readable model.safetensors"):
         load_model(folder)
 
 
-def test_push_to_hub_uses_huggingface_hub(tiny_model, tmp_path, monkeypatch):
-    folder = save_pretrained(tiny_model, tmp_path / "export")
+def test_push_to_hub_uploads_the_hub_layout(tiny_model, tmp_path, monkeypatch):
     seen = {}
 
     class FakeApi:
         def __init__(self, token=None):
             seen["token"] = token
 
-        def create_repo(self, repo_id, private, exist_ok):
-            seen["create"] = (repo_id, private, exist_ok)
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            seen["create"] = (repo_id, exist_ok)
+            return type("Repo", (), {"repo_id": repo_id})
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
+        def upload_folder(self, repo_id, folder_path, **kwargs):
             seen["upload"] = (repo_id, sorted(os.listdir(folder_path)))
+            seen["loads"] = torch.equal(scores(load_model(folder_path), torch.zeros(1, 3, 32, 32)),
+                                        scores(tiny_model, torch.zeros(1, 3, 32, 32)))
             return "ok"
 
-    import huggingface_hub
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    assert model_lib.push_to_hub(folder, "me/detector", token="t") == "ok"
-    assert seen["create"] == ("me/detector", False, True)
-    assert seen["upload"] == ("me/detector", ["README.md", "config.json", "model.safetensors"])
+    import huggingface_hub.hub_mixin
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
+    assert tiny_model.push_to_hub("me/detector", token="t") == "ok"
+    assert seen["token"] == "t" and seen["create"] == ("me/detector", True)
+    assert seen["upload"] == ("me/detector", ["README.md", "config.json", "model.safetensors"]) and seen["loads"]
 
 
-def test_config_json_matches_dataclass_defaults():
+def test_config_json_matches_dataclass_defaults(tmp_path):
     on_disk = json.loads((ROOT / "config.json").read_text())
-    assert on_disk == model_lib.config_json(AutoencoderConfig())
     assert AutoencoderConfig.from_dict(on_disk) == AutoencoderConfig()
+    ResidualAutoencoder().save_pretrained(tmp_path)  # what the hub layout holds: the same
+    assert json.loads((tmp_path / "config.json").read_text()) == on_disk
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ({"channels": []}, "1 to 8 channel stages"),
+    ({"latent_dim": -1}, "positive integers"),
+    ({"latent_dim": 10 ** 12}, "too large"),
+    ({"channels": [64, 2 ** 20, 8, 8, 8]}, "too large"),
+    ({"image_size": "128"}, "positive integers"),
+    ({"image_size": 100}, "not divisible"),
+    ({"blocks": 2}, "expected a JSON object with keys"),
+])
+def test_hostile_config_is_refused_before_any_layer_is_built(tiny_model, tmp_path, config, fragment):
+    path = tmp_path / "hostile.ckpt"
+    torch.save({"model": tiny_model.state_dict(), "config": {**asdict(tiny_model.config), **config}}, path)
+    with pytest.raises(UserError, match="bad model config") as err:
+        load_model(path)
+    assert fragment in str(err.value)
+
+
+def test_non_tensor_values_in_a_state_dict_are_named(tiny_model, tmp_path):
+    sd = dict(tiny_model.state_dict())
+    sd["head.bias"] = [0.0, 0.0, 0.0]
+    path = tmp_path / "odd.ckpt"
+    torch.save({"model": sd, "config": asdict(tiny_model.config)}, path)
+    with pytest.raises(UserError, match=r'weights do not fit.*"head.bias", expected torch.Tensor'):
+        load_model(path)
 
 
 def test_model_py_cli_prints_summary_and_writes_config(tmp_path):

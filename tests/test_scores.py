@@ -6,8 +6,8 @@ import torch
 
 import metrics
 from data import preprocess
-from detector import (NOISE_FLOOR, combined_pvalue, complexity_score, input_png_bits, model_bits_per_dim,
-                      score_batch)
+from detector import NOISE_FLOOR, complexity_score, input_png_bits, model_bits_per_dim, score_batch
+from thresholds import combined_pvalue
 from fakes import flat_colours, uniform_noise
 
 
@@ -69,13 +69,16 @@ def test_combined_pvalue_keeps_the_false_positive_guarantee_on_exchangeable_data
         base = rng.normal(size=(n_cal + n_test, 1))
         scores = base + 0.5 * rng.normal(size=(n_cal + n_test, 3))
         cal, test = scores[:n_cal], scores[n_cal:]
-        p = [metrics.conformal_pvalues(np.sort(cal[:, k]), test[:, k]) for k in range(3)]
-        rates.append(np.mean(combined_pvalue(p) <= alpha))
+        p = combined_pvalue({k: np.sort(cal[:, k]) for k in range(3)}, {k: test[:, k] for k in range(3)})
+        rates.append(np.mean(p <= alpha))
     assert np.mean(rates) <= alpha + 0.005
     # Bonferroni is conservative, but not useless: it still flags a fair share
     assert np.mean(rates) > alpha / 4
 
 
 def test_combined_pvalue_is_bonferroni_of_the_minimum():
-    p = np.array([[0.2, 0.01, 0.5], [0.03, 0.4, 0.9], [0.5, 0.5, 0.6]])
-    np.testing.assert_allclose(combined_pvalue(p), [0.09, 0.03, 1.0])
+    cal = {"a": np.arange(1.0, 10.0), "b": np.arange(1.0, 10.0)}  # p(s) = (1 + #{cal >= s}) / 10
+    # a: p = 0.1, 1.0, 0.6; b: p = 0.6, 0.6, 0.6 -> min(1, 2 * min)
+    values = {"a": [9.5, 0.0, 5.0], "b": [5.0, 5.0, 5.0]}
+    np.testing.assert_allclose(combined_pvalue(cal, values), [0.2, 1.0, 1.0])
+    np.testing.assert_allclose(combined_pvalue({"a": cal["a"]}, values), [0.1, 1.0, 0.6])  # one score: itself

@@ -5,8 +5,9 @@ import torch
 from PIL import Image
 
 import train
-from model import load_checkpoint_dict, load_model, weights_fingerprint
+from model import load_checkpoint_dict, load_model
 from tests.conftest import run_script
+from utils import weights_fingerprint
 
 # a tiny network on tiny synthetic images: each epoch takes a fraction of a second on CPU
 TINY = ["--image-size", "32", "--channels", "8,8,16,16,16", "--latent-dim", "16", "--batch-size", "16",
@@ -90,7 +91,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.main(TINY + ["--resume", "--out-dir", str(tmp_path / "empty")])
+        train.main(["--resume", "--out-dir", str(tmp_path / "empty")])
     assert exit_info.value.code == 2
     assert "nothing to resume" in capsys.readouterr().err
 
@@ -99,7 +100,7 @@ def test_corrupt_resume_checkpoint_is_a_one_line_error(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "last_checkpoint.ckpt").write_bytes(b"\x80\x02truncated")
-    proc = run_script("train.py", *TINY, "--resume", "--out-dir", out, check=False)
+    proc = run_script("train.py", "--resume", "--out-dir", out, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not a readable PyTorch checkpoint" in proc.stderr
 
@@ -155,6 +156,30 @@ def test_resume_applies_typed_hyperparameters(tmp_path):
     ckpt = load_checkpoint_dict(out / "last_checkpoint.ckpt")
     assert read_metrics(out)[1]["lr"] == 5e-4
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == 5e-4 and ckpt["scheduler"]["patience"] == 9
+
+
+def test_resume_refuses_flags_that_would_change_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(TINY + ["--epochs", "1", "--out-dir", str(out)])
+    before = (out / "last_checkpoint.ckpt").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--resume", "--epochs", "2", "--batch-size", "8", "--out-dir", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--batch-size" in err[0]
+    assert "--epochs" in err[0].split("only")[1]  # names what may change too
+    assert (out / "last_checkpoint.ckpt").read_bytes() == before
+    assert len(read_metrics(out)) == 1
+
+
+def test_help_prints_the_defaults():
+    help_text = " ".join(run_script("train.py", "--help").stdout.split())  # undo argparse's line wrapping
+    assert "python train.py" in help_text  # the usage examples of the docstring, as written
+    assert "--batch-size BATCH_SIZE per process (default: 1024)" in help_text
+    assert "(default: 64,128,256,384,512)" in help_text
+    smoke = " ".join(run_script("train.py", "--preset", "smoke", "--help").stdout.split())
+    assert "--batch-size BATCH_SIZE per process (default: 32)" in smoke  # --preset sets the defaults shown
 
 
 def test_resume_after_fine_tuning_keeps_the_checkpoint_architecture(tmp_path):

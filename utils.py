@@ -1,0 +1,162 @@
+"""
+Small helpers every script shares: the one user-error class, atomic file writes,
+weight fingerprints, device choice and the torchrun setup.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file, unusable checkpoint); the
+    message says what and how in one line. Each script prints it as `error: ...` and exits 2."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help prints the script's docstring as written, and every flag's default (a None default is
+    described in the flag's own help)."""
+
+    def _get_help_string(self, action):
+        quiet = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if quiet or "%(default)" in (action.help or ""):
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)".lstrip()
+
+
+def run_cli(main, argv=None):
+    """Calls main(argv) and turns a UserError into one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def atomic_write(path, write_fn):
+    """write_fn(tmp) writes a temp file beside `path`, which is then renamed over it: a crash
+    at any moment leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def clean_state_dict(state_dict):
+    """Strips the prefixes DDP ('module.') and torch.compile ('_orig_mod.') add to keys."""
+    prefix = re.compile(r"^((module|_orig_mod)\.)+")
+    return {prefix.sub("", k): v for k, v in state_dict.items()}
+
+
+def unwrap(model):
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def weights_fingerprint(model_or_state_dict):
+    """sha256 over parameter names, dtypes, shapes and bytes: the same for the same weights
+    whatever file they came from, so a thresholds file can be bound to them."""
+    sd = model_or_state_dict
+    if isinstance(sd, torch.nn.Module):
+        sd = unwrap(sd).state_dict()
+    h = hashlib.sha256()
+    for name, t in sorted(clean_state_dict(sd).items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_checkpoint_dict(path):
+    """torch.load with weights_only=True: tensors and plain data only, never code."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # garbage makes the unpickler fail in many ways
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not even a pickle: no globals to name
+            unsafe = []
+        if unsafe:
+            raise UserError(f"{path}: refused to load: it pickles {', '.join(unsafe[:3])}, objects other than "
+                            f"tensors and plain data, which could run code") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path}: not a checkpoint of this repo (holds a {type(ckpt).__name__}, expected a dict)")
+    return ckpt
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast(device):
+    """The precision policy everywhere: bf16 autocast on CUDA; fp32 on CPU (the CPUs we
+    target have no fast bf16). Errors and losses are always taken in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def precision_name(device):
+    return "bf16 autocast, scores in fp32" if device.type == "cuda" else "fp32"
+
+
+def setup_distributed(device_name="auto"):
+    """(rank, world, device). One process unless torchrun set RANK; then NCCL on
+    cuda:LOCAL_RANK, or gloo on the CPU."""
+    device = pick_device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def gather(obj):
+    """Every rank's obj in rank order (a list of one without torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
