@@ -1,5 +1,4 @@
-"""
-How fast is the detector, and how far from the hardware limit?
+"""How fast is the detector, and how far from the hardware limit?
 
     python bench.py --device cpu --json bench_cpu.json          # card-size model, CPU (a few minutes on 2 cores)
     python bench.py --device cuda --batch-size 1024 --json bench_gpu.json
@@ -9,8 +8,7 @@ Prints and (with --json) saves: forward GFLOPs per image; the peak FLOP/s of a l
 (fp32 on CPU, bf16 on CUDA; the datasheet's beside it); per variant (eager fp32, channels_last,
 bf16 autocast on CUDA, torch.compile) inference and training images/s, peak memory and
 utilisation = achieved / peak FLOP/s; the data path alone (CIFAR batches, folder decode, PNG
-coding); folder inference against the card's recipe. Medians over --repeats, after warm-up runs.
-"""
+coding); folder inference against the card's recipe. Medians over --repeats, after warm-up runs."""
 
 import argparse
 from dataclasses import asdict, fields
@@ -23,7 +21,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from data import preprocess, read_image
+from data import preprocess, read_image, to_uint8
 from detector import score_files
 from fakes import png_bits
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, squared_error, summarize
@@ -34,24 +32,8 @@ from utils import HelpFormatter, pick_device, run_cli, write_json
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add = p.add_argument
-    add("--device", default="auto", help="auto | cpu | cuda")
-    add("--preset", choices=sorted(PRESETS), default="card", help="model config of train.py's preset")
-    add("--batch-size", type=int, default=None, help="32 on CPU, 1024 on CUDA if not given")
-    add("--repeats", type=int, default=5, help="timed repeats per figure; the median is reported")
-    add("--warmup", type=int, default=2, help="untimed runs first")
-    add("--variants", default="eager,channels_last,bf16,compile", help="comma-separated subset")
-    add("--skip-train", action="store_true", help="inference only")
-    add("--folder-images", type=int, default=128, help="multi-megapixel JPEGs for the folder benchmarks, 0 = skip")
-    add("--threads", type=int, default=None, help="torch threads; torch's choice if not given")
-    add("--json", default=None, help="also write every figure to this file")
-    return p.parse_args(argv)
-
-
-def timed(fn, device, repeats=1, warmup=0):
-    """Median seconds per call of fn() over `repeats` timed calls after `warmup` untimed ones."""
+def rate(n, fn, device, repeats=1, warmup=0):
+    """n / the median seconds per call of fn() over `repeats` timed calls after `warmup` untimed ones."""
     times = []
     for _ in range(warmup + repeats):
         t0 = time.perf_counter()
@@ -59,14 +41,7 @@ def timed(fn, device, repeats=1, warmup=0):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[warmup:])
-
-
-def measured_peak_tflops(device, repeats):
-    """A large square matmul, the best case for the hardware: fp32 on CPU, bf16 on CUDA."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
-    a, b = torch.randn(2, n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / timed(lambda: a @ b, device, repeats, warmup=2) / 1e12  # TFLOP/s
+    return n / statistics.median(times[warmup:])
 
 
 def bench_variant(config, device, variant, args, gflops, peak):
@@ -88,31 +63,17 @@ def bench_variant(config, device, variant, args, gflops, peak):
             opt.zero_grad(set_to_none=True)
             squared_error(recon, x).mean().backward()  # the training loss, in fp32
             opt.step()
-
     row = {"variant": variant}
     for mode in ("infer",) if args.skip_train else ("infer", "train"):
         model.train(mode == "train")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         warmup = args.warmup + (2 if variant == "compile" else 0)  # compile's first calls compile the graph
-        row[f"{mode}_images_per_s"] = args.batch_size / timed(lambda: step(mode == "train"), device, args.repeats, warmup)
+        row[f"{mode}_images_per_s"] = rate(args.batch_size, lambda: step(mode == "train"), device, args.repeats, warmup)
         # a training step costs about 3 forwards (forward, and twice that for the backward)
         row[f"{mode}_utilisation"] = row[f"{mode}_images_per_s"] * gflops * (3 if mode == "train" else 1) / 1e3 / peak
         row[f"{mode}_peak_memory_gb"] = peak_memory_gb(device)
     return row  # the model goes out of scope here; the caller empties the CUDA cache
-
-
-def make_jpegs(folder, n, size=(3000, 2000)):
-    """Multi-megapixel photographs: scikit-image's sample photos if installed, else smooth noise."""
-    try:
-        from skimage import data as skdata
-        sources = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
-    except ImportError:
-        sources = torch.randint(0, 256, (4, 64, 96, 3), dtype=torch.uint8).numpy()  # smooth noise once upscaled
-    paths = [f"{folder}/photo_{i:03d}.jpg" for i in range(n)]
-    for i, path in enumerate(paths):
-        Image.fromarray(sources[i % len(sources)]).resize(size, Image.BICUBIC).save(path, quality=92)
-    return paths
 
 
 def card_recipe(model, paths, batch_size, device):
@@ -126,32 +87,38 @@ def card_recipe(model, paths, batch_size, device):
             model.reconstruction_error(batch.to(device), reduction="none")
 
 
-def bench_folder(config, device, args, paths):
-    """The data path alone (CIFAR batches, folder decode + resize, PNG coding), then folder inference."""
+def bench_folder(config, device, args, folder):
+    """Writes --folder-images multi-megapixel JPEGs to `folder` (scikit-image's photos if installed, else smooth
+    noise), then times the data path alone (CIFAR batches, folder decode + resize, PNG coding) and folder inference."""
+    try:
+        from skimage import data as skdata
+        sources = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
+    except ImportError:
+        sources = torch.randint(0, 256, (4, 64, 96, 3), dtype=torch.uint8).numpy()  # smooth noise once upscaled
+    paths = [f"{folder}/photo_{i:03d}.jpg" for i in range(args.folder_images)]
+    for i, path in enumerate(paths):
+        Image.fromarray(sources[i % len(sources)]).resize((3000, 2000), Image.BICUBIC).save(path, quality=92)
     size = config.image_size
     cifar_like = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8, device=device)
     index = torch.randint(0, len(cifar_like), (args.batch_size,), device=device)  # a random batch
-    cifar = args.batch_size / timed(lambda: preprocess(cifar_like[index], size), device, args.repeats, args.warmup)
+    cifar = rate(args.batch_size, lambda: preprocess(cifar_like[index], size), device, args.repeats, args.warmup)
 
     def decode(min_size=None):  # full size, or JPEG draft mode near the model's size
         return [preprocess(read_image(p, min_size=min_size), size) for p in paths[:8]]
-
-    u8 = ((decode(size)[0] + 1) * 127.5).round().to(torch.uint8).repeat(32, 1, 1, 1)  # [32, 3, S, S]
+    u8 = to_uint8(decode(size)[0]).repeat(32, 1, 1, 1)  # [32, 3, S, S]
     data_path = {"cifar_batch_images_per_s": cifar,
-                 "folder_decode_full_images_per_s": len(paths[:8]) / timed(decode, device, 3, 1),
-                 "folder_decode_draft_images_per_s": len(paths[:8]) / timed(lambda: decode(size), device, 3, 1),
-                 "png_coding_images_per_s": 32 / timed(lambda: png_bits(u8), device, 3, 1)}
-    # one timed pass over the folder: the card's recipe, then the repo's score_files
-    model = ResidualAutoencoder(config).to(device).eval()
+                 "folder_decode_full_images_per_s": rate(len(paths[:8]), decode, device, 3, 1),
+                 "folder_decode_draft_images_per_s": rate(len(paths[:8]), lambda: decode(size), device, 3, 1),
+                 "png_coding_images_per_s": rate(32, lambda: png_bits(u8), device, 3, 1)}
+    model = ResidualAutoencoder(config).to(device).eval()  # one timed pass each: the card's recipe, then score_files
     bs = min(args.batch_size, 32)
     card_recipe(model, paths[:bs], bs, device)  # warm-up, untimed
     out = {"folder_images": len(paths), "folder_image_size": "3000x2000 JPEG",
-           "card_recipe_images_per_s": len(paths) / timed(lambda: card_recipe(model, paths, bs, device), device)}
+           "card_recipe_images_per_s": rate(len(paths), lambda: card_recipe(model, paths, bs, device), device)}
     model = model.to(memory_format=torch.channels_last)
     # the default score (mse) needs no PNG coding; complexity / combined do
     for key, complexity in (("repo_images_per_s", False), ("repo_with_complexity_images_per_s", True)):
-        seconds = timed(lambda: list(score_files(model, paths, batch_size=bs, with_complexity=complexity)), device)
-        out[key] = len(paths) / seconds
+        out[key] = rate(len(paths), lambda: [*score_files(model, paths, bs, with_complexity=complexity)], device)
     out["speedup_vs_card_recipe"] = out["repo_images_per_s"] / out["card_recipe_images_per_s"]
     return data_path, out
 
@@ -175,7 +142,19 @@ def print_report(r):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add = p.add_argument
+    add("--device", default="auto", help="auto | cpu | cuda")
+    add("--preset", choices=sorted(PRESETS), default="card", help="model config of train.py's preset")
+    add("--batch-size", type=int, default=None, help="32 on CPU, 1024 on CUDA if not given")
+    add("--repeats", type=int, default=5, help="timed repeats per figure; the median is reported")
+    add("--warmup", type=int, default=2, help="untimed runs first")
+    add("--variants", default="eager,channels_last,bf16,compile", help="comma-separated subset")
+    add("--skip-train", action="store_true", help="inference only")
+    add("--folder-images", type=int, default=128, help="multi-megapixel JPEGs for the folder benchmarks, 0 = skip")
+    add("--threads", type=int, default=None, help="torch threads; torch's choice if not given")
+    add("--json", default=None, help="also write every figure to this file")
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = pick_device(args.device)
     torch.set_flush_denormal(True)  # denormals (tiny gradients) slow CPU math many-fold
@@ -185,22 +164,23 @@ def main(argv=None):
     shape = {f.name for f in fields(AutoencoderConfig)}  # the preset's model fields, not its training ones
     config = AutoencoderConfig(**{k: v for k, v in PRESETS[args.preset].items() if k in shape})
     model, _, gflops = summarize(config)
-    peak = measured_peak_tflops(device, args.repeats)
+    # the peak: a large square matmul, the best case for the hardware (fp32 on CPU, bf16 on CUDA)
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    a, b = torch.randn(2, n, n, device=device, dtype=dtype)
+    peak = rate(2 * n ** 3, lambda: a @ b, device, args.repeats, warmup=2) / 1e12  # TFLOP/s
+    del a, b  # not held through the variants' peak memory figures
     cuda_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    result = {
-        "device": str(device), "device_name": cuda_name or platform.processor() or platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-        "config": asdict(config), "params": count_parameters(model), "gflops_per_image": gflops,
-        "peak_tflops": peak, "peak_precision": "bf16" if cuda_name else "fp32",
-        "datasheet_tflops": next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in (cuda_name or "")), None),
-        "variants": [],
-    }
+    result = {"device": str(device), "device_name": cuda_name or platform.processor() or platform.machine(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+              "config": asdict(config), "params": count_parameters(model), "gflops_per_image": gflops,
+              "peak_tflops": peak, "peak_precision": "bf16" if cuda_name else "fp32",
+              "datasheet_tflops": next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in (cuda_name or "")), None),
+              "variants": []}
     # folders first: after torch.compile has run, the process's state (compile workers, a
     # larger heap to fork) distorts the multi-process decode timings
     if args.folder_images:
         with tempfile.TemporaryDirectory() as tmp:
-            paths = make_jpegs(tmp, args.folder_images)
-            result["data_path"], result["folder"] = bench_folder(config, device, args, paths)
+            result["data_path"], result["folder"] = bench_folder(config, device, args, tmp)
     variants = [v.strip() for v in args.variants.split(",")]
     for variant in [v for v in variants if v != "bf16" or device.type == "cuda"]:  # no fast bf16 on our CPUs
         try:

@@ -1,28 +1,28 @@
-"""
-Scores real images against fakes, writes thresholds in the card's schema, and
+"""Scores real images against fakes, writes thresholds in the card's schema, and
 reports how well each score separates real from each kind of fake.
 
     python calibrate.py --checkpoint runs/cifar10/model_best_checkpoint.ckpt      # the card: CIFAR-10 test vs noise
     python calibrate.py --checkpoint runs/smoke/model_best_checkpoint.ckpt --real-dir photos/ \\
         --fake-dir cifake=CIFAKE/test/FAKE --output out/thresholds_calibrated.json --plots-dir out/
 
-Real images (CIFAR-10 test, or --real-dir) are split, seeded, into a calibration part
-that sets the thresholds and a held-out part that measures them. Thresholds:
-strict / balanced / sensitive are split-conformal at false-positive levels 1% / 5% / 10%
-(the k-th smallest calibration score, k = ceil((n + 1)(1 - a))); optimal maximises
-TPR - FPR against the --optimal-against fake set. Rule: FAKE when score > threshold.
+Real images (CIFAR-10 test, or --real-dir) are split, seeded, into a calibration part that sets the thresholds
+and a held-out part that measures them. Thresholds: strict / balanced / sensitive are split-conformal at
+false-positive levels 1% / 5% / 10% (the k-th smallest calibration score, k = ceil((n + 1)(1 - a))); optimal
+maximises TPR - FPR against the --optimal-against fake set. Rule: FAKE when score > threshold.
 """
 
 import argparse
 import csv
 import datetime
-import platform
+import hashlib
+import io
 import sys
+import tempfile
 from dataclasses import asdict
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 import fakes
@@ -32,8 +32,7 @@ from data import PREPROCESSING, load_cifar10, load_image_folder
 from detector import BASE_SCORES, prepare_model, score_files, score_uint8
 from model import load_model
 from thresholds import FPR_LEVELS
-from utils import (HelpFormatter, UserError, atomic_write, file_sha256, pick_device, precision_name, run_cli,
-                   weights_fingerprint)
+from utils import HelpFormatter, UserError, atomic_write, pick_device, precision_name, run_cli, weights_fingerprint
 
 CONVENTION = ("fake = positive class, real = negative; higher score = more fake (for combined, lower p-value); "
               "AUROC / AUPR computed on held-out real images vs each fake set; AUPR-In takes real as positive; "
@@ -43,17 +42,14 @@ CONVENTION = ("fake = positive class, real = negative; higher score = more fake 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = p.add_argument
-    add("--checkpoint", default="runs/cifar10/model_best_checkpoint.ckpt",
-        help="anything load_model accepts")
+    add("--checkpoint", default="runs/cifar10/model_best_checkpoint.ckpt", help="anything load_model accepts")
     add("--data-dir", default="./data", help="CIFAR-10 folder, used when no --real-dir")
     add("--real-dir", action="append", default=[], help="real images (files, folders, globs; repeatable) instead of CIFAR-10 test")
     add("--max-real", type=int, default=0, help="use at most this many real images, 0 = all")
     add("--num-noise", type=int, default=10000, help="uniform-noise fakes, the card's set")
     add("--fake-dir", action="append", default=[], metavar="[NAME=]DIR",
         help="a folder of known fakes, scored and reported as NAME (repeatable)")
-    add("--hard-fakes", default="flat,gradient,blur,jpeg,splice",
-        help=f"built-in hard sets, comma-separated from {','.join(fakes.ALL_FAKES[1:])}, or 'none' "
-             "")
+    add("--hard-fakes", default="flat,gradient,blur,jpeg,splice", help="built-in hard sets (see fakes.py), or 'none'")
     add("--num-hard", type=int, default=1000, help="images per built-in hard set")
     add("--optimal-against", default="noise", help="fake set that the 'optimal' threshold separates")
     add("--holdout-fraction", type=float, default=0.5, help="real images held out to measure FPR")
@@ -70,50 +66,40 @@ def parse_args(argv=None):
 
 
 def check_writable(path):
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.probe"
-        probe.write_text("")
-        probe.unlink()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=Path(path).parent).close()
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-# ----------------------------------------------------------------------------
-# scoring every set
-
+# ---- scoring every set
 def score_folder(model, paths, args, label):
-    """Scores image files exactly as inference does; returns (scores dict, paths, skipped list)."""
-    scores, kept, skipped = {s: [] for s in BASE_SCORES}, [], []
-    bar = tqdm(desc=f"scoring {label}", unit="img", disable=not args.progress, leave=False)
-    for row in score_files(model, paths, args.batch_size, args.workers):
-        if "error" in row:
-            skipped.append((row["path"], row["error"]))
-            continue
-        kept.append(row["path"])
-        for s in BASE_SCORES:
-            scores[s].append(row[s])
-        bar.update(1)
-        if args.max_real and label == "real" and len(kept) >= args.max_real:
-            break
-    bar.close()
-    if not kept:
+    """Scores image files exactly as inference does; returns (scores dict, paths, skipped files)."""
+    rows, skipped = [], []
+    with tqdm(desc=f"scoring {label}", unit="img", disable=not args.progress, leave=False) as bar:
+        for row in score_files(model, paths, args.batch_size, args.workers):
+            if "error" in row:
+                skipped.append(f"{row['path']}: {row['error']}")
+                continue
+            rows.append(row)
+            bar.update(1)
+            if args.max_real and label == "real" and len(rows) >= args.max_real:
+                break
+    if not rows:
         raise UserError(f"no readable images for {label} in {', '.join(map(str, paths))}"
                         + (f" ({len(skipped)} unreadable)" if skipped else ""))
-    return {s: np.asarray(v) for s, v in scores.items()}, kept, skipped
+    return {s: np.asarray([r[s] for r in rows]) for s in BASE_SCORES}, [r["path"] for r in rows], skipped
 
 
 def score_set(model, images, args, label):
-    bar = tqdm(total=images.shape[0], desc=f"scoring {label}", unit="img", disable=not args.progress, leave=False)
-    out = score_uint8(model, images, args.batch_size, progress=bar)
-    bar.close()
-    return out
+    with tqdm(total=len(images), desc=f"scoring {label}", unit="img", disable=not args.progress, leave=False) as bar:
+        return score_uint8(model, images, args.batch_size, progress=bar)
 
 
 def collect(model, args):
-    """Real scores and paths, fake sets {name: scores}, their descriptions, the unreadable files
-    skipped per set, and a few uint8 sample images per set for the pictures."""
+    """Real scores, paths and source, fake sets {name: scores} and sources, unreadable files skipped per set,
+    and a few uint8 sample images per set for the pictures."""
     size, device = model.config.image_size, next(model.parameters()).device
     skipped, sets, sources = {}, {}, {}
     if args.real_dir:
@@ -128,9 +114,9 @@ def collect(model, args):
     samples = {"real": real_u8[:4]} if real_u8 is not None else {}  # for reconstruction_comparison.png
     hard = [n.strip() for n in args.hard_fakes.split(",") if n.strip() not in ("", "none")]
     for name in (["noise"] if args.num_noise else []) + hard:
-        n = args.num_noise if name == "noise" else args.num_hard
         try:
-            images = fakes.make_fake_sets([name], real=real_u8, n=n, size=size, seed=args.seed)[name]
+            images = fakes.make_fake_sets([name], real=real_u8, n=args.num_noise if name == "noise" else args.num_hard,
+                                          size=size, seed=args.seed)[name]
         except ValueError as e:
             raise UserError(f"--hard-fakes: {e}") from None
         sets[name] = score_set(model, images.to(device), args, name)
@@ -146,123 +132,91 @@ def collect(model, args):
     return real, real_paths, real_source, sets, sources, skipped, samples
 
 
-# ----------------------------------------------------------------------------
-# thresholds and evaluation
-
+# ---- thresholds and evaluation
 def split_real(n, holdout_fraction, seed):
+    """Seeded (calibration, held-out) indices of the n real images."""
     perm = np.random.default_rng(seed).permutation(n)
     n_held = int(round(n * holdout_fraction))
-    if n_held < 1 or n - n_held < 1:
-        raise UserError(f"{n} real images cannot be split into calibration and held-out parts "
-                        f"(--holdout-fraction {holdout_fraction})")
-    return np.sort(perm[n_held:]), np.sort(perm[:n_held])  # calibration, held-out
-
-
-def heldout_rate(flags):
-    k, n = int(np.sum(flags)), len(flags)
-    lo, hi = metrics.clopper_pearson(k, n)
-    return {"heldout_fpr": k / n, "heldout_fpr_ci95": [lo, hi], "heldout_n": n}
-
-
-def tpr_per_set(sets, threshold, score):
-    return {name: float(np.mean(s[score] > threshold)) for name, s in sets.items()}
-
-
-def check_calibration_size(n_cal):
     need = round(1 / min(FPR_LEVELS.values())) - 1  # k = ceil((n + 1)(1 - a)) <= n needs n >= 1/a - 1
-    if n_cal < need:
-        raise UserError(f"{n_cal} real calibration images cannot set a {min(FPR_LEVELS.values()):.0%} false-positive "
-                        f"threshold: need at least {need} (give more real images or a lower --holdout-fraction)")
+    if n_held < 1 or n - n_held < need:
+        raise UserError(f"{n} real images, {n_held} of them held out, leave {n - n_held} to calibrate: need at least "
+                        f"{need} for a {min(FPR_LEVELS.values()):.0%} false-positive threshold, and at least 1 held out "
+                        f"(give more real images or change --holdout-fraction)")
+    return np.sort(perm[n_held:]), np.sort(perm[:n_held])
 
 
-def threshold_table(cal, held, sets, score, optimal_against):
-    table = {}
-    for name, alpha in FPR_LEVELS.items():
-        value = metrics.conformal_threshold(cal, alpha)
-        table[name] = {"value": float(value), "target_fpr": alpha, "percentile": 100 * (1 - alpha),
-                       "method": "split-conformal: k-th smallest calibration score",
-                       "k": metrics.conformal_rank(len(cal), alpha), "n_calibration": len(cal),
-                       **heldout_rate(held > value), "tpr": tpr_per_set(sets, value, score)}
-    if optimal_against in sets:
-        value, tpr, fpr = metrics.youden_threshold(cal, sets[optimal_against][score])
-        table["optimal"] = {"value": float(value), "target_fpr": None,
+def rates(flagged, held, fakes):
+    """What the rule flagged(scores) flags: the held-out reals (with an exact 95% interval) and each fake set."""
+    k, n = int(np.sum(flagged(held))), len(held)
+    lo, hi = metrics.clopper_pearson(k, n)
+    return {"heldout_fpr": k / n, "heldout_fpr_ci95": [lo, hi], "heldout_n": n,
+            "tpr": {name: float(np.mean(flagged(f))) for name, f in fakes.items()}}
+
+
+def threshold_table(cal, held, fakes, optimal_against):
+    """One score's thresholds (FAKE when score > value), fakes: {set name: that score of the set}."""
+    table = {name: {"value": metrics.conformal_threshold(cal, a), "target_fpr": a, "percentile": 100 * (1 - a),
+                    "method": "split-conformal: k-th smallest calibration score",
+                    "k": metrics.conformal_rank(len(cal), a), "n_calibration": len(cal)}
+             for name, a in FPR_LEVELS.items()}
+    if optimal_against in fakes:
+        value, _, fpr = metrics.youden_threshold(cal, fakes[optimal_against])
+        table["optimal"] = {"value": value, "target_fpr": None,
                             "method": f"maximum TPR - FPR (Youden's J) against {optimal_against}, on the calibration part",
-                            "calibration_fpr": fpr, **heldout_rate(held > value), "tpr": tpr_per_set(sets, value, score)}
+                            "calibration_fpr": fpr}
+    for entry in table.values():
+        entry.update(rates(lambda s: s > entry["value"], held, fakes))
     return table
 
 
-def evaluation_table(held, sets, n_boot, seed):
-    out = {}
-    for name, fake in sets.items():
-        row = {"auroc": metrics.auroc(held, fake), "aupr": metrics.aupr(held, fake),
-               "aupr_in": metrics.aupr(held, fake, positive="real"), "fpr_at_95_tpr": metrics.fpr_at_tpr(held, fake)}
-        if n_boot:
-            row["auroc_ci95"] = list(metrics.bootstrap_ci(metrics.auroc, held, fake, n_boot=n_boot, seed=seed))
-        out[name] = row
-    return out
+def evaluation_table(held, fakes, n_boot, seed):
+    table = {name: {"auroc": metrics.auroc(held, f), "aupr": metrics.aupr(held, f),
+                    "aupr_in": metrics.aupr(held, f, positive="real"), "fpr_at_95_tpr": metrics.fpr_at_tpr(held, f)}
+             for name, f in fakes.items()}
+    if n_boot:
+        for name, row in table.items():
+            row["auroc_ci95"] = list(metrics.bootstrap_ci(metrics.auroc, held, fakes[name], n_boot=n_boot, seed=seed))
+    return table
 
 
 def analyse(real, sets, args):
     cal_idx, held_idx = split_real(len(real["mse"]), args.holdout_fraction, args.seed)
-    check_calibration_size(len(cal_idx))
     cal = {s: np.sort(real[s][cal_idx]) for s in BASE_SCORES}
     held = {s: real[s][held_idx] for s in BASE_SCORES}
-    tables, evaluation = {}, {}
-    for s in BASE_SCORES:
-        tables[s] = threshold_table(cal[s], held[s], sets, s, args.optimal_against)
-        evaluation[s] = evaluation_table(held[s], {n: v[s] for n, v in sets.items()}, args.bootstrap, args.seed)
+    fakes = {s: {n: v[s] for n, v in sets.items()} for s in BASE_SCORES}
+    tables = {s: threshold_table(cal[s], held[s], fakes[s], args.optimal_against) for s in BASE_SCORES}
+    evaluation = {s: evaluation_table(held[s], fakes[s], args.bootstrap, args.seed) for s in BASE_SCORES}
     # combined: a p-value, lower = more fake; evaluate on 1 - p so that higher = more fake
     held_p = thresholds.combined_pvalue(cal, held)
     fake_p = {n: thresholds.combined_pvalue(cal, v) for n, v in sets.items()}
     evaluation["combined"] = evaluation_table(1 - held_p, {n: 1 - p for n, p in fake_p.items()}, args.bootstrap, args.seed)
-    levels = {name: {"value": alpha, "rule": "FAKE when combined p-value <= value", **heldout_rate(held_p <= alpha),
-                     "tpr": {n: float(np.mean(p <= alpha)) for n, p in fake_p.items()}}
-              for name, alpha in FPR_LEVELS.items()}
+    levels = {name: {"value": a, "rule": "FAKE when combined p-value <= value",
+                     **rates(lambda p: p <= a, held_p, fake_p)} for name, a in FPR_LEVELS.items()}
     return dict(cal_idx=cal_idx, held_idx=held_idx, cal=cal, tables=tables, evaluation=evaluation,
                 combined_levels=levels, held_p=held_p, fake_p=fake_p)
 
 
-# ----------------------------------------------------------------------------
-# report
-
-def versions():
-    import PIL
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "pillow": PIL.__version__}
-
-
+# ---- report
 def build_report(model, args, device, real, real_source, sets, sources, skipped, result):
-    stats = {"real": metrics.summary_stats(real["mse"]), **{n: metrics.summary_stats(v["mse"]) for n, v in sets.items()}}
+    stats = {s: {n: metrics.summary_stats(v[s]) for n, v in {"real": real, **sets}.items()} for s in BASE_SCORES}
     ckpt = Path(args.checkpoint)
     weights_file = ckpt / "model.safetensors" if ckpt.is_dir() else ckpt
-    binding = {
-        "checkpoint": str(args.checkpoint),
-        "checkpoint_sha256": file_sha256(weights_file) if weights_file.is_file() else None,
-        "weights_fingerprint": weights_fingerprint(model),
-        "model_config": asdict(model.config),
-        "preprocessing": PREPROCESSING,
-        "precision": precision_name(device),
-        "device": str(device),
-        "real": real_source,
-        "real_split": {"seed": args.seed, "holdout_fraction": args.holdout_fraction,
-                       "n_calibration": len(result["cal_idx"]), "n_heldout": len(result["held_idx"])},
-        "fake_sets": sources,
-        "unreadable_skipped": {n: len(v) for n, v in skipped.items()},
-        "seed": args.seed,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
-    }
     return thresholds.build(
-        result["tables"], result["combined_levels"], result["cal"],
-        statistics=stats,
-        mean_error_ratio={n: s["mean"] / stats["real"]["mean"] for n, s in stats.items() if n != "real"},
-        score_statistics={s: {"real": metrics.summary_stats(real[s]), **{n: metrics.summary_stats(v[s])
-                                                                        for n, v in sets.items()}}
-                          for s in BASE_SCORES if s != "mse"},
+        result["tables"], result["combined_levels"], result["cal"], statistics=stats["mse"],
+        mean_error_ratio={n: s["mean"] / stats["mse"]["real"]["mean"] for n, s in stats["mse"].items() if n != "real"},
+        score_statistics={s: stats[s] for s in BASE_SCORES if s != "mse"},
         evaluation={"convention": CONVENTION, "scores": result["evaluation"]},
-        binding=binding)
+        binding={
+            "checkpoint": str(args.checkpoint),
+            "checkpoint_sha256": hashlib.sha256(weights_file.read_bytes()).hexdigest() if weights_file.is_file() else None,
+            "weights_fingerprint": weights_fingerprint(model), "model_config": asdict(model.config),
+            "preprocessing": PREPROCESSING, "precision": precision_name(device), "device": str(device),
+            "real": real_source,
+            "real_split": {"seed": args.seed, "holdout_fraction": args.holdout_fraction,
+                           "n_calibration": len(result["cal_idx"]), "n_heldout": len(result["held_idx"])},
+            "fake_sets": sources, "unreadable_skipped": {n: len(v) for n, v in skipped.items()}, "seed": args.seed,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {m: version(m) for m in ("torch", "torchvision", "numpy", "pillow", "huggingface_hub")}})
 
 
 def print_summary(report, output):
@@ -273,29 +227,23 @@ def print_summary(report, output):
     for score, rows in ev.items():
         print(f"{score:<11}" + "".join(f"{rows[n]['auroc']:>10.3f}" for n in sets))
     print("\nthresholds (mse: FAKE when error > value; combined: FAKE when p <= value)")
-    rows = [(f"mse {name}", t) for name, t in report["reconstruction_thresholds"]["thresholds"].items()]
-    rows += [(f"combined {name}", t) for name, t in report["score_thresholds"]["combined"]["levels"].items()]
-    for label, t in rows:
-        lo, hi = t["heldout_fpr_ci95"]
-        print(f"  {label:<20} {t['value']:<10.6g} held-out FPR {t['heldout_fpr']:.2%} [{lo:.2%}, {hi:.2%}]  "
-              f"TPR {', '.join(f'{n} {v:.1%}' for n, v in t['tpr'].items())}")
+    for kind, table in (("mse", report["reconstruction_thresholds"]["thresholds"]),
+                        ("combined", report["score_thresholds"]["combined"]["levels"])):
+        for name, t in table.items():
+            lo, hi = t["heldout_fpr_ci95"]
+            print(f"  {kind + ' ' + name:<20} {t['value']:<10.6g} held-out FPR {t['heldout_fpr']:.2%} "
+                  f"[{lo:.2%}, {hi:.2%}]  TPR {', '.join(f'{n} {v:.1%}' for n, v in t['tpr'].items())}")
     print(f"\nwrote {output}")
 
 
 def write_scores_csv(path, real, real_paths, result, sets):
-    split = np.empty(len(real["mse"]), dtype=object)
-    split[result["cal_idx"]], split[result["held_idx"]] = "calibration", "heldout"
-
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["set", "index", "path", "split", *BASE_SCORES])
-            for name, values in {"real": real, **sets}.items():
-                for i in range(len(values["mse"])):
-                    path_i = real_paths[i] if name == "real" and real_paths else ""
-                    w.writerow([name, i, path_i, split[i] if name == "real" else "fake",
-                                *(repr(float(values[s][i])) for s in BASE_SCORES)])
-    atomic_write(path, write)
+    split = np.where(np.isin(np.arange(len(real["mse"])), result["cal_idx"]), "calibration", "heldout")
+    rows = [[name, i, real_paths[i] if name == "real" and real_paths else "", split[i] if name == "real" else "fake",
+             *(repr(float(values[s][i])) for s in BASE_SCORES)]
+            for name, values in {"real": real, **sets}.items() for i in range(len(values["mse"]))]
+    text = io.StringIO()  # csv's own \r\n line ends, written as bytes: no newline translation
+    csv.writer(text).writerows([["set", "index", "path", "split", *BASE_SCORES], *rows])
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.getvalue().encode("utf-8")))
 
 
 def main(argv=None):
@@ -309,7 +257,7 @@ def main(argv=None):
     real, real_paths, real_source, sets, sources, skipped, samples = collect(model, args)
     for name, items in skipped.items():
         if items:
-            print(f"skipped {len(items)} unreadable {name} file(s), e.g. {items[0][0]}: {items[0][1]}", file=sys.stderr)
+            print(f"skipped {len(items)} unreadable {name} file(s), e.g. {items[0]}", file=sys.stderr)
     result = analyse(real, sets, args)
     report = build_report(model, args, device, real, real_source, sets, sources, skipped, result)
     thresholds.write(output, report)

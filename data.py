@@ -1,8 +1,6 @@
-"""
-Images in, model inputs out: `preprocess`, the ONE function every script uses to turn uint8
+"""Images in, model inputs out: `preprocess`, the ONE function every script uses to turn uint8
 pixels into model inputs (so the same image gets the same score everywhere), the robust image
-reader, and the data sets (CIFAR-10, a folder of images, synthetic dead leaves).
-"""
+reader, and the data sets (CIFAR-10, a folder of images, synthetic dead leaves)."""
 
 import glob
 import os
@@ -27,10 +25,9 @@ def preprocess(images, size=128):
     """uint8 [B, 3, H, W] (or [3, H, W]) on any device -> float32 [B, 3, size, size] in [-1, 1]: the card's
     Resize((128, 128)) + ToTensor + Normalize(0.5, 0.5), but resized on floats (antialiased, the tensor twin
     of PIL's bilinear Resize) so that it runs batched on the GPU, without PIL's rounding to uint8."""
-    images = images.unsqueeze(0) if images.dim() == 3 else images
     if images.dtype != torch.uint8:
         raise ValueError(f"preprocess expects uint8 pixels, got {images.dtype}")
-    x = images.float().div_(255)  # [B, 3, H, W] in [0, 1]
+    x = (images.unsqueeze(0) if images.dim() == 3 else images).float().div_(255)  # [B, 3, H, W] in [0, 1]
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x.sub_(0.5).div_(0.5)  # [B, 3, size, size] in [-1, 1]
@@ -41,7 +38,6 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-# ---- reading images
 class ImageReadError(Exception):
     """An input that is not a usable image; the message is the reason, in one line."""
 
@@ -72,12 +68,9 @@ def read_image(path, min_size=None):
                 img.load()
                 rgb = pil_to_rgb(ImageOps.exif_transpose(img) or img)
                 return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-    except FileNotFoundError:
-        raise ImageReadError("file not found (vanished?)") from None
-    except IsADirectoryError:
-        raise ImageReadError("is a directory") from None
-    except PermissionError:
-        raise ImageReadError("permission denied") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise ImageReadError("file not found (vanished?)" if isinstance(e, FileNotFoundError) else
+                             "is a directory" if isinstance(e, IsADirectoryError) else "permission denied") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageReadError(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:
@@ -93,18 +86,12 @@ def iter_image_files(paths, on_error=None):
     nothing, a symlink loop, which is followed only once) go to on_error(path, reason)."""
     report = on_error or (lambda path, reason: None)
     for p in map(str, [paths] if isinstance(paths, (str, os.PathLike)) else paths):
-        if os.path.isdir(p):
-            yield from _walk(p, report)
-        elif os.path.exists(p) or os.path.islink(p):
-            yield p
-        elif glob.has_magic(p):
-            matches = sorted(glob.iglob(p, recursive=True))
-            if not matches:
-                report(p, "pattern matches nothing")
-            for m in matches:
-                yield from (_walk(m, report) if os.path.isdir(m) else [m])
-        else:
-            report(p, "no such file or directory")
+        # a name that exists (even as a broken symlink) is taken literally, else as a glob pattern
+        matches = [p] if os.path.lexists(p) else sorted(glob.iglob(p, recursive=True)) if glob.has_magic(p) else []
+        if not matches:
+            report(p, "pattern matches nothing" if glob.has_magic(p) else "no such file or directory")
+        for m in matches:
+            yield from (_walk(m, report) if os.path.isdir(m) else [m])
 
 
 def _walk(top, report):
@@ -142,18 +129,17 @@ def load_cifar10(data_dir, train=True):
 def load_image_folder(paths, size, on_error=None):
     """Decodes every readable image under `paths`, resized to size x size with the shared filter and
     kept as uint8. Returns (images [N, 3, size, size], list of paths, number skipped)."""
-    images, kept, skipped = [], [], 0
+    kept, skipped = [], 0  # (path, image) pairs
     for path in iter_image_files(paths, on_error):
         try:
-            images.append(to_uint8(preprocess(read_image(path, min_size=size), size))[0])
-            kept.append(path)
+            kept.append((path, to_uint8(preprocess(read_image(path, min_size=size), size))[0]))
         except ImageReadError as e:
             skipped += 1
             if on_error:
                 on_error(path, str(e))
-    if not images:
+    if not kept:
         raise UserError(f"no readable images under {', '.join(map(str, paths if isinstance(paths, list) else [paths]))}")
-    return torch.stack(images), kept, skipped
+    return torch.stack([image for _, image in kept]), [path for path, _ in kept], skipped
 
 
 def dead_leaves(n, size=64, seed=0, leaves=150):
@@ -167,8 +153,7 @@ def dead_leaves(n, size=64, seed=0, leaves=150):
     for start in range(0, n, 256):  # chunks bound the float memory
         b = min(256, n - start)
         palette = torch.rand(b, 3, 1, 1, generator=g)
-        img = palette.expand(b, 3, size, size).clone()  # background
-        covered = torch.zeros(b, 1, size, size, dtype=torch.bool)
+        img = torch.full((b, 3, size, size), torch.nan)  # NaN: no leaf here yet
         for _ in range(leaves):
             # radius density ~ r^-3 between rmin and rmax (inverse-CDF sampling)
             r = (rmin ** -2 - torch.rand(b, 1, 1, generator=g) * (rmin ** -2 - rmax ** -2)) ** -0.5  # [b, 1, 1]
@@ -176,11 +161,10 @@ def dead_leaves(n, size=64, seed=0, leaves=150):
             # colours near a per-image palette, as photos have a few dominant hues
             color = (palette + 0.25 * torch.randn(b, 3, 1, 1, generator=g)).clamp(0, 1)  # [b, 3, 1, 1]
             disc = ((px - cx) ** 2 + (px.view(-1, 1) - cy) ** 2 <= r ** 2).unsqueeze(1)  # [b, 1, size, size]
-            img = torch.where(disc & ~covered, color, img)  # front to back: earlier leaves occlude later ones
-            covered |= disc
+            img = torch.where(disc & img[:, :1].isnan(), color, img)  # earlier leaves occlude later ones
+        img = torch.where(img.isnan(), palette, img)  # the background, where no leaf fell
         img = F.conv2d(F.pad(img, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
-        img = img + 0.02 * torch.randn(img.shape, generator=g)
-        out[start:start + b] = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+        out[start:start + b] = ((img + 0.02 * torch.randn(img.shape, generator=g)).clamp(0, 1) * 255).round().byte()
     return out
 
 
@@ -195,6 +179,5 @@ def split_indices(n, val_fraction, seed):
 
 def batches(images, batch_size, size, device, perm=None):
     """Yields preprocessed float batches from a uint8 tensor kept on `device`."""
-    idx = perm if perm is not None else torch.arange(images.shape[0], device=images.device)
-    for start in range(0, idx.shape[0], batch_size):
-        yield preprocess(images[idx[start:start + batch_size]].to(device, non_blocking=True), size)
+    for idx in (perm if perm is not None else torch.arange(images.shape[0], device=images.device)).split(batch_size):
+        yield preprocess(images[idx].to(device, non_blocking=True), size)

@@ -1,5 +1,4 @@
-"""
-The whole pipeline, end to end, offline, on a CPU in a few minutes:
+"""The whole pipeline, end to end, offline, on a CPU in a few minutes:
 
     python demo.py --out-dir demo_output
 
@@ -14,8 +13,7 @@ file -- (inference_example.py), running each script as a user would. It writes:
   calibration_scores.csv         every calibration score
   examples/                      the classified example folder
   results.csv                    one row per example image
-  heatmaps/                      original / reconstruction / error map per example
-"""
+  heatmaps/                      original / reconstruction / error map per example"""
 
 import argparse
 import shutil
@@ -56,7 +54,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     out, t0 = Path(args.out_dir), time.perf_counter()
     checkpoint, thresholds = out / "model" / "model_best_checkpoint.ckpt", out / "thresholds_calibrated.json"
-
     run("1/3 train", ["train.py", "--preset", "smoke", "--dataset", "synthetic", "--out-dir", out / "model",
                       "--seed", args.seed, "--no-progress", "--overwrite"])
     # real images the model never saw: same generator, another seed
@@ -80,8 +77,7 @@ def main(argv=None):
             name = f"heatmap_{src.name.split('-')[0]}.png" if src.parent.name == "heatmaps" else src.name
             shutil.copyfile(src, figures / name)
         print(f"copied {len(picks)} figures to {figures}/")
-    print(f"\nDone in {time.perf_counter() - t0:.0f}s. Everything is in {out}/:")
-    print(__doc__[__doc__.index("  model/"):].rstrip())  # the list of what it wrote, above
+    print(f"\nDone in {time.perf_counter() - t0:.0f}s. Everything is in {out}/:" + __doc__.split("It writes:")[1])
 
 
 if __name__ == "__main__":

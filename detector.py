@@ -1,22 +1,20 @@
-"""
-Scoring images with a trained autoencoder: the code calibrate.py and
-inference_example.py share, and the Python API.
+"""Scoring images with a trained autoencoder: the Python API, and the code that calibrate.py and
+inference_example.py share.
 
     from detector import Detector
     det = Detector("runs/cifar10/model_best_checkpoint.ckpt", thresholds="thresholds_calibrated.json")
     for row in det.score(["photos/", "img.jpg", pil_image, uint8_tensor]):
         print(row["path"], row["score"], row.get("p_value"), row["verdict"])
 
-Scores (higher = more anomalous / more likely fake), all from the same preprocessed
-input x (data.preprocess) and its reconstruction r, with D = 3 * S * S values:
+Scores (higher = more anomalous / more likely fake) of a preprocessed input x (data.preprocess)
+and its reconstruction r, with D = 3 * S * S values (docs/method.md derives them):
 - mse:        mean((r - x)^2), the card's score.
-- local:      the largest mean squared error over 16x16 windows (stride 8): for
-              manipulations confined to a region, which a global mean dilutes.
-- complexity: Serra et al. (ICLR 2020), the model's code length minus PNG's, in bits/dim
-              (docs/method.md derives it):
+- local:      the largest mean squared error over 16x16 windows (stride 8): for manipulations confined
+              to a region, which a global mean dilutes.
+- complexity: Serra et al. (ICLR 2020), the model's code length minus PNG's, in bits/dim, q = NOISE_FLOOR:
                   0.5 * log2(2 pi e * max(mse, q)) - log2(2/255)  -  PNG bits / D
-- combined:   the conformal p-values of the scores above against real calibration
-              scores, Bonferroni-combined (thresholds.combined_pvalue). Lower = more fake.
+- combined:   the conformal p-values of the scores above against real calibration scores, Bonferroni-combined
+              (thresholds.combined_pvalue). Lower = more fake.
 """
 
 import csv
@@ -24,6 +22,7 @@ import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -86,26 +85,21 @@ def score_batch(model, x, png=None, keep_maps=False):
 
 def score_uint8(model, images, batch_size=256, with_complexity=True, progress=None):
     """Scores an in-memory uint8 set [N, 3, H, W]; returns dict score -> float64 numpy [N]."""
-    device = next(model.parameters()).device
-    parts = {}
+    device, parts = next(model.parameters()).device, []
     # PNG coding runs in a thread while the model scores the batch: zlib releases the GIL
     with ThreadPoolExecutor(max_workers=1) as pool:
         for start in range(0, images.shape[0], batch_size):
             x = preprocess(images[start:start + batch_size].to(device), model.config.image_size)
             png = pool.submit(input_png_bits, x) if with_complexity else None
-            scores = score_batch(model, x)
+            parts.append(score_batch(model, x))
             if png is not None:
-                scores["complexity"] = complexity_score(scores["mse"], png.result(), x[0].numel())
-            for name, values in scores.items():
-                parts.setdefault(name, []).append(values)
+                parts[-1]["complexity"] = complexity_score(parts[-1]["mse"], png.result(), x[0].numel())
             if progress is not None:
                 progress.update(x.shape[0])
-    return {name: np.concatenate(v) for name, v in parts.items()}
+    return {name: np.concatenate([p[name] for p in parts]) for name in (parts[0] if parts else ())}
 
 
-# ----------------------------------------------------------------------------
-# files: decoded in worker processes while the model runs
-
+# ---- files: decoded in worker processes while the model runs
 class ImageFiles(IterableDataset):
     """Lists `paths` lazily and yields (path, input [3, S, S] or None, PNG bits or None, error or None).
     Worker w of W on rank r of R takes every (W*R)-th file; one of them reports listing errors."""
@@ -117,60 +111,48 @@ class ImageFiles(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info:
+            torch.set_num_threads(1)  # decode workers must not fight the model for cores
         shard, shards = self.rank * workers + worker, self.world * workers
-        listing_errors = []
-        for i, path in enumerate(iter_image_files(self.paths, on_error=lambda p, r: listing_errors.append((p, r)))):
-            while listing_errors:
-                p, reason = listing_errors.pop(0)
-                if shard == 0:
-                    yield p, None, None, reason
+        errors = []  # listing errors, yielded in order before the next file
+        report = (lambda p, reason: errors.append((p, None, None, reason))) if shard == 0 else None
+        for i, path in enumerate(iter_image_files(self.paths, on_error=report)):
+            yield from errors
+            errors.clear()
             if i % shards == shard:
                 try:
                     x = preprocess(read_image(path, min_size=self.size), self.size)  # [1, 3, S, S]
                     yield path, x[0], (input_png_bits(x)[0] if self.with_complexity else None), None
                 except ImageReadError as e:
                     yield path, None, None, str(e)
-        yield from ((p, None, None, reason) for p, reason in listing_errors if shard == 0)
-
-
-def one_thread(_):
-    torch.set_num_threads(1)  # decode workers must not fight the model for cores
+        yield from errors
 
 
 def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with_complexity=True, keep_maps=False):
     """Yields one dict per input: its path and scores, or its error. Streams: memory stays flat."""
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    cuda = next(model.parameters()).device.type == "cuda"  # pinned batches make the copy asynchronous
-    loader = DataLoader(ImageFiles(paths, model.config.image_size, rank, world, with_complexity),
-                        batch_size=batch_size, num_workers=workers, collate_fn=list, pin_memory=cuda,
-                        worker_init_fn=one_thread)
+    loader = DataLoader(ImageFiles(paths, model.config.image_size, rank, world, with_complexity), collate_fn=list,
+                        batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1) if workers is None else workers,
+                        pin_memory=next(model.parameters()).device.type == "cuda")  # pinned batches copy asynchronously
     for items in loader:
-        good = [it for it in items if it[3] is None]
+        rows = [{"path": path, "error": error} for path, _, _, error in items]
+        good = [i for i, it in enumerate(items) if it[3] is None]
         if good:
-            png = np.array([it[2] for it in good]) if with_complexity else None
-            scores = score_batch(model, torch.stack([it[1] for it in good]), png, keep_maps=keep_maps)
-        j = 0
-        for path, x, _, error in items:
-            if error is not None:
-                yield {"path": path, "error": error}
-                continue
-            row = {"path": path, **{k: float(v[j]) for k, v in scores.items() if k not in ("maps", "recon")}}
-            if keep_maps:
-                row["input"], row["map"], row["recon"] = x, scores["maps"][j], scores["recon"][j]
-            yield row
-            j += 1
+            png = np.array([items[i][2] for i in good]) if with_complexity else None
+            scores = score_batch(model, torch.stack([items[i][1] for i in good]), png, keep_maps=keep_maps)
+            for j, i in enumerate(good):
+                rows[i] = {"path": items[i][0], **{k: float(v[j]) for k, v in scores.items() if k not in ("maps", "recon")}}
+                if keep_maps:
+                    rows[i].update(input=items[i][1], map=scores["maps"][j], recon=scores["recon"][j])
+        yield from rows
 
 
-# ----------------------------------------------------------------------------
-# the API
-
+# ---- the API
 class Detector:
     """Loads a model (and optionally its thresholds file) once; scores anything.
 
     score: 'mse' (the card's), 'local', 'complexity' or 'combined' (see the module doc).
     threshold: a name in the thresholds file (strict / balanced / sensitive / optimal, default
-    balanced) or a number; for 'combined' a p-value level (FAKE when p <= level), default 0.05.
-    """
+    balanced) or a number; for 'combined' a p-value level (FAKE when p <= level), default 0.05."""
 
     def __init__(self, checkpoint, thresholds=None, device="auto", score="mse", threshold=None,
                  batch_size=None, workers=None):
@@ -182,22 +164,16 @@ class Detector:
         # small batches on a CPU keep decode and model overlapped; a GPU wants large ones
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
         self.score_name, self.workers = score, workers
-        self.thresholds = thresholds_file.read(thresholds) if thresholds else None
-        self.calibration = {s: v for s, v in thresholds_file.calibration(self.thresholds).items() if s in BASE_SCORES}
-        self.warnings = (thresholds_file.binding_warnings(self.thresholds, self.fingerprint, precision_name(self.device))
-                         if self.thresholds else [])
+        cfg = self.thresholds = thresholds_file.read(thresholds) if thresholds else None
+        self.calibration = {s: v for s, v in thresholds_file.calibration(cfg).items() if s in BASE_SCORES}
+        self.warnings = thresholds_file.binding_warnings(cfg, self.fingerprint, precision_name(self.device)) if cfg else []
         # PNG coding costs ~3 ms per image on a CPU core: only when the score uses it
         self.needs_complexity = score == "complexity" or (score == "combined" and "complexity" in self.calibration)
+        if score == "combined" and not self.calibration:
+            raise UserError("--score combined needs the calibration scores of a thresholds file written by calibrate.py")
         choice = "balanced" if threshold is None else threshold
-        if score == "combined":
-            if not self.calibration:
-                raise UserError("--score combined needs the calibration scores of a thresholds file "
-                                "written by calibrate.py")
-            self.threshold, self.threshold_label = thresholds_file.p_level(choice)
-        elif self.thresholds is None and threshold is None:
-            self.threshold, self.threshold_label = None, None  # scores only
-        else:
-            self.threshold, self.threshold_label = thresholds_file.threshold(self.thresholds, score, choice)
+        scores_only = cfg is None and threshold is None and score != "combined"  # nothing to decide with
+        self.threshold, self.threshold_label = (None, None) if scores_only else thresholds_file.threshold(cfg, score, choice)
 
     def record(self, row):
         """A row as result files hold it: plain values only, None where absent."""
@@ -223,25 +199,19 @@ class Detector:
 
     def score_paths(self, paths, rank=0, world=1, keep_maps=False):
         """Yields one row per input file, streamed in batches; under torchrun each rank its share."""
-        batch = []
-        for row in score_files(self.model, paths, self.batch_size, self.workers, rank, world,
-                               with_complexity=self.needs_complexity, keep_maps=keep_maps):
-            batch.append(row)
-            if len(batch) >= self.batch_size:
-                yield from self._finish(batch)
-                batch = []
-        yield from self._finish(batch)
+        rows = score_files(self.model, paths, self.batch_size, self.workers, rank, world,
+                           with_complexity=self.needs_complexity, keep_maps=keep_maps)
+        while batch := list(islice(rows, self.batch_size)):
+            yield from self._finish(batch)
 
     def score_tensors(self, images):
         """PIL images or uint8 [3, H, W] tensors (or one uint8 [N, 3, H, W] tensor) -> rows."""
-        images = list(images)
-        if any(not (isinstance(im, Image.Image) or (torch.is_tensor(im) and im.dtype == torch.uint8
-                                                    and im.dim() == 3 and im.shape[0] == 3)) for im in images):
+        images = [torch.from_numpy(np.array(pil_to_rgb(im), dtype=np.uint8)).permute(2, 0, 1)
+                  if isinstance(im, Image.Image) else im for im in images]
+        if not all(torch.is_tensor(im) and im.dtype == torch.uint8 and im.dim() == 3 and im.shape[0] == 3 for im in images):
             raise UserError("cannot score that: give paths, PIL images or uint8 [3, H, W] tensors")
         size = self.model.config.image_size
-        x = torch.cat([preprocess(im if torch.is_tensor(im) else
-                                  torch.from_numpy(np.array(pil_to_rgb(im), dtype=np.uint8)).permute(2, 0, 1), size)
-                       for im in images]) if images else torch.empty(0, 3, size, size)
+        x = torch.cat([preprocess(im, size) for im in images]) if images else torch.empty(0, 3, size, size)
         scores = score_batch(self.model, x, input_png_bits(x) if self.needs_complexity else None)
         return self._finish([{"path": f"<image {i}>", **{k: float(v[i]) for k, v in scores.items()}}
                              for i in range(len(images))])
@@ -255,9 +225,7 @@ class Detector:
         return (list(self.score_paths(paths)) if paths else []) + (self.score_tensors(images) if images else [])
 
 
-# ----------------------------------------------------------------------------
-# result files
-
+# ---- result files
 class ResultWriter:
     """Streams result rows to .csv, .json (a list) or .jsonl, flushing each one: memory stays flat and
     an interrupted run leaves every row so far on disk. Under torchrun each rank writes a JSON Lines
@@ -269,8 +237,7 @@ class ResultWriter:
         if Path(path).suffix.lower() not in (".csv", ".json", ".jsonl"):
             raise UserError(f"--output {path}: the extension must be one of .csv, .json, .jsonl")
         self.path, self.rank, self.world, self.n = str(path), rank, world, 0
-        target = f"{path}.rank{rank}.part" if world > 1 else self.path
-        self.fmt = ".jsonl" if world > 1 else Path(path).suffix.lower()
+        target, self.fmt = (f"{path}.rank{rank}.part", ".jsonl") if world > 1 else (self.path, Path(path).suffix.lower())
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         # backslashreplace only touches file names that are not valid UTF-8 (surrogate escapes)
         self.f = open(target, "w", encoding="utf-8", errors="backslashreplace", newline="")
@@ -293,15 +260,14 @@ class ResultWriter:
         if self.fmt == ".json":
             self.f.write("\n]\n" if self.n else "]\n")
         self.f.close()
-        if self.world == 1:
-            return
-        gather(None)  # a barrier: every part is complete
-        if self.rank == 0:
-            merged = ResultWriter(self.path)
-            for rank in range(self.world):
-                with open(f"{self.path}.rank{rank}.part", encoding="utf-8") as part:
-                    for line in part:
-                        merged.write(json.loads(line))
-                os.remove(part.name)
-            merged.close()
-        gather(None)  # no rank exits before the merged file exists
+        if self.world > 1:
+            gather(None)  # a barrier: every part is complete
+            if self.rank == 0:
+                merged = ResultWriter(self.path)
+                for rank in range(self.world):
+                    with open(f"{self.path}.rank{rank}.part", encoding="utf-8") as part:
+                        for line in part:
+                            merged.write(json.loads(line))
+                    os.remove(part.name)
+                merged.close()
+            gather(None)  # no rank exits before the merged file exists

@@ -1,5 +1,4 @@
-"""
-Fake image sets to calibrate and evaluate the detector against, easiest first: noise, smooth images
+"""Fake image sets to calibrate and evaluate the detector against, easiest first: noise, smooth images
 that reconstruct *better* than photos and so pass as real (Nalisnick et al., ICLR 2019), then subtle
 edits of real photos. All give uint8 [N, 3, H, W], seeded by their own torch.Generator, never the global RNG.
 """

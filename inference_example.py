@@ -1,5 +1,4 @@
-"""
-Scores images as REAL or FAKE by their reconstruction error: one line per image, then
+"""Scores images as REAL or FAKE by their reconstruction error: one line per image, then
 a summary; optionally a CSV / JSON / JSON Lines file and per-image heatmaps.
 
     python inference_example.py photos/ img.jpg "scans/**/*.png" --checkpoint runs/cifar10/model_best_checkpoint.ckpt
@@ -7,9 +6,8 @@ a summary; optionally a CSV / JSON / JSON Lines file and per-image heatmaps.
     python inference_example.py photos/ --checkpoint CKPT --score combined --heatmaps heatmaps/
     torchrun --nproc_per_node=8 inference_example.py photos/ --checkpoint CKPT --output results.jsonl
 
-Thresholds: --thresholds, else thresholds_calibrated.json next to the checkpoint
-(written by calibrate.py for those weights), else the repo's top-level one (the card's
-published values, bound to no weights: a warning says so).
+Thresholds: --thresholds, else thresholds_calibrated.json next to the checkpoint (written by calibrate.py for those
+weights), else the repo's top-level one (the card's published values, bound to no weights: a warning says so).
 
 Exit status: 0 every input scored; 1 some inputs unreadable (the rest are still scored
 and written); 2 usage or configuration error (one line on stderr).
@@ -54,47 +52,34 @@ def result_line(row, score_name):
     return f"{row['path']}\t{score_name}={row['score']:.6g}{p}\t{row['verdict']}"
 
 
-def check_heatmaps_dir(heatmaps, paths):
-    maps = Path(heatmaps).resolve()
-    for p in paths:
-        if os.path.isdir(p) and maps.is_relative_to(Path(p).resolve()):
-            # folders are listed lazily: the heatmaps written so far would be scored as inputs
-            raise UserError(f"--heatmaps {heatmaps} lies inside the input folder {p}; choose one outside it")
-    maps.mkdir(parents=True, exist_ok=True)
-
-
-def setup(args, rank, world, device):
-    """Everything that can fail on a bad flag or file, before any image is scored."""
-    path = args.thresholds or thresholds.find(args.checkpoint)
-    det = Detector(args.checkpoint, path, device=str(device), score=args.score, threshold=args.threshold,
-                   batch_size=args.batch_size, workers=args.workers)
-    if args.heatmaps:
-        check_heatmaps_dir(args.heatmaps, args.paths)
-    try:
-        writer = ResultWriter(args.output, rank, world) if args.output else None
-    except OSError as e:
-        raise UserError(f"cannot write {args.output}: {e.strerror or e}") from None
-    return det, path, writer
-
-
 def detect(args, rank, world, device):
     error = None
-    try:
-        det, path, writer = setup(args, rank, world, device)
+    try:  # everything that can fail on a bad flag or file, before any image is scored
+        path = args.thresholds or thresholds.find(args.checkpoint)
+        det = Detector(args.checkpoint, path, device=str(device), score=args.score, threshold=args.threshold,
+                       batch_size=args.batch_size, workers=args.workers)
+        if args.heatmaps:
+            maps = Path(args.heatmaps).resolve()
+            for p in args.paths:
+                if os.path.isdir(p) and maps.is_relative_to(Path(p).resolve()):
+                    # folders are listed lazily: the heatmaps written so far would be scored as inputs
+                    raise UserError(f"--heatmaps {args.heatmaps} lies inside the input folder {p}; choose one outside it")
+            maps.mkdir(parents=True, exist_ok=True)
+        try:
+            writer = ResultWriter(args.output, rank, world) if args.output else None
+        except OSError as e:
+            raise UserError(f"cannot write {args.output}: {e.strerror or e}") from None
     except UserError as e:
         error = str(e)
-    error = next((e for e in gather(error) if e), None)  # every rank stops on any rank's error
-    if error:
+    if error := next((e for e in gather(error) if e), None):  # every rank stops on any rank's error
         raise UserError(error)
-    if rank == 0:
-        for w in det.warnings:  # once, before any result line
-            print(f"warning: {w}", file=sys.stderr, flush=True)
+    for w in det.warnings if rank == 0 else []:  # once, before any result line
+        print(f"warning: {w}", file=sys.stderr, flush=True)
     gather(None)  # no rank prints a result before rank 0's warnings
     counts = Counter()
     try:
         for row in det.score_paths(args.paths, rank=rank, world=world, keep_maps=bool(args.heatmaps)):
-            sys.stdout.write(result_line(row, det.score_name) + "\n")  # one write: whole lines across ranks
-            sys.stdout.flush()
+            print(result_line(row, det.score_name) + "\n", end="", flush=True)  # one write: whole lines across ranks
             counts["unreadable" if "error" in row else row["verdict"]] += 1
             if writer:
                 writer.write(det.record(row))
@@ -105,8 +90,7 @@ def detect(args, rank, world, device):
         if writer:
             writer.close()  # even on Ctrl-C: a .json file keeps its closing bracket
     counts = sum(gather(counts), Counter())
-    total = sum(counts.values())
-    if total == 0:
+    if not (total := counts.total()):
         raise UserError(f"no image files found in {' '.join(args.paths)}")
     if rank == 0:
         rule = "FAKE when p <= level" if det.score_name == "combined" else f"FAKE when {det.score_name} > threshold"

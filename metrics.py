@@ -1,5 +1,4 @@
-"""
-The statistics that calibration and evaluation use. "Fake" is the POSITIVE class, a score is higher
+"""The statistics that calibration and evaluation use. "Fake" is the POSITIVE class, a score is higher
 = more fake and is flagged when `score > threshold`; the ROC-style functions sweep `score >= t` like
 sklearn (the two differ only at ties). Inputs may be lists, numpy arrays or torch tensors.
 """

@@ -154,8 +154,7 @@ class ResidualAutoencoder(nn.Module, PyTorchModelHubMixin, model_card_template=M
                      lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
-# ----------------------------------------------------------------------------
-# loading: every source gives (state_dict, config dict or None)
+# ---- loading: every source gives (state_dict, config dict or None)
 
 def read_hub_folder(folder, weights_name="model.safetensors"):
     weights, config = Path(folder) / weights_name, Path(folder) / "config.json"
@@ -214,7 +213,7 @@ def load_model(source, device="cpu", config=None):
     return model.to(device).eval()
 
 
-# ----------------------------------------------------------------------------
+# ---- the summary `python model.py` prints
 
 def summarize(config):
     """(model, rows of (stage, output shape, parameters), forward GFLOPs per image)."""

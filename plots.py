@@ -1,6 +1,4 @@
-"""
-The pictures: calibrate.py's error histograms, ROC curves and reconstructions; inference_example.py's heatmaps.
-"""
+"""The pictures: calibrate.py's error histograms, ROC curves and reconstructions; inference_example.py's heatmaps."""
 
 import hashlib
 import os
@@ -23,36 +21,6 @@ def save(fig, path):
     plt.close(fig)
 
 
-def threshold_plot(report, real, sets, path):
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    values = np.concatenate([real["mse"]] + [s["mse"] for s in sets.values()])
-    lo = max(values[values > 0].min(), 1e-8)  # log bins: zero errors fall off the left edge
-    bins = np.logspace(np.log10(lo), np.log10(values.max()) + 1e-9, 80)
-    ax.hist(real["mse"], bins=bins, alpha=0.6, label=f"real (n={len(real['mse']):,})", color="tab:green")
-    for name, s in sets.items():
-        ax.hist(s["mse"], bins=bins, alpha=0.45, histtype="stepfilled", label=f"{name} (n={len(s['mse']):,})")
-    for (name, t), style in zip(report["reconstruction_thresholds"]["thresholds"].items(), ["-", "--", ":", "-."]):
-        ax.axvline(t["value"], color="black", linestyle=style, linewidth=1, label=f"{name} {t['value']:.4g}")
-    ax.set(xscale="log", xlabel="reconstruction MSE (log scale)", ylabel="images",
-           title="Reconstruction error: real vs fakes, with the mse thresholds")
-    ax.legend(fontsize=7, ncol=2)
-    save(fig, path)
-
-
-def roc_plot(real, sets, result, path):
-    panels = [(s, real[s][result["held_idx"]], {n: v[s] for n, v in sets.items()}) for s in ("mse", "local", "complexity")]
-    panels.append(("combined", 1 - result["held_p"], {n: 1 - p for n, p in result["fake_p"].items()}))
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharey=True)
-    for ax, (score, r, fs) in zip(axes, panels):
-        for name, f in fs.items():
-            ax.plot(*metrics.roc_curve(r, f)[:2], label=f"{name} {metrics.auroc(r, f):.3f}")  # fpr, tpr
-        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
-        ax.set(title=f"score: {score}", xlabel="FPR (held-out real flagged)")
-        ax.legend(title="AUROC", fontsize=7, loc="lower right")
-    axes[0].set_ylabel("TPR (fakes caught)")
-    save(fig, path)
-
-
 def to_image(x):
     """normalized [3, S, S] -> [S, S, 3] in [0, 1] for imshow."""
     return ((x.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
@@ -66,25 +34,44 @@ def draw(axes, x, recon, error_map, vmax=None):
     return axes[2].imshow(error_map.numpy(), cmap="inferno", vmin=0, vmax=vmax)
 
 
-def comparison_plot(model, samples, path):
-    x = torch.cat([preprocess(batch, model.config.image_size) for batch in samples.values()]).cpu()  # [N, 3, S, S]
-    out = score_batch(model, x, keep_maps=True)
-    fig, axes = plt.subplots(3, len(x), figsize=(1.9 * len(x), 6), squeeze=False)
-    for j, name in enumerate(name for name, batch in samples.items() for _ in batch):  # one column per image
-        im = draw(axes[:, j], x[j], out["recon"][j], out["maps"][j], vmax=float(out["maps"].max()))
-        axes[0, j].set_title(name, fontsize=9)
-        axes[2, j].set_xlabel(f"mse {out['mse'][j]:.4f}", fontsize=8)
-    for row, label in enumerate(["original", "reconstruction", "error map"]):
-        axes[row, 0].set_ylabel(label)
-    fig.colorbar(im, ax=axes[2, :].tolist(), shrink=0.8, label="squared error")
-    save(fig, path)
-
-
 def calibration_plots(report, real, sets, result, model, samples, plots_dir):
-    threshold_plot(report, real, sets, Path(plots_dir) / "threshold_calibration.png")
-    roc_plot(real, sets, result, Path(plots_dir) / "roc_curve.png")
-    if samples:
-        comparison_plot(model, samples, Path(plots_dir) / "reconstruction_comparison.png")
+    """calibrate.py's pictures: error histograms with the mse thresholds, ROC curves per score, reconstructions."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    values = np.concatenate([real["mse"]] + [s["mse"] for s in sets.values()])
+    lo = max(values[values > 0].min(), 1e-8)  # log bins: zero errors fall off the left edge
+    bins = np.logspace(np.log10(lo), np.log10(values.max()) + 1e-9, 80)
+    ax.hist(real["mse"], bins=bins, alpha=0.6, label=f"real (n={len(real['mse']):,})", color="tab:green")
+    for name, s in sets.items():
+        ax.hist(s["mse"], bins=bins, alpha=0.45, histtype="stepfilled", label=f"{name} (n={len(s['mse']):,})")
+    for (name, t), style in zip(report["reconstruction_thresholds"]["thresholds"].items(), ["-", "--", ":", "-."]):
+        ax.axvline(t["value"], color="black", linestyle=style, linewidth=1, label=f"{name} {t['value']:.4g}")
+    ax.set(xscale="log", xlabel="reconstruction MSE (log scale)", ylabel="images",
+           title="Reconstruction error: real vs fakes, with the mse thresholds")
+    ax.legend(fontsize=7, ncol=2)
+    save(fig, Path(plots_dir) / "threshold_calibration.png")
+    panels = [(s, real[s][result["held_idx"]], {n: v[s] for n, v in sets.items()}) for s in ("mse", "local", "complexity")]
+    panels.append(("combined", 1 - result["held_p"], {n: 1 - p for n, p in result["fake_p"].items()}))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharey=True)
+    for ax, (score, r, fs) in zip(axes, panels):
+        for name, f in fs.items():
+            ax.plot(*metrics.roc_curve(r, f)[:2], label=f"{name} {metrics.auroc(r, f):.3f}")  # fpr, tpr
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
+        ax.set(title=f"score: {score}", xlabel="FPR (held-out real flagged)")
+        ax.legend(title="AUROC", fontsize=7, loc="lower right")
+    axes[0].set_ylabel("TPR (fakes caught)")
+    save(fig, Path(plots_dir) / "roc_curve.png")
+    if samples:  # originals, reconstructions and error maps
+        x = torch.cat([preprocess(batch, model.config.image_size) for batch in samples.values()]).cpu()  # [N, 3, S, S]
+        out = score_batch(model, x, keep_maps=True)
+        fig, axes = plt.subplots(3, len(x), figsize=(1.9 * len(x), 6), squeeze=False)
+        for j, name in enumerate(name for name, batch in samples.items() for _ in batch):  # one column per image
+            im = draw(axes[:, j], x[j], out["recon"][j], out["maps"][j], vmax=float(out["maps"].max()))
+            axes[0, j].set_title(name, fontsize=9)
+            axes[2, j].set_xlabel(f"mse {out['mse'][j]:.4f}", fontsize=8)
+        for row, label in enumerate(["original", "reconstruction", "error map"]):
+            axes[row, 0].set_ylabel(label)
+        fig.colorbar(im, ax=axes[2, :].tolist(), shrink=0.8, label="squared error")
+        save(fig, Path(plots_dir) / "reconstruction_comparison.png")
 
 
 def heatmap_name(path):
@@ -103,3 +90,14 @@ def save_heatmap(row, directory, title):
         ax.set_title(label)
     fig.suptitle(title)
     save(fig, Path(directory) / heatmap_name(row["path"]))
+
+
+def loss_curve(history, path):
+    """Training and validation loss per epoch (train.py's metrics.jsonl rows), log scale."""
+    fig, ax = plt.subplots(figsize=(6, 4), layout="tight")
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        ax.plot([h["epoch"] for h in history], [h[key] for h in history], label=label)
+    ax.set(yscale="log", xlabel="epoch", ylabel="MSE (inputs in [-1, 1])")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save(fig, path)

@@ -1,15 +1,13 @@
-"""
-The thresholds file (thresholds_calibrated.json): where it lives, how it is written,
-read and checked, and how its contents turn scores into thresholds and p-values.
+"""The thresholds file (thresholds_calibrated.json): where it lives, how it is written, read and checked,
+and how its contents turn scores into thresholds and p-values.
 
-The card's schema is kept exactly: users read the mse thresholds as
-`cfg["reconstruction_thresholds"]["thresholds"][NAME]["value"]`. Every other score's
-table sits under `score_thresholds[SCORE]`, and `calibration_scores.scores[SCORE]` holds
-the sorted real calibration scores that conformal p-values are computed against.
+The card's schema is kept exactly: users read `cfg["reconstruction_thresholds"]["thresholds"][NAME]["value"]`
+for mse. Every other score's table sits under `score_thresholds[SCORE]`, and `calibration_scores.scores[SCORE]`
+holds the sorted real calibration scores that conformal p-values are computed against.
 """
 
+import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +24,8 @@ MAX_BYTES = 256 << 20  # a file with 10,000 scores per score is ~1 MB
 def beside(checkpoint):
     """Where the thresholds of a checkpoint live: in its folder, so they travel with the weights;
     for a hub id, a folder of its own under runs/ (never the repo's card file)."""
-    path = Path(checkpoint)
-    if path.exists():
-        return (path if path.is_dir() else path.parent) / THRESHOLDS_NAME
-    return Path("runs") / str(checkpoint).replace("/", "--").replace("@", "--") / THRESHOLDS_NAME
+    path, hub = Path(checkpoint), Path("runs") / str(checkpoint).replace("/", "--").replace("@", "--")
+    return (path if path.is_dir() else path.parent if path.exists() else hub) / THRESHOLDS_NAME
 
 
 def find(checkpoint):
@@ -49,39 +45,32 @@ def build(tables, levels, calibration, **sections):
             "combined": {"rule": "FAKE when combined p-value <= value", "levels": levels}},
         "calibration_scores": {
             "note": "sorted real calibration scores; p-value of a new score s = (1 + #{scores >= s}) / (n + 1)",
-            "n": len(next(iter(calibration.values()))),
-            "scores": {s: np.sort(v).tolist() for s, v in calibration.items()}},
-        **sections,
-    }
+            "n": len(next(iter(calibration.values()))), "scores": {s: np.sort(v).tolist() for s, v in calibration.items()}},
+        **sections}
 
 
 def write(path, cfg):
-    validate(cfg, path)
-    write_json(path, cfg)
+    write_json(path, validate(cfg, path))
 
 
 def read(path):
     """Parses and checks a thresholds file; every problem is a one-line UserError."""
-    import json
-
+    file = Path(path)
     try:
-        if not os.path.isfile(path):
-            raise UserError(f"thresholds file not found: {path}" if not os.path.exists(path)
-                            else f"{path}: not a regular file")
-        if os.path.getsize(path) > MAX_BYTES:
-            raise UserError(f"{path}: {os.path.getsize(path):,} bytes is too large for a thresholds file")
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f, parse_constant=lambda c: math.nan)  # NaN / Infinity fail validation below
-    except (ValueError, UnicodeDecodeError) as e:
+        if not file.is_file():
+            raise UserError(f"{path}: not a regular file" if file.exists() else f"thresholds file not found: {path}")
+        if file.stat().st_size > MAX_BYTES:
+            raise UserError(f"{path}: {file.stat().st_size:,} bytes is too large for a thresholds file")
+        cfg = json.loads(file.read_text(encoding="utf-8"))  # NaN / Infinity load as floats; validate() rejects them
+    except ValueError as e:  # not JSON, or not UTF-8 (a UnicodeDecodeError is a ValueError)
         raise UserError(f"{path}: not valid JSON ({e})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    validate(cfg, path)
-    return cfg
+    return validate(cfg, path)
 
 
 def validate(cfg, path):
-    """Every value inference reads must be what it claims: a finite number, a p-value level in (0, 1),
+    """Returns cfg if every value inference reads is what it claims: a finite number, a p-value level in (0, 1),
     sorted finite calibration scores. Anything else is one UserError naming the entry."""
     def number(x):
         return type(x) in (int, float) and math.isfinite(x)
@@ -91,68 +80,53 @@ def validate(cfg, path):
             raise UserError(f"{path}: {where} must be a JSON object, got {type(value).__name__}")
         return value
 
-    def check_table(table, where):
-        if not obj(table, where):
+    def check_table(table, where, levels=False):  # thresholds: at least one; levels: each in (0, 1)
+        if not obj(table, where) and not levels:
             raise UserError(f"{path}: {where} is empty")
         for name, entry in table.items():
-            if not number(obj(entry, f"{where}.{name}").get("value")):
-                raise UserError(f"{path}: {where}.{name}.value must be a finite number, got {entry.get('value')!r}")
+            if not number(value := obj(entry, f"{where}.{name}").get("value")) or levels and not 0 < value < 1:
+                raise UserError(f"{path}: {where}.{name}.value must be {'in (0, 1)' if levels else 'a finite number'}, "
+                                f"got {value!r}")
 
-    obj(cfg, "the file")
-    check_table(obj(cfg.get("reconstruction_thresholds"), "reconstruction_thresholds").get("thresholds"),
+    check_table(obj(obj(cfg, "the file").get("reconstruction_thresholds"), "reconstruction_thresholds").get("thresholds"),
                 "reconstruction_thresholds.thresholds")
     for score, entry in obj(cfg.get("score_thresholds", {}), "score_thresholds").items():
         if "thresholds" in obj(entry, f"score_thresholds.{score}"):
             check_table(entry["thresholds"], f"score_thresholds.{score}.thresholds")
-        for name, level in obj(entry.get("levels", {}), f"score_thresholds.{score}.levels").items():
-            if not (number(obj(level, name).get("value")) and 0 < level["value"] < 1):
-                raise UserError(f"{path}: score_thresholds.{score}.levels.{name}.value must lie in (0, 1)")
+        check_table(entry.get("levels", {}), f"score_thresholds.{score}.levels", levels=True)
     calibration = obj(cfg.get("calibration_scores", {}), "calibration_scores")
     for score, values in obj(calibration.get("scores", {}), "calibration_scores.scores").items():
         if not (isinstance(values, list) and all(number(v) for v in values)) or values != sorted(values):
             raise UserError(f"{path}: calibration_scores.scores.{score} must be a sorted list of finite numbers")
     obj(cfg.get("binding", {}), "binding")
+    return cfg
 
 
 def table(cfg, score):
     """The threshold table of a score: the card's place for mse, score_thresholds for the rest."""
-    if score == "mse":
-        return cfg["reconstruction_thresholds"]["thresholds"]
-    found = cfg.get("score_thresholds", {}).get(score, {}).get("thresholds")
-    if not found:
+    section = cfg["reconstruction_thresholds"] if score == "mse" else cfg.get("score_thresholds", {}).get(score, {})
+    if not section.get("thresholds"):
         raise UserError(f"the thresholds file has no thresholds for score {score!r}; rerun calibrate.py, or use --score mse")
-    return found
+    return section["thresholds"]
 
 
 def threshold(cfg, score, choice):
-    """(value, label) for a threshold name in the file or a number; cfg may be None for a number."""
+    """(value, label) of a threshold given by name or as a number. For combined it is a p-value
+    level (FAKE when p <= level), and the names mean their false-positive levels (FPR_LEVELS)."""
+    combined = score == "combined"
     try:
         value, label = float(choice), f"{float(choice):g} (given)"
-    except (TypeError, ValueError):
-        if cfg is None:
-            raise UserError(f"threshold {choice!r} needs a thresholds file (--thresholds)") from None
-        names = table(cfg, score)
-        if choice not in names:
-            raise UserError(f"unknown threshold {choice!r} for score {score!r}; choose one of "
-                            f"{', '.join(names)} or a number")
-        value = float(names[choice]["value"])
-        label = f"{choice} = {value:.6g}"
-    if not math.isfinite(value):  # nan / inf would silently call everything REAL (or FAKE)
-        raise UserError(f"threshold must be a finite number, got {choice!r}")
-    return value, label
-
-
-def p_level(choice):
-    """The combined score's threshold: a p-value level, given as a number or a level name."""
-    level = FPR_LEVELS.get(choice, choice)
-    try:
-        level = float(level)
     except ValueError:
-        raise UserError(f"for --score combined the threshold is a p-value level: a number or "
-                        f"{' / '.join(FPR_LEVELS)}, not {choice!r}") from None
-    if not 0 < level < 1:
-        raise UserError(f"p-value level must lie in (0, 1), got {level}")
-    return level, f"p <= {level:g}"
+        if cfg is None and not combined:
+            raise UserError(f"threshold {choice!r} needs a thresholds file (--thresholds)") from None
+        names = {k: {"value": v} for k, v in FPR_LEVELS.items()} if combined else table(cfg, score)
+        if choice not in names:
+            raise UserError(f"unknown threshold {choice!r} for score {score!r}; choose one of {', '.join(names)} "
+                            f"or a number{' (a p-value level)' if combined else ''}") from None
+        value, label = float(names[choice]["value"]), f"{choice} = {names[choice]['value']:.6g}"
+    if not math.isfinite(value) or combined and not 0 < value < 1:  # nan would call everything REAL
+        raise UserError(f"threshold must be a finite number{' in (0, 1)' if combined else ''}, got {choice!r}")
+    return value, f"p <= {value:g}" if combined else label
 
 
 def calibration(cfg):
@@ -164,21 +138,18 @@ def calibration(cfg):
 def combined_pvalue(cal, values):
     """Bonferroni over every calibrated score: min(1, K * min_k p_k), with p_k the conformal
     p-value of values[k] against cal[k]. Valid whatever the dependence between the scores."""
-    p = np.stack([metrics.conformal_pvalues(cal[s], values[s]) for s in cal])  # [K, N]
-    return np.minimum(1.0, len(cal) * p.min(axis=0))
+    return np.minimum(1.0, len(cal) * np.min([metrics.conformal_pvalues(cal[s], values[s]) for s in cal], axis=0))
 
 
 def binding_warnings(cfg, fingerprint, precision):
     """Why this file's thresholds may not apply to the loaded weights (empty when they do)."""
-    binding = cfg.get("binding", {})
-    if binding.get("precision") and binding["precision"] != precision:
-        return [f"the thresholds were calibrated in {binding['precision']}, this run scores in {precision}: "
+    bound, calibrated_in = (cfg.get("binding", {}).get(key) for key in ("weights_fingerprint", "precision"))
+    if calibrated_in and calibrated_in != precision:
+        return [f"the thresholds were calibrated in {calibrated_in}, this run scores in {precision}: "
                 f"scores shift slightly; calibrate on this device for exact thresholds"]
-    bound = binding.get("weights_fingerprint")
-    if bound is None:
+    if bound != fingerprint:  # bound is None in a file that records no fingerprint
         return ["the thresholds file records no checkpoint fingerprint (e.g. the card's published values): "
-                "its thresholds were not calibrated for these weights; run calibrate.py"]
-    if bound != fingerprint:
-        return [f"the thresholds file was calibrated for other weights (fingerprint {str(bound)[:12]}..., these are "
-                f"{fingerprint[:12]}...): its thresholds and p-values do not apply; run calibrate.py"]
+                "its thresholds were not calibrated for these weights; run calibrate.py" if bound is None else
+                f"the thresholds file was calibrated for other weights (fingerprint {str(bound)[:12]}..., these "
+                f"are {fingerprint[:12]}...): its thresholds and p-values do not apply; run calibrate.py"]
     return []

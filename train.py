@@ -1,18 +1,14 @@
-"""
-Trains the autoencoder. The defaults are the card's recipe: CIFAR-10 at 128x128,
-batch 1024, AdamW (lr 1e-3, wd 1e-5), MSE, ReduceLROnPlateau (0.5, patience 5),
-100 epochs.
+"""Trains the autoencoder. The defaults are the card's recipe: CIFAR-10 at 128x128, batch 1024,
+AdamW (lr 1e-3, wd 1e-5), MSE, ReduceLROnPlateau (0.5, patience 5), 100 epochs.
 
     python train.py                                          # one GPU (or the CPU)
     torchrun --nproc_per_node=8 train.py --batch-size 128    # DDP, global batch 1024
-    python train.py --resume --out-dir runs/cifar10          # continue an interrupted run
-    python train.py --resume --epochs 150 --out-dir runs/cifar10   # extend a finished one
-    python train.py --preset smoke --dataset synthetic --out-dir runs/smoke   # CPU, < 2 min
+    python train.py --resume --epochs 150 --out-dir runs/cifar10   # continue or extend a run
+    python train.py --preset smoke --dataset synthetic --out-dir runs/smoke   # CPU, about a minute
     python train.py --dataset folder --data-dir ~/photos --init-from runs/cifar10/model_best_checkpoint.ckpt
 
-Writes to --out-dir: model_best_checkpoint.ckpt (best validation loss),
-last_checkpoint.ckpt (everything to resume), metrics.jsonl, loss_curve.png,
-results.json (test MSE) and release/ (safetensors + config.json, ready to push).
+Writes to --out-dir: model_best_checkpoint.ckpt (best validation loss), last_checkpoint.ckpt
+(everything to resume), metrics.jsonl, loss_curve.png, results.json (test MSE), release/ (hub layout).
 """
 
 import argparse
@@ -22,6 +18,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,11 +26,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import plots
 from data import batches, dead_leaves, load_cifar10, load_image_folder, split_indices
-from model import (AutoencoderConfig, ResidualAutoencoder, count_parameters, load_checkpoint_dict, load_model,
-                   squared_error)
-from utils import (HelpFormatter, UserError, atomic_write, autocast, gather, precision_name, run_cli,
-                   setup_distributed, unwrap, weights_fingerprint, write_json)
+from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model, squared_error
+from utils import (HelpFormatter, UserError, atomic_write, autocast, gather, load_checkpoint_dict, precision_name,
+                   run_cli, setup_distributed, weights_fingerprint, write_json)
 
 BEST_NAME = "model_best_checkpoint.ckpt"  # the card's file name
 LAST_NAME = "last_checkpoint.ckpt"
@@ -73,13 +70,9 @@ class TrainConfig:
 ARCHITECTURE = ("image_size", "channels", "blocks_per_stage", "latent_dim")  # the fields that shape the model
 # A 3-stage network at 32x32 and ~500 steps: trains end to end on a 2-core CPU in under a minute.
 # (Fewer stages learn much faster in a few hundred steps; the full 5-stage model needs thousands.)
-PRESETS = {
-    "card": {},
-    "smoke": dict(epochs=12, batch_size=32, image_size=32, channels=(32, 64, 128), latent_dim=256,
-                  synthetic_images=2400, max_images=2400, lr=1e-3, lr_patience=2),
-}
-# what --resume lets a user change: none of these alters the data, the architecture or what
-# the saved optimizer state means
+PRESETS = {"card": {}, "smoke": dict(epochs=12, batch_size=32, image_size=32, channels=(32, 64, 128), latent_dim=256,
+                                     synthetic_images=2400, max_images=2400, lr=1e-3, lr_patience=2)}
+# what --resume lets a user change: none alters the data, the architecture or what the saved optimizer state means
 RESUMABLE = ("epochs", "lr", "weight_decay", "lr_factor", "lr_patience", "progress", "out_dir")
 
 
@@ -87,16 +80,13 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def channel_list(text):
-    return tuple(int(c) for c in text.split(","))
-
-
 def build_parser(preset=None):
     """The command line, generated from TrainConfig. With preset=None no flag has a default
     (SUPPRESS), so parsing gives exactly the flags typed; --help belongs to the other one."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False,
                                 add_help=preset is not None, argument_default=None if preset else argparse.SUPPRESS)
-    kind = {bool: dict(action=argparse.BooleanOptionalAction), tuple: dict(type=channel_list)}
+    kind = {bool: dict(action=argparse.BooleanOptionalAction),
+            tuple: dict(type=lambda text: tuple(int(c) for c in text.split(",")))}
     for f in fields(TrainConfig):
         p.add_argument(flag(f.name), **kind.get(f.type, dict(type=f.type)), **f.metadata)
     p.add_argument("--preset", choices=sorted(PRESETS), help="defaults to start from; flags typed override them")
@@ -114,23 +104,13 @@ def build_parser(preset=None):
 def parse_args(argv=None):
     """(cfg, resume, overwrite, typed): the settings (the preset's defaults, then the flags), and
     the safe fields the user typed, the only ones --resume takes from the command line."""
-    argv = sys.argv[1:] if argv is None else argv
     typed = vars(build_parser().parse_known_args(argv)[0])  # unknown flags and --help: next line
     args = build_parser(typed.get("preset", "card")).parse_args(argv)
-    unsafe = [k for k in typed if k not in RESUMABLE and k != "resume"]
-    if args.resume and unsafe:
+    if args.resume and (unsafe := [k for k in typed if k not in RESUMABLE and k != "resume"]):
         raise UserError(f"{', '.join(map(flag, unsafe))}: cannot change with --resume, which continues the saved "
                         f"run as it was; only {', '.join(map(flag, RESUMABLE))} can")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     return cfg, args.resume, args.overwrite, set(typed) & set(RESUMABLE)
-
-
-# ----------------------------------------------------------------------------
-# data, and helpers that make the same code run as one process or under torchrun
-
-def log(rank, *msg):
-    if rank == 0:
-        print(*msg, flush=True)
 
 
 def all_reduce_sum(t):
@@ -139,9 +119,8 @@ def all_reduce_sum(t):
     return t
 
 
-def load_datasets(cfg):
-    """uint8 tensors (train, val, test), each [N, 3, H, W], and where they came from."""
-    test = None
+def load_datasets(cfg, device):
+    """uint8 tensors (train, val, test) on `device`, each [N, 3, H, W], and where they came from."""
     if cfg.dataset == "cifar10":
         pool, test = load_cifar10(cfg.data_dir, train=True), load_cifar10(cfg.data_dir, train=False)
         source = f"CIFAR-10 in {cfg.data_dir}"
@@ -154,15 +133,14 @@ def load_datasets(cfg):
         for path, reason in skipped[:5]:  # enough to see what is wrong, without flooding the terminal
             print(f"skipped {path}: {reason}", file=sys.stderr)
         source = f"{pool.shape[0]:,} images from {cfg.data_dir} ({n_skipped} unreadable skipped)"
-    if test is None:  # a fixed test split, seeded apart from the validation split
-        rest, test_idx = split_indices(pool.shape[0], cfg.test_fraction, cfg.seed + 1)
-        pool, test = pool[rest], pool[test_idx]
-    train_idx, val_idx = split_indices(pool.shape[0], cfg.val_fraction, cfg.seed)
-    train, val = pool[train_idx], pool[val_idx]
+    if cfg.dataset != "cifar10":  # a fixed test split, seeded apart from the validation split
+        pool, test = (pool[i] for i in split_indices(pool.shape[0], cfg.test_fraction, cfg.seed + 1))
+    train, val = (pool[i] for i in split_indices(pool.shape[0], cfg.val_fraction, cfg.seed))
     if cfg.max_images:
         n = max(cfg.max_images // 8, 1)
         train, val, test = train[:cfg.max_images], val[:n], test[:n]
-    return train, val, test, source
+    # the whole data set lives on the device as uint8 at native size; batches are cut there
+    return train.to(device), val.to(device), test.to(device), source
 
 
 def epoch_shard(n, batch_size, seed, epoch, rank, world, device):
@@ -174,9 +152,6 @@ def epoch_shard(n, batch_size, seed, epoch, rank, world, device):
     return perm[rank::world][:n // world // batch_size * batch_size]
 
 
-# ----------------------------------------------------------------------------
-# training
-
 @torch.no_grad()
 def evaluate(model, images, cfg, device, rank=0, world=1):
     """Mean per-image MSE over `images`, sharded across ranks."""
@@ -185,18 +160,20 @@ def evaluate(model, images, cfg, device, rank=0, world=1):
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of errors, count]
     for x in batches(images, cfg.batch_size, cfg.image_size, device, perm=shard):
         with autocast(device):
-            err = unwrap(model).reconstruction_error(x.contiguous(memory_format=torch.channels_last), "none")  # [B]
+            err = model.reconstruction_error(x.contiguous(memory_format=torch.channels_last), "none")  # [B]
         total[0] += err.double().sum()
         total[1] += err.numel()  # a Python scalar: no host-to-device copy
     return (all_reduce_sum(total)[0] / total[1]).item()
 
 
-def train_one_epoch(net, opt, images, cfg, device, epoch, rank, world, bar):
+def train_one_epoch(net, opt, images, cfg, device, epoch, rank, world):
     """(mean loss over every rank's steps, images seen by all ranks)."""
     net.train()
     shard = epoch_shard(images.shape[0], cfg.batch_size, cfg.seed, epoch, rank, world, images.device)
-    total, steps = torch.zeros((), device=device), 0
-    for x in batches(images, cfg.batch_size, cfg.image_size, device, perm=shard):
+    total = torch.zeros((), device=device)
+    bar = tqdm(total=len(shard) // cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+               disable=not cfg.progress or rank != 0)
+    for steps, x in enumerate(batches(images, cfg.batch_size, cfg.image_size, device, perm=shard), 1):
         x = x.contiguous(memory_format=torch.channels_last)  # [B, 3, S, S]
         with autocast(device):
             recon = net(x)  # [B, 3, S, S], bf16 on CUDA
@@ -205,19 +182,11 @@ def train_one_epoch(net, opt, images, cfg, device, epoch, rank, world, bar):
         loss.backward()
         opt.step()
         total += loss.detach()  # stays on the device: no sync per step
-        steps += 1
         bar.update(1)
         if steps % 25 == 0 and not bar.disable:
             bar.set_postfix(loss=f"{loss.item():.5f}")  # the only sync, for the progress bar
+    bar.close()
     return (all_reduce_sum(total) / (steps * world)).item(), steps * cfg.batch_size * world
-
-
-def sync_buffers(model):
-    """DDP broadcasts BatchNorm statistics before each forward, so after the last step each
-    rank holds its own; take rank 0's so every rank evaluates and ends with the same model."""
-    if dist.is_initialized():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
 
 
 def peak_memory_gb(device):
@@ -226,23 +195,33 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB
 
 
-def restore_run(cfg, typed):
-    """--resume: the saved run's TrainConfig with the safe flags typed now, and its last checkpoint."""
-    path = Path(cfg.out_dir) / LAST_NAME
-    if not path.exists():
+def build(cfg, device, resume, overwrite, typed):
+    """(cfg, model, opt, sched, first epoch to train, best validation loss, history): fresh, or with --resume as
+    the run in --out-dir saved them (settings, weights, optimizer, schedule, RNG) but for the safe flags typed now."""
+    last = Path(cfg.out_dir) / LAST_NAME
+    if resume and not last.exists():
         raise UserError(f"--resume: no {LAST_NAME} in {cfg.out_dir} (nothing to resume; drop --resume to start fresh)")
-    ckpt = load_checkpoint_dict(path)
-    missing = {"model", "optimizer", "scheduler", "epoch", "best_val_loss", "rng", "config", "train_config"} - set(ckpt)
-    if missing:
-        raise UserError(f"{path}: not a resume checkpoint (missing {sorted(missing)})")
-    saved = {k: v for k, v in ckpt["train_config"].items() if k in {f.name for f in fields(TrainConfig)}}
-    # out_dir is where the checkpoint is now, even if the run was moved there
-    return replace(TrainConfig(**saved), **{k: getattr(cfg, k) for k in {*typed, "out_dir"}}), ckpt
-
-
-def load_state(ckpt, opt, sched, cfg, typed):
-    """Optimizer, schedule and RNG as saved, but for the hyperparameters typed now;
-    returns (first epoch to train, best validation loss, history)."""
+    if resume:
+        ckpt = load_checkpoint_dict(last)
+        keys = {"model", "optimizer", "scheduler", "epoch", "best_val_loss", "rng", "config", "train_config"}
+        if missing := keys - set(ckpt):
+            raise UserError(f"{last}: not a resume checkpoint (missing {sorted(missing)})")
+        # out_dir is where the checkpoint is now, even if the run was moved there
+        cfg = replace(TrainConfig(**ckpt["train_config"]), **{k: getattr(cfg, k) for k in {*typed, "out_dir"}})
+    elif last.exists() and not overwrite:
+        raise UserError(f"{cfg.out_dir} already holds a run ({LAST_NAME}); pass --resume to continue it, "
+                        f"--overwrite to replace it, or another --out-dir")
+    torch.manual_seed(cfg.seed)
+    # existing weights (the run's on --resume, or --init-from's) decide the architecture and input size
+    source = last if resume else cfg.init_from
+    model = load_model(source) if source else ResidualAutoencoder(AutoencoderConfig(
+        **{k: getattr(cfg, k) for k in ARCHITECTURE}))
+    cfg = replace(cfg, **{k: getattr(model.config, k) for k in ARCHITECTURE})
+    model = model.to(device, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
+    if not resume:
+        return cfg, model, opt, sched, 1, math.inf, []
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     for group in opt.param_groups:  # lr only if typed: the schedule may have lowered it
@@ -251,7 +230,7 @@ def load_state(ckpt, opt, sched, cfg, typed):
     torch.set_rng_state(ckpt["rng"]["torch"])
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["epoch"] + 1, ckpt["best_val_loss"], list(ckpt.get("history", []))
+    return cfg, model, opt, sched, ckpt["epoch"] + 1, ckpt["best_val_loss"], list(ckpt.get("history", []))
 
 
 def save_checkpoints(out_dir, model, opt, sched, cfg, history, best_val, improved):
@@ -268,71 +247,45 @@ def save_checkpoints(out_dir, model, opt, sched, cfg, history, best_val, improve
     atomic_write(out_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(metrics, encoding="utf-8"))
 
 
-def setup_model(cfg, resume, device):
-    """(model on `device`, cfg): the saved run's weights on --resume, --init-from's, or fresh ones.
-    Existing weights decide the architecture, and with it the input size the data is cut to."""
-    source = Path(cfg.out_dir) / LAST_NAME if resume else cfg.init_from
-    model = load_model(source, "cpu") if source else ResidualAutoencoder(AutoencoderConfig(
-        **{k: getattr(cfg, k) for k in ARCHITECTURE}))
-    cfg = replace(cfg, **{k: getattr(model.config, k) for k in ARCHITECTURE})
-    return model.to(device, memory_format=torch.channels_last), cfg
-
-
 def train(cfg, resume=False, overwrite=False, typed=()):
     rank, world, device = setup_distributed()
-    ckpt = None
-    if resume:
-        cfg, ckpt = restore_run(cfg, typed)
-    elif (Path(cfg.out_dir) / LAST_NAME).exists() and not overwrite:
-        raise UserError(f"{cfg.out_dir} already holds a run ({LAST_NAME}); pass --resume to continue it, "
-                        f"--overwrite to replace it, or another --out-dir")
-    out_dir = Path(cfg.out_dir)
-    torch.manual_seed(cfg.seed)
+    log = partial(print, flush=True) if rank == 0 else lambda *msg: None  # only rank 0 speaks
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # tiny gradients late in training otherwise slow CPU math many-fold
     else:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # for fp32 outside autocast
         torch.backends.cudnn.benchmark = True  # one input shape for the whole run: autotuning pays off
-    model, cfg = setup_model(cfg, resume, device)
-
-    train_u8, val_u8, test_u8, source = load_datasets(cfg)
-    # the whole data set lives on the device as uint8 at native size; batches are cut there
-    train_u8, val_u8, test_u8 = (t.to(device) for t in (train_u8, val_u8, test_u8))
-    log(rank, f"data: {source}; train {len(train_u8):,} / val {len(val_u8):,} / test {len(test_u8):,} images "
-              f"at {tuple(train_u8.shape[2:])} -> {cfg.image_size}x{cfg.image_size}")
-    steps = len(train_u8) // world // cfg.batch_size
-    if steps == 0:
+    cfg, model, opt, sched, start_epoch, best_val, history = build(cfg, device, resume, overwrite, typed)
+    out_dir = Path(cfg.out_dir)
+    train_u8, val_u8, test_u8, source = load_datasets(cfg, device)
+    log(f"data: {source}; train {len(train_u8):,} / val {len(val_u8):,} / test {len(test_u8):,} images "
+        f"at {tuple(train_u8.shape[2:])} -> {cfg.image_size}x{cfg.image_size}")
+    if len(train_u8) // world < cfg.batch_size:
         raise UserError(f"{len(train_u8)} training images make no full batch of {cfg.batch_size} per process; "
                         f"lower --batch-size")
-
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
-    start_epoch, best_val, history = 1, math.inf, []
-    if ckpt is not None:
-        start_epoch, best_val, history = load_state(ckpt, opt, sched, cfg, typed)
-        log(rank, f"resumed from {out_dir / LAST_NAME} after epoch {start_epoch - 1} (best val {best_val:.6f})")
+    if resume:
+        log(f"resumed from {out_dir / LAST_NAME} after epoch {start_epoch - 1} (best val {best_val:.6f})")
     elif cfg.init_from:
-        log(rank, f"fine-tuning from {cfg.init_from}")
+        log(f"fine-tuning from {cfg.init_from}")
     if cfg.compile:
         model.compile()  # in place: state_dict keys stay clean
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    log(rank, f"model: {count_parameters(model):,} parameters, {model.config}; device {device} x {world}, "
-              f"{precision_name(device)}")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"model: {count_parameters(model):,} parameters, {model.config}; device {device} x {world}, "
+        f"{precision_name(device)}")
     for epoch in range(start_epoch, cfg.epochs + 1):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not cfg.progress or rank != 0)
         t0 = time.perf_counter()
-        train_loss, seen = train_one_epoch(net, opt, train_u8, cfg, device, epoch, rank, world, bar)
+        train_loss, seen = train_one_epoch(net, opt, train_u8, cfg, device, epoch, rank, world)
         epoch_time = time.perf_counter() - t0
-        bar.close()
-        sync_buffers(model)
+        # DDP syncs BatchNorm statistics before a forward, so each rank ends the epoch with its own: use rank 0's
+        if dist.is_initialized():
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
         val_loss = evaluate(model, val_u8, cfg, device, rank, world)
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # all-reduced: every rank stops here
-            log(rank, f"error: non-finite loss at epoch {epoch} (train {train_loss}, val {val_loss}); stopping. "
-                      f"The checkpoints in {out_dir} hold the last good epoch; try a lower --lr.")
+            log(f"error: non-finite loss at epoch {epoch} (train {train_loss}, val {val_loss}); stopping. "
+                f"The checkpoints in {out_dir} hold the last good epoch; try a lower --lr.")
             raise SystemExit(1)
         sched.step(val_loss)
         row = dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=opt.param_groups[0]["lr"],
@@ -342,57 +295,32 @@ def train(cfg, resume=False, overwrite=False, typed=()):
         improved, best_val = val_loss < best_val, min(best_val, val_loss)
         if rank == 0:
             save_checkpoints(out_dir, model, opt, sched, cfg, history, best_val, improved)
-        log(rank, f"epoch {epoch:3d} | train {train_loss:.6f} | val {val_loss:.6f}{' *' if improved else '  '} | "
-                  f"lr {row['lr']:.2e} | {epoch_time:6.1f}s | {row['images_per_s']:8.1f} img/s | "
-                  f"peak {row['peak_memory_gb']:.2f} GB")
+        log(f"epoch {epoch:3d} | train {train_loss:.6f} | val {val_loss:.6f}{' *' if improved else '  '} | "
+            f"lr {row['lr']:.2e} | {epoch_time:6.1f}s | {row['images_per_s']:8.1f} img/s | "
+            f"peak {row['peak_memory_gb']:.2f} GB")
 
-    finish(model, cfg, history, test_u8, device, rank, world)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def plot_losses(history, path):
-    import matplotlib
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        ax.plot([h["epoch"] for h in history], [h[key] for h in history], label=label)
-    ax.set(yscale="log", xlabel="epoch", ylabel="MSE (inputs in [-1, 1])")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-
-
-def finish(model, cfg, history, test_u8, device, rank, world):
-    """Test MSE of the best model; rank 0 writes release/, the plot and results.json."""
-    out_dir = Path(cfg.out_dir)
+    # the test MSE of the best model; rank 0 writes release/, the plot and results.json
     if dist.is_initialized():
         dist.barrier()  # rank 0 has written the best checkpoint
     best = load_model(out_dir / BEST_NAME, device)
     test_mse = evaluate(best, test_u8, cfg, device, rank, world)
     fingerprints = gather(weights_fingerprint(model))  # one per rank: equal if DDP kept them in step
-    if rank != 0:
-        return
-    best.save_pretrained(out_dir / "release")
-    plot_losses(history, out_dir / "loss_curve.png")
-    top = min(history, key=lambda h: h["val_loss"])
-    write_json(out_dir / "results.json", dict(
-        test_mse=test_mse, best_val_loss=top["val_loss"], best_epoch=top["epoch"],
-        first_val_loss=history[0]["val_loss"], epochs=len(history),
-        train_time_min=round(sum(h["epoch_time_s"] for h in history) / 60, 3), world_size=world,
-        device=str(device), final_weights_per_rank=fingerprints, best_weights=weights_fingerprint(best),
-        config=asdict(cfg)))
-    print(f"test MSE {test_mse:.6f} (best val {top['val_loss']:.6f} at epoch {top['epoch']}); wrote "
-          f"{out_dir / BEST_NAME}, {out_dir / LAST_NAME}, {out_dir / 'release'}/, metrics.jsonl, loss_curve.png, "
-          f"results.json", flush=True)
+    if rank == 0:
+        best.save_pretrained(out_dir / "release")
+        plots.loss_curve(history, out_dir / "loss_curve.png")
+        top = min(history, key=lambda h: h["val_loss"])
+        write_json(out_dir / "results.json", dict(
+            test_mse=test_mse, best_val_loss=top["val_loss"], best_epoch=top["epoch"],
+            first_val_loss=history[0]["val_loss"], epochs=len(history),
+            train_time_min=round(sum(h["epoch_time_s"] for h in history) / 60, 3), world_size=world, device=str(device),
+            final_weights_per_rank=fingerprints, best_weights=weights_fingerprint(best), config=asdict(cfg)))
+        log(f"test MSE {test_mse:.6f} (best val {top['val_loss']:.6f} at epoch {top['epoch']}); "
+            f"checkpoints, release/, metrics, loss curve and results.json are in {out_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv=None):
-    """`python train.py`, and what the tests call: a user error is one `error:` line and exit 2."""
     run_cli(lambda argv: train(*parse_args(argv)), argv)
 
 

@@ -1,7 +1,5 @@
-"""
-Small helpers every script shares: the one user-error class, atomic file writes,
-weight fingerprints, device choice and the torchrun setup.
-"""
+"""Helpers every script shares: the one user-error class, atomic writes, safe checkpoint loading,
+weight fingerprints, the precision policy, device choice and the torchrun setup."""
 
 import argparse
 import hashlib
@@ -66,31 +64,17 @@ def write_json(path, obj):
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def clean_state_dict(state_dict):
     """Strips the prefixes DDP ('module.') and torch.compile ('_orig_mod.') add to keys."""
     prefix = re.compile(r"^((module|_orig_mod)\.)+")
     return {prefix.sub("", k): v for k, v in state_dict.items()}
 
 
-def unwrap(model):
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
 def weights_fingerprint(model_or_state_dict):
     """sha256 over parameter names, dtypes, shapes and bytes: the same for the same weights
     whatever file they came from, so a thresholds file can be bound to them."""
     sd = model_or_state_dict
-    if isinstance(sd, torch.nn.Module):
-        sd = unwrap(sd).state_dict()
+    sd = sd.state_dict() if isinstance(sd, torch.nn.Module) else sd  # prefixes of DDP / compile are cleaned below
     h = hashlib.sha256()
     for name, t in sorted(clean_state_dict(sd).items()):
         t = t.detach().to("cpu").contiguous()
@@ -113,8 +97,8 @@ def load_checkpoint_dict(path):
         if unsafe:
             raise UserError(f"{path}: refused to load: it pickles {', '.join(unsafe[:3])}, objects other than "
                             f"tensors and plain data, which could run code") from None
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:160]})") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: not a checkpoint of this repo (holds a {type(ckpt).__name__}, expected a dict)")
     return ckpt
