@@ -26,7 +26,7 @@ from detector import score_files
 from fakes import png_bits
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, squared_error, summarize
 from train import PRESETS, peak_memory_gb
-from utils import HelpFormatter, pick_device, run_cli, write_json
+from utils import ArgumentParser, number, pick_device, run_cli, write_json
 
 # dense (no sparsity) datasheet bf16 peaks, TFLOP/s: on CUDA the measured peak is a bf16 matmul
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
@@ -142,17 +142,17 @@ def print_report(r):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(__doc__)
     add = p.add_argument
     add("--device", default="auto", help="auto | cpu | cuda")
     add("--preset", choices=sorted(PRESETS), default="card", help="model config of train.py's preset")
-    add("--batch-size", type=int, default=None, help="32 on CPU, 1024 on CUDA if not given")
-    add("--repeats", type=int, default=5, help="timed repeats per figure; the median is reported")
-    add("--warmup", type=int, default=2, help="untimed runs first")
+    add("--batch-size", type=number(int, 1), default=None, help="32 on CPU, 1024 on CUDA if not given")
+    add("--repeats", type=number(int, 1), default=5, help="timed repeats per figure; the median is reported")
+    add("--warmup", type=number(int, 0), default=2, help="untimed runs first")
     add("--variants", default="eager,channels_last,bf16,compile", help="comma-separated subset")
     add("--skip-train", action="store_true", help="inference only")
-    add("--folder-images", type=int, default=128, help="multi-megapixel JPEGs for the folder benchmarks, 0 = skip")
-    add("--threads", type=int, default=None, help="torch threads; torch's choice if not given")
+    add("--folder-images", type=number(int, 0), default=128, help="multi-megapixel JPEGs for the folder benchmarks, 0 = skip")
+    add("--threads", type=number(int, 1), default=None, help="torch threads; torch's choice if not given")
     add("--json", default=None, help="also write every figure to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads or torch.get_num_threads())

@@ -32,7 +32,8 @@ from data import PREPROCESSING, load_cifar10, load_image_folder
 from detector import BASE_SCORES, prepare_model, score_files, score_uint8
 from model import load_model
 from thresholds import FPR_LEVELS
-from utils import HelpFormatter, UserError, atomic_write, pick_device, precision_name, run_cli, weights_fingerprint
+from utils import (ArgumentParser, UserError, atomic_write, number, pick_device, precision_name, run_cli,
+                   weights_fingerprint)
 
 CONVENTION = ("fake = positive class, real = negative; higher score = more fake (for combined, lower p-value); "
               "AUROC / AUPR computed on held-out real images vs each fake set; AUPR-In takes real as positive; "
@@ -40,27 +41,27 @@ CONVENTION = ("fake = positive class, real = negative; higher score = more fake 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(__doc__)
     add = p.add_argument
     add("--checkpoint", default="runs/cifar10/model_best_checkpoint.ckpt", help="anything load_model accepts")
     add("--data-dir", default="./data", help="CIFAR-10 folder, used when no --real-dir")
     add("--real-dir", action="append", default=[], help="real images (files, folders, globs; repeatable) instead of CIFAR-10 test")
-    add("--max-real", type=int, default=0, help="use at most this many real images, 0 = all")
-    add("--num-noise", type=int, default=10000, help="uniform-noise fakes, the card's set")
+    add("--max-real", type=number(int, 0), default=0, help="use at most this many real images, 0 = all")
+    add("--num-noise", type=number(int, 0), default=10000, help="uniform-noise fakes, the card's set")
     add("--fake-dir", action="append", default=[], metavar="[NAME=]DIR",
         help="a folder of known fakes, scored and reported as NAME (repeatable)")
     add("--hard-fakes", default="flat,gradient,blur,jpeg,splice", help="built-in hard sets (see fakes.py), or 'none'")
-    add("--num-hard", type=int, default=1000, help="images per built-in hard set")
+    add("--num-hard", type=number(int, 0), default=1000, help="images per built-in hard set")
     add("--optimal-against", default="noise", help="fake set that the 'optimal' threshold separates")
-    add("--holdout-fraction", type=float, default=0.5, help="real images held out to measure FPR")
+    add("--holdout-fraction", type=number(float, 0, 1), default=0.5, help="real images held out to measure FPR")
     add("--seed", type=int, default=0, help="seed of the real split and the built-in fakes")
     add("--output", default=None, help="thresholds JSON (default: thresholds_calibrated.json beside the checkpoint)")
     add("--plots-dir", default=None, help="where the three PNGs go (default: the --output folder)")
     add("--scores-out", default=None, help="CSV of every scored image (set, index or path, split, scores)")
-    add("--batch-size", type=int, default=128, help="images per forward pass")
-    add("--workers", type=int, default=None, help="decode processes for folders (default: min(4, CPUs))")
+    add("--batch-size", type=number(int, 1), default=128, help="images per forward pass")
+    add("--workers", type=number(int, 0), default=None, help="decode processes for folders (default: min(4, CPUs))")
     add("--device", default="auto", help="auto | cpu | cuda")
-    add("--bootstrap", type=int, default=200, help="bootstrap resamples for AUROC intervals, 0 = off")
+    add("--bootstrap", type=number(int, 0), default=200, help="bootstrap resamples for AUROC intervals, 0 = off")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return p.parse_args(argv)
 

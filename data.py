@@ -5,6 +5,7 @@ reader, and the data sets (CIFAR-10, a folder of images, synthetic dead leaves).
 import glob
 import os
 import socket
+import stat
 import warnings
 from pathlib import Path
 
@@ -57,9 +58,13 @@ def read_image(path, min_size=None):
     is applied; GIF / TIFF give their first frame. With min_size, a large JPEG is decoded at reduced
     scale (PIL draft mode) keeping both sides >= min_size: much faster, and changes little after resizing."""
     try:
-        with warnings.catch_warnings():
+        # O_NONBLOCK: opening a FIFO (or a device) must not wait forever for a writer; then only a
+        # regular file is read at all
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f, warnings.catch_warnings():
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ImageReadError("not a regular file")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(f) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise ImageReadError(f"decompression bomb: {img.width}x{img.height} pixels exceeds {MAX_IMAGE_PIXELS:,}")
                 img.seek(0)

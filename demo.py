@@ -26,7 +26,7 @@ from PIL import Image
 
 import fakes
 from data import dead_leaves
-from utils import HelpFormatter
+from utils import ArgumentParser, number
 
 
 def save_pngs(folder, **sets):  # prefix=uint8 images [N, 3, H, W] -> folder/prefix_0000.png, ...
@@ -46,9 +46,9 @@ def run(step, args, ok=(0,)):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--out-dir", default="demo_output", help="everything goes here")
-    p.add_argument("--real-images", type=int, default=1000, help="held-out real images for calibration")
+    p.add_argument("--real-images", type=number(int, 200), default=1000, help="held-out real images for calibration")
     p.add_argument("--seed", type=int, default=0, help="seed of training and of the generated images")
     p.add_argument("--figures-dir", default=None, help="also copy the README's pictures here (--figures-dir docs)")
     args = p.parse_args(argv)

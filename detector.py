@@ -128,22 +128,32 @@ class ImageFiles(IterableDataset):
         yield from errors
 
 
+def collate(items):
+    """In the worker: one input tensor per batch, not one per image (each is a shared-memory file descriptor,
+    and batch x prefetch x workers of them ran out of descriptors). -> ([(path, error)], x [G, 3, S, S], PNG bits)"""
+    good = [it for it in items if it[3] is None]
+    x = torch.stack([it[1] for it in good]) if good else None
+    png = np.array([it[2] for it in good]) if good and good[0][2] is not None else None
+    return [(path, error) for path, _, _, error in items], x, png
+
+
 def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with_complexity=True, keep_maps=False):
     """Yields one dict per input: its path and scores, or its error. Streams: memory stays flat."""
-    loader = DataLoader(ImageFiles(paths, model.config.image_size, rank, world, with_complexity), collate_fn=list,
+    loader = DataLoader(ImageFiles(paths, model.config.image_size, rank, world, with_complexity), collate_fn=collate,
                         batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1) if workers is None else workers,
                         pin_memory=next(model.parameters()).device.type == "cuda")  # pinned batches copy asynchronously
-    for items in loader:
-        rows = [{"path": path, "error": error} for path, _, _, error in items]
-        good = [i for i, it in enumerate(items) if it[3] is None]
-        if good:
-            png = np.array([items[i][2] for i in good]) if with_complexity else None
-            scores = score_batch(model, torch.stack([items[i][1] for i in good]), png, keep_maps=keep_maps)
-            for j, i in enumerate(good):
-                rows[i] = {"path": items[i][0], **{k: float(v[j]) for k, v in scores.items() if k not in ("maps", "recon")}}
-                if keep_maps:
-                    rows[i].update(input=items[i][1], map=scores["maps"][j], recon=scores["recon"][j])
-        yield from rows
+    for items, x, png in loader:
+        scores = score_batch(model, x, png, keep_maps=keep_maps) if x is not None else {}
+        j = 0
+        for path, error in items:
+            if error is not None:
+                yield {"path": path, "error": error}
+                continue
+            row = {"path": path, **{k: float(v[j]) for k, v in scores.items() if k not in ("maps", "recon")}}
+            if keep_maps:
+                row.update(input=x[j], map=scores["maps"][j], recon=scores["recon"][j])
+            yield row
+            j += 1
 
 
 # ---- the API
@@ -248,8 +258,9 @@ class ResultWriter:
             self.f.write("[")
 
     def write(self, row):
-        if self.fmt == ".csv":
-            self.csv.writerow({k: "" if v is None else v for k, v in row.items()})
+        if self.fmt == ".csv":  # a text cell that starts like a formula is kept as text (OWASP's rule)
+            self.csv.writerow({k: "" if v is None else "'" + v if isinstance(v, str) and v[:1] in "=+-@\t\r" and v
+                               else v for k, v in row.items()})
         else:
             line = json.dumps(row, ensure_ascii=False)
             self.f.write(("," if self.n else "") + "\n  " + line if self.fmt == ".json" else line + "\n")

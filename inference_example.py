@@ -23,11 +23,11 @@ import torch.distributed as dist
 
 import thresholds
 from detector import SCORES, Detector, ResultWriter
-from utils import HelpFormatter, UserError, gather, setup_distributed
+from utils import ArgumentParser, UserError, gather, number, run_cli, setup_distributed
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(__doc__)
     add = p.add_argument
     add("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
     add("--checkpoint", required=True, help="train.py checkpoint, hub-layout folder or hub repo id")
@@ -37,19 +37,21 @@ def parse_args(argv=None):
     add("--score", choices=SCORES, default="mse", help="which score decides")
     add("--output", default=None, help="also write the rows to this .csv, .json or .jsonl file")
     add("--heatmaps", default=None, metavar="DIR", help="write one PNG per image: input, reconstruction, error map")
-    add("--batch-size", type=int, default=None, help="images per forward pass (default: 32 on CPU, 256 on CUDA)")
-    add("--workers", type=int, default=None, help="decoding processes per rank (default: min(4, CPU count))")
+    add("--batch-size", type=number(int, 1), default=None, help="images per forward pass (default: 32 on CPU, 256 on CUDA)")
+    add("--workers", type=number(int, 0), default=None, help="decoding processes per rank (default: min(4, CPU count))")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
     return p.parse_args(argv)
 
 
 def result_line(row, score_name):
+    # control characters escaped: a file name must not be able to forge or split a result line
+    path = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in row["path"])
     if "error" in row:
-        return f"{row['path']}\tUNREADABLE: {row['error']}"
+        return f"{path}\tUNREADABLE: {row['error']}"
     if score_name == "combined":  # the score is itself a p-value
-        return f"{row['path']}\tcombined p={row['score']:.6g}\t{row['verdict']}"
+        return f"{path}\tcombined p={row['score']:.6g}\t{row['verdict']}"
     p = f"\tp={row['p_value']:.6g}" if row.get("p_value") is not None else ""
-    return f"{row['path']}\t{score_name}={row['score']:.6g}{p}\t{row['verdict']}"
+    return f"{path}\t{score_name}={row['score']:.6g}{p}\t{row['verdict']}"
 
 
 def detect(args, rank, world, device):
@@ -86,6 +88,8 @@ def detect(args, rank, world, device):
             if args.heatmaps and "error" not in row:
                 import plots
                 plots.save_heatmap(row, args.heatmaps, f"{row['verdict']}  ({det.score_name} {row['score']:.6g})")
+    except OSError as e:  # a full disk, say: one line, not a traceback
+        raise UserError(f"cannot write {e.filename or args.output or args.heatmaps}: {e.strerror or e}") from None
     finally:
         if writer:
             writer.close()  # even on Ctrl-C: a .json file keeps its closing bracket
@@ -124,4 +128,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -29,8 +29,8 @@ from tqdm import tqdm
 import plots
 from data import batches, dead_leaves, load_cifar10, load_image_folder, split_indices
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model, squared_error
-from utils import (HelpFormatter, UserError, atomic_write, autocast, gather, load_checkpoint_dict, precision_name,
-                   run_cli, setup_distributed, weights_fingerprint, write_json)
+from utils import (ArgumentParser, UserError, atomic_write, autocast, gather, load_checkpoint_dict, number,
+                   precision_name, run_cli, setup_distributed, weights_fingerprint, write_json)
 
 BEST_NAME = "model_best_checkpoint.ckpt"  # the card's file name
 LAST_NAME = "last_checkpoint.ckpt"
@@ -46,17 +46,19 @@ class TrainConfig:
     dataset: str = setting("cifar10", "training images", choices=["cifar10", "folder", "synthetic"])
     data_dir: str = setting("./data", "CIFAR-10 download folder, or the image tree for --dataset folder")
     out_dir: str = setting("runs/cifar10", "checkpoints, metrics, plot, results and release/ go here")
-    epochs: int = setting(100, "train up to this epoch")
-    batch_size: int = setting(1024, "per process")
-    lr: float = setting(1e-3, "AdamW learning rate")
-    weight_decay: float = setting(1e-5, "AdamW weight decay")
-    lr_factor: float = setting(0.5, "ReduceLROnPlateau factor")
-    lr_patience: int = setting(5, "ReduceLROnPlateau patience, in epochs")
-    val_fraction: float = setting(0.1, "held out of the training images, seeded (CIFAR-10: 5,000 of 50,000)")
-    test_fraction: float = setting(0.1, "test split of folder / synthetic data (CIFAR-10 has its own)")
-    max_images: int = setting(0, "use at most this many training images, 0 = all (quick runs)")
-    synthetic_images: int = setting(12000, "dead-leaves images for --dataset synthetic")
-    synthetic_size: int = setting(32, "their native size, as CIFAR's 32x32")
+    epochs: int = setting(100, "train up to this epoch", type=number(int, 1))
+    batch_size: int = setting(1024, "per process", type=number(int, 1))
+    lr: float = setting(1e-3, "AdamW learning rate", type=number(float, 0))
+    weight_decay: float = setting(1e-5, "AdamW weight decay", type=number(float, 0))
+    lr_factor: float = setting(0.5, "ReduceLROnPlateau factor", type=number(float, 0, 0.99))
+    lr_patience: int = setting(5, "ReduceLROnPlateau patience, in epochs", type=number(int, 0))
+    val_fraction: float = setting(0.1, "held out of the training images, seeded (CIFAR-10: 5,000 of 50,000)",
+                                 type=number(float, 0, 1))
+    test_fraction: float = setting(0.1, "test split of folder / synthetic data (CIFAR-10 has its own)",
+                                  type=number(float, 0, 1))
+    max_images: int = setting(0, "use at most this many training images, 0 = all (quick runs)", type=number(int, 0))
+    synthetic_images: int = setting(12000, "dead-leaves images for --dataset synthetic", type=number(int, 1))
+    synthetic_size: int = setting(32, "their native size, as CIFAR's 32x32", type=number(int, 1))
     seed: int = setting(0, "weights init, data split and batch order")
     compile: bool = setting(False, "torch.compile the model")
     image_size: int = setting(128, "model input size")
@@ -83,12 +85,12 @@ def flag(name):
 def build_parser(preset=None):
     """The command line, generated from TrainConfig. With preset=None no flag has a default
     (SUPPRESS), so parsing gives exactly the flags typed; --help belongs to the other one."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False,
-                                add_help=preset is not None, argument_default=None if preset else argparse.SUPPRESS)
+    p = ArgumentParser(__doc__, allow_abbrev=False, add_help=preset is not None,
+                       argument_default=None if preset else argparse.SUPPRESS)
     kind = {bool: dict(action=argparse.BooleanOptionalAction),
             tuple: dict(type=lambda text: tuple(int(c) for c in text.split(",")))}
     for f in fields(TrainConfig):
-        p.add_argument(flag(f.name), **kind.get(f.type, dict(type=f.type)), **f.metadata)
+        p.add_argument(flag(f.name), **{**kind.get(f.type, dict(type=f.type)), **f.metadata})
     p.add_argument("--preset", choices=sorted(PRESETS), help="defaults to start from; flags typed override them")
     p.add_argument("--resume", action="store_true",
                    help=f"continue the run in --out-dir from its {LAST_NAME} (weights, optimizer, LR schedule, RNG "

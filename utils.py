@@ -4,6 +4,7 @@ weight fingerprints, the precision policy, device choice and the torchrun setup.
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -30,13 +31,42 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{action.help or ''} (default: %(default)s)".lstrip()
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse as every script here uses it: --help shows the docstring and the defaults, and a bad
+    flag is one `error: ...` line and exit 2, like every other user error."""
+
+    def __init__(self, description, **kwargs):
+        super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def number(kind=int, low=None, high=None):
+    """An argparse type: a finite `kind` in [low, high], checked when the flag is read."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is outside [{low if low is not None else '-inf'}, "
+                                             f"{high if high is not None else 'inf'}]")
+        return value
+    return parse
+
+
 def run_cli(main, argv=None):
-    """Calls main(argv) and turns a UserError into one line on stderr and exit status 2."""
+    """Calls main(argv): a UserError becomes one line on stderr and exit status 2, Ctrl-C exit 130."""
     try:
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C: every output is whole (atomic writes) or untouched
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def atomic_write(path, write_fn):

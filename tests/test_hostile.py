@@ -1,0 +1,154 @@
+"""Hostile input through the real command lines: names that inject or forge, files that would block,
+flags and files with impossible values, Ctrl-C. Each gets one clear line (or a row), never a hang."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import ResidualAutoencoder
+from tests.conftest import ROOT, TINY, run_script
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.ckpt"
+    torch.manual_seed(0)
+    torch.save({"model": ResidualAutoencoder(TINY).state_dict(), "config": asdict(TINY)}, path)
+    return path
+
+
+def image(path, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path, format="PNG")
+
+
+def one_error_line(proc):
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_formula_file_names_are_not_live_in_csv_and_kept_exact_in_json(ckpt, tmp_path):
+    names = ["=1+1.png", "@SUM(1+1).png", "+1+1.png", "-2+3.png", "=cmd|' -C calc'!A0.png"]
+    for i, name in enumerate(names):
+        image(tmp_path / name, i)
+    for out in ("r.csv", "r.json"):  # relative names, run from their folder, as a user would type them
+        subprocess.run([sys.executable, ROOT / "inference_example.py", "--checkpoint", ckpt, "--threshold", "0.5",
+                        "--output", out, "--workers", "0", "--", *names], cwd=tmp_path, check=True,
+                       capture_output=True, env={**os.environ, **ONE_THREAD}, timeout=300)
+    with open(tmp_path / "r.csv", newline="", encoding="utf-8") as f:
+        cells = [row["path"] for row in csv.DictReader(f)]
+    assert sorted(cells) == sorted("'" + n for n in names)  # shown as text by any spreadsheet
+    assert sorted(r["path"] for r in json.loads((tmp_path / "r.json").read_text())) == sorted(names)
+
+
+def test_a_file_name_cannot_forge_a_result_line(ckpt, tmp_path):
+    forged = "x\nFORGED.png\tmse=0.0001\tREAL\ny.png"  # an image name, as the folder walk lists them
+    image(tmp_path / forged)
+    image(tmp_path / "honest.png", 1)
+    proc = run_script("inference_example.py", tmp_path, "--checkpoint", ckpt, "--threshold", "0.5",
+                      "--workers", "0", env=ONE_THREAD)
+    lines = proc.stdout.splitlines()
+    assert not [line for line in lines if line.startswith("FORGED.png")]
+    assert sum(line.endswith(("\tREAL", "\tFAKE")) for line in lines) == 2  # one line per image, no more
+    assert any(line.startswith(str(tmp_path / "x\\nFORGED.png\\tmse=0.0001\\tREAL\\ny.png\t")) for line in lines)
+
+
+def test_a_fifo_never_blocks_the_run(ckpt, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe.png")  # opening it for reading would wait for a writer forever
+    image(folder / "real.png")
+    for inputs in ([folder], [folder / "pipe.png", folder / "real.png"]):
+        proc = run_script("inference_example.py", *inputs, "--checkpoint", ckpt, "--threshold", "0.5",
+                          "--workers", "1", check=False, env=ONE_THREAD, timeout=120)
+        assert proc.returncode == 1, proc.stderr  # one input unreadable, the rest scored
+        assert f"{folder / 'pipe.png'}\tUNREADABLE: not a regular file" in proc.stdout
+        assert f"{folder / 'real.png'}\tmse=" in proc.stdout
+
+
+@pytest.mark.parametrize("script, flags, fragment", [
+    ("train.py", ["--batch-size", "0"], "--batch-size: 0 is outside [1, inf]"),
+    ("train.py", ["--lr", "nan"], "--lr: nan is outside"),
+    ("train.py", ["--lr", "-1"], "--lr: -1 is outside"),
+    ("train.py", ["--epochs", "-1"], "--epochs: -1 is outside"),
+    ("train.py", ["--lr-factor", "1"], "--lr-factor: 1 is outside"),
+    ("inference_example.py", ["x.png", "--checkpoint", "c", "--batch-size", "-5"], "--batch-size: -5 is outside"),
+    ("inference_example.py", ["x.png", "--checkpoint", "c", "--workers", "-1"], "--workers: -1 is outside"),
+    ("calibrate.py", ["--batch-size", "0"], "--batch-size: 0 is outside"),
+    ("calibrate.py", ["--holdout-fraction", "2"], "--holdout-fraction: 2 is outside"),
+])
+def test_impossible_flags_are_one_line_and_touch_nothing(tmp_path, script, flags, fragment):
+    out = tmp_path / "out"
+    extra = ["--out-dir", out] if script == "train.py" else ["--output", out / "t.json"] if script == "calibrate.py" else []
+    proc = run_script(script, *flags, *extra, check=False, timeout=120)
+    assert proc.returncode == 2 and fragment in one_error_line(proc)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ({"balanced": {"value": True}}, "must be a finite number"),
+    ({"balanced": {"value": "0.4"}}, "must be a finite number"),
+    ({"balanced": {"value": 1e400}}, "must be a finite number"),
+    ([1, 2], "must be a JSON object"),
+])
+def test_bad_thresholds_values_are_one_line(ckpt, tmp_path, content, fragment):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"reconstruction_thresholds": {"thresholds": content}}).replace("1e+400", "1e400"))
+    image(tmp_path / "a.png")
+    proc = run_script("inference_example.py", tmp_path / "a.png", "--checkpoint", ckpt, "--thresholds", path,
+                      check=False, env=ONE_THREAD)
+    assert proc.returncode == 2 and fragment in one_error_line(proc)
+
+
+def test_thresholds_from_a_device_file_are_refused(ckpt, tmp_path):
+    image(tmp_path / "a.png")
+    proc = run_script("inference_example.py", tmp_path / "a.png", "--checkpoint", ckpt, "--thresholds", "/dev/zero",
+                      check=False, env=ONE_THREAD, timeout=60)
+    assert proc.returncode == 2 and "not a regular file" in one_error_line(proc)
+
+
+def test_ctrl_c_is_one_line_and_leaves_valid_output(ckpt, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(400):
+        image(folder / f"{i:04d}.png", i)
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "inference_example.py", folder, "--checkpoint", ckpt, "--threshold", "0.5",
+                             "--output", out, "--workers", "0", "--batch-size", "1"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **ONE_THREAD})
+    try:
+        first = proc.stdout.readline()  # scoring has started
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert first.endswith(("\tREAL\n", "\tFAKE\n"))
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    rows = json.loads(out.read_text())  # closed properly: every row so far, a valid list
+    assert 1 <= len(rows) < 400
+
+
+def test_large_batches_do_not_run_out_of_file_descriptors(ckpt, tmp_path):
+    import resource
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(600):
+        image(folder / f"{i:04d}.png", i)
+    proc = subprocess.run([sys.executable, "inference_example.py", folder, "--checkpoint", ckpt, "--threshold", "0.5",
+                           "--batch-size", "256", "--workers", "2"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **ONE_THREAD}, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sum(line.endswith(("\tREAL", "\tFAKE")) for line in proc.stdout.splitlines()) == 600
