@@ -16,6 +16,7 @@ import csv
 import datetime
 import hashlib
 import io
+import os
 import sys
 import tempfile
 from dataclasses import asdict
@@ -69,7 +70,10 @@ def parse_args(argv=None):
 def check_writable(path):
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=Path(path).parent).close()
+        with tempfile.TemporaryFile(dir=Path(path).parent) as f:  # real bytes: a full disk must fail here
+            f.write(bytes(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
@@ -261,11 +265,14 @@ def main(argv=None):
             print(f"skipped {len(items)} unreadable {name} file(s), e.g. {items[0]}", file=sys.stderr)
     result = analyse(real, sets, args)
     report = build_report(model, args, device, real, real_source, sets, sources, skipped, result)
-    thresholds.write(output, report)
-    if args.scores_out:
-        write_scores_csv(args.scores_out, real, real_paths, result, sets)
-    import plots
-    plots.calibration_plots(report, real, sets, result, model, samples, plots_dir)
+    try:  # the thresholds file last: if any write fails (a full disk), no new thresholds without their evidence
+        if args.scores_out:
+            write_scores_csv(args.scores_out, real, real_paths, result, sets)
+        import plots
+        plots.calibration_plots(report, real, sets, result, model, samples, plots_dir)
+        thresholds.write(output, report)
+    except OSError as e:
+        raise UserError(f"cannot write {e.filename or output}: {e.strerror or e}") from None
     print_summary(report, output)
     print(f"plots: {plots_dir / 'threshold_calibration.png'}, {plots_dir / 'reconstruction_comparison.png'}, "
           f"{plots_dir / 'roc_curve.png'}" + (f"; scores: {args.scores_out}" if args.scores_out else ""))

@@ -67,6 +67,11 @@ def read_image(path, min_size=None):
             with Image.open(f) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise ImageReadError(f"decompression bomb: {img.width}x{img.height} pixels exceeds {MAX_IMAGE_PIXELS:,}")
+                # libjpeg fills a JPEG that ends early with grey and says nothing; every 8x8 block costs at least
+                # a bit, so fewer bits than blocks means the file cannot hold what it declares
+                if img.format == "JPEG" and os.fstat(f.fileno()).st_size * 8 < img.width * img.height / 64:
+                    raise ImageReadError(f"truncated: {os.fstat(f.fileno()).st_size:,} bytes cannot hold a "
+                                         f"{img.width}x{img.height} JPEG")
                 img.seek(0)
                 if min_size and img.format == "JPEG":
                     img.draft("RGB", (min_size, min_size))  # picks the smallest scale still >= min_size

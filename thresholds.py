@@ -90,6 +90,8 @@ def validate(cfg, path):
 
     check_table(obj(obj(cfg, "the file").get("reconstruction_thresholds"), "reconstruction_thresholds").get("thresholds"),
                 "reconstruction_thresholds.thresholds")
+    if any(entry["value"] < 0 for entry in cfg["reconstruction_thresholds"]["thresholds"].values()):
+        raise UserError(f"{path}: reconstruction_thresholds.thresholds: an mse threshold cannot be negative")
     for score, entry in obj(cfg.get("score_thresholds", {}), "score_thresholds").items():
         if "thresholds" in obj(entry, f"score_thresholds.{score}"):
             check_table(entry["thresholds"], f"score_thresholds.{score}.thresholds")

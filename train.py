@@ -12,8 +12,10 @@ Writes to --out-dir: model_best_checkpoint.ckpt (best validation loss), last_che
 """
 
 import argparse
+import fcntl
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -34,6 +36,7 @@ from utils import (ArgumentParser, UserError, atomic_write, autocast, gather, lo
 
 BEST_NAME = "model_best_checkpoint.ckpt"  # the card's file name
 LAST_NAME = "last_checkpoint.ckpt"
+LOCKS = {}  # --out-dir -> its open lock file, for the runs this process holds
 
 
 def setting(default, help, **argparse_kwargs):
@@ -67,6 +70,7 @@ class TrainConfig:
     latent_dim: int = setting(512, "bottleneck width")
     init_from: str = setting(None, "fine-tune from these weights (any load_model source; sets the architecture)")
     progress: bool = setting(True, "tqdm progress bars")
+    device: str = setting("auto", "auto: cuda if available", choices=["auto", "cpu", "cuda"])
 
 
 ARCHITECTURE = ("image_size", "channels", "blocks_per_stage", "latent_dim")  # the fields that shape the model
@@ -75,7 +79,7 @@ ARCHITECTURE = ("image_size", "channels", "blocks_per_stage", "latent_dim")  # t
 PRESETS = {"card": {}, "smoke": dict(epochs=12, batch_size=32, image_size=32, channels=(32, 64, 128), latent_dim=256,
                                      synthetic_images=2400, max_images=2400, lr=1e-3, lr_patience=2)}
 # what --resume lets a user change: none alters the data, the architecture or what the saved optimizer state means
-RESUMABLE = ("epochs", "lr", "weight_decay", "lr_factor", "lr_patience", "progress", "out_dir")
+RESUMABLE = ("epochs", "lr", "weight_decay", "lr_factor", "lr_patience", "progress", "out_dir", "device")
 
 
 def flag(name):
@@ -124,7 +128,13 @@ def all_reduce_sum(t):
 def load_datasets(cfg, device):
     """uint8 tensors (train, val, test) on `device`, each [N, 3, H, W], and where they came from."""
     if cfg.dataset == "cifar10":
+        # one download per node: local rank 0 fetches and extracts, the other ranks wait, then read its files
+        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        if dist.is_initialized() and not first:
+            dist.barrier()
         pool, test = load_cifar10(cfg.data_dir, train=True), load_cifar10(cfg.data_dir, train=False)
+        if dist.is_initialized() and first:
+            dist.barrier()
         source = f"CIFAR-10 in {cfg.data_dir}"
     elif cfg.dataset == "synthetic":
         pool = dead_leaves(cfg.synthetic_images, cfg.synthetic_size, seed=cfg.seed)
@@ -197,6 +207,26 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB
 
 
+def lock_run(out_dir):
+    """One run per --out-dir at a time: two would mix their checkpoints and metrics. Held until train() ends
+    (or the process does: the kernel drops it however the process ends); re-entrant within a process."""
+    key = os.path.realpath(out_dir)
+    if key in LOCKS:
+        return
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    f = open(Path(out_dir) / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise UserError(f"{out_dir} is in use by another training run (pid {f.read().strip() or '?'}); wait for it "
+                        f"or choose another --out-dir") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    LOCKS[key] = f  # kept open: closing the file releases the lock
+
+
 def build(cfg, device, resume, overwrite, typed):
     """(cfg, model, opt, sched, first epoch to train, best validation loss, history): fresh, or with --resume as
     the run in --out-dir saved them (settings, weights, optimizer, schedule, RNG) but for the safe flags typed now."""
@@ -213,6 +243,8 @@ def build(cfg, device, resume, overwrite, typed):
     elif last.exists() and not overwrite:
         raise UserError(f"{cfg.out_dir} already holds a run ({LAST_NAME}); pass --resume to continue it, "
                         f"--overwrite to replace it, or another --out-dir")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        lock_run(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     # existing weights (the run's on --resume, or --init-from's) decide the architecture and input size
     source = last if resume else cfg.init_from
@@ -230,8 +262,9 @@ def build(cfg, device, resume, overwrite, typed):
         group.update({k: getattr(cfg, k) for k in ("lr", "weight_decay") if k in typed})
     sched.factor, sched.patience = cfg.lr_factor, cfg.lr_patience  # never changed by the schedule itself
     torch.set_rng_state(ckpt["rng"]["torch"])
-    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if "cuda" in ckpt["rng"] and device.type == "cuda":  # this process's GPU only: the GPU count may differ now
+        state = ckpt["rng"]["cuda"]
+        torch.cuda.set_rng_state(state if torch.is_tensor(state) else state[0], device)
     return cfg, model, opt, sched, ckpt["epoch"] + 1, ckpt["best_val_loss"], list(ckpt.get("history", []))
 
 
@@ -241,7 +274,8 @@ def save_checkpoints(out_dir, model, opt, sched, cfg, history, best_val, improve
              "train_config": asdict(cfg), "epoch": history[-1]["epoch"]}
     if improved:
         atomic_write(out_dir / BEST_NAME, lambda tmp: torch.save({**state, "val_loss": best_val}, tmp))
-    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    device = next(model.parameters()).device
+    cuda = {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
     state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), best_val_loss=best_val,
                  rng={"torch": torch.get_rng_state(), **cuda}, history=history)
     atomic_write(out_dir / LAST_NAME, lambda tmp: torch.save(state, tmp))
@@ -250,7 +284,7 @@ def save_checkpoints(out_dir, model, opt, sched, cfg, history, best_val, improve
 
 
 def train(cfg, resume=False, overwrite=False, typed=()):
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.device)
     log = partial(print, flush=True) if rank == 0 else lambda *msg: None  # only rank 0 speaks
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # tiny gradients late in training otherwise slow CPU math many-fold
@@ -269,9 +303,9 @@ def train(cfg, resume=False, overwrite=False, typed=()):
         log(f"resumed from {out_dir / LAST_NAME} after epoch {start_epoch - 1} (best val {best_val:.6f})")
     elif cfg.init_from:
         log(f"fine-tuning from {cfg.init_from}")
-    if cfg.compile:
-        model.compile()  # in place: state_dict keys stay clean
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    if cfg.compile:  # after DDP, as PyTorch advises (its graph then splits at DDP's buckets); saving uses `model`
+        net = torch.compile(net)
     log(f"model: {count_parameters(model):,} parameters, {model.config}; device {device} x {world}, "
         f"{precision_name(device)}")
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -320,6 +354,8 @@ def train(cfg, resume=False, overwrite=False, typed=()):
             f"checkpoints, release/, metrics, loss curve and results.json are in {out_dir}")
     if dist.is_initialized():
         dist.destroy_process_group()
+    if (lock := LOCKS.pop(os.path.realpath(out_dir), None)) is not None:
+        lock.close()
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -116,9 +117,15 @@ def weights_fingerprint(model_or_state_dict):
 def load_checkpoint_dict(path):
     """torch.load with weights_only=True: tensors and plain data only, never code."""
     try:
+        # torch.save writes a zip with a CRC32 per tensor, which torch.load never checks: a flipped bit would
+        # otherwise be trained on as if it were a weight
+        if zipfile.is_zipfile(path) and (bad := zipfile.ZipFile(path).testzip()):
+            raise UserError(f"{path}: corrupt: its record {bad} fails its checksum (a damaged file)")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint not found: {path}") from None
+    except UserError:
+        raise
     except Exception as e:  # garbage makes the unpickler fail in many ways
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -159,7 +166,11 @@ def setup_distributed(device_name="auto"):
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local >= gpus:
+            raise UserError(f"torchrun started local rank {local} but {gpus} GPU(s) are visible: use "
+                            f"--nproc_per_node={gpus} (or --device cpu)")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:

@@ -52,7 +52,8 @@ def test_bench_cli_writes_every_figure(tmp_path):
     assert [v["variant"] for v in result["variants"]] == ["eager", "channels_last"]
     for v in result["variants"]:
         assert v["infer_images_per_s"] > 0 and v["train_images_per_s"] > 0
-        assert 0 < v["infer_utilisation"] < 2  # above 1 would mean a wrong FLOP count or peak
+        # the peak is the best of several readings interleaved with the variants: never below what they achieve
+        assert 0 < v["infer_utilisation"] <= 1 and 0 < v["train_utilisation"] <= 1
     for key in ("cifar_batch_images_per_s", "folder_decode_draft_images_per_s", "png_coding_images_per_s"):
         assert result["data_path"][key] > 0
     assert result["folder"]["speedup_vs_card_recipe"] > 0

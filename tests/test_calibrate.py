@@ -46,7 +46,7 @@ def calibrate_folder(tiny_ckpt, real_dir, tmp_path, *extra):
     out = tmp_path / "out"
     proc = run_script("calibrate.py", "--checkpoint", tiny_ckpt, "--real-dir", real_dir, "--num-noise", "150",
                       "--num-hard", "60", "--output", out / "thr.json", "--plots-dir", out,
-                      "--scores-out", out / "scores.csv", "--no-progress", "--workers", "1", *extra)
+                      "--scores-out", out / "scores.csv", "--no-progress", "--workers", "1", "--device", "cpu", *extra)
     return out, json.loads((out / "thr.json").read_text()), read_scores(out / "scores.csv"), proc
 
 

@@ -97,6 +97,7 @@ def test_impossible_flags_are_one_line_and_touch_nothing(tmp_path, script, flags
 
 
 @pytest.mark.parametrize("content, fragment", [
+    ({"balanced": {"value": -1}}, "cannot be negative"),
     ({"balanced": {"value": True}}, "must be a finite number"),
     ({"balanced": {"value": "0.4"}}, "must be a finite number"),
     ({"balanced": {"value": 1e400}}, "must be a finite number"),
@@ -152,3 +153,92 @@ def test_large_batches_do_not_run_out_of_file_descriptors(ckpt, tmp_path):
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sum(line.endswith(("\tREAL", "\tFAKE")) for line in proc.stdout.splitlines()) == 600
+
+
+TRAIN = ["--image-size", "32", "--channels", "8,8,16,16,16", "--latent-dim", "16", "--batch-size", "16",
+         "--dataset", "synthetic", "--synthetic-images", "300", "--no-progress", "--device", "cpu"]
+
+
+def test_a_second_training_into_the_same_out_dir_is_refused(tmp_path):
+    import time
+
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "train.py", *TRAIN, "--epochs", "500", "--out-dir", out], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **ONE_THREAD})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / ".lock").exists() and (out / ".lock").read_text().strip()):
+            time.sleep(0.1)
+        second = run_script("train.py", *TRAIN, "--epochs", "1", "--out-dir", out, "--overwrite", check=False)
+        assert second.returncode == 2 and f"in use by another training run (pid {first.pid})" in one_error_line(second)
+    finally:
+        first.kill()
+        first.wait()
+    # the kernel dropped the lock with the process: the folder is usable again
+    assert run_script("train.py", *TRAIN, "--epochs", "1", "--out-dir", out, "--overwrite").returncode == 0
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_named_as_corruption(tmp_path):
+    out = tmp_path / "run"
+    run_script("train.py", *TRAIN, "--epochs", "1", "--out-dir", out)
+    path = out / "last_checkpoint.ckpt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10  # inside the tensors, which torch.load would read without complaint
+    path.write_bytes(bytes(data))
+    proc = run_script("train.py", "--resume", "--epochs", "2", "--out-dir", out, check=False)
+    assert proc.returncode == 2 and "corrupt" in one_error_line(proc)
+    assert path.read_bytes() == bytes(data)  # nothing was written over it
+
+
+def test_a_jpeg_that_declares_more_than_it_holds_is_truncated_not_grey(tmp_path):
+    import io
+    import struct
+
+    from data import ImageReadError, read_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    struct.pack_into(">HH", data, data.find(b"\xff\xc0") + 5, 9000, 9000)  # the frame header now claims 9000x9000
+    (tmp_path / "liar.jpg").write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match="truncated"):
+        read_image(tmp_path / "liar.jpg", min_size=128)  # libjpeg alone would return a grey 1125x1125 image
+
+
+def no_space(*args, **kwargs):
+    import errno
+    raise OSError(errno.ENOSPC, "No space left on device", "out/some file")
+
+
+def test_a_full_disk_during_inference_is_one_line(ckpt, tmp_path, monkeypatch, capsys):
+    import detector
+    import inference_example
+
+    image(tmp_path / "a.png")
+    monkeypatch.setattr(detector.ResultWriter, "write", no_space)
+    status = inference_example.main([str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "--threshold", "0.5",
+                                     "--output", str(tmp_path / "r.csv"), "--workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err[-1] == "error: cannot write out/some file: No space left on device"
+    assert not [line for line in err if "Traceback" in line]
+
+
+def test_a_full_disk_during_calibration_writes_no_thresholds(ckpt, tmp_path, monkeypatch, capsys):
+    import calibrate
+    from data import dead_leaves
+    from utils import run_cli
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for i, img in enumerate(dead_leaves(220, 32, seed=1)):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(real / f"{i}.png")
+    monkeypatch.setattr(calibrate, "write_scores_csv", no_space)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(calibrate.main, [
+            "--checkpoint", str(ckpt), "--real-dir", str(real), "--num-noise", "20", "--hard-fakes", "none",
+            "--output", str(out / "t.json"), "--scores-out", str(out / "s.csv"), "--no-progress", "--workers", "0",
+            "--bootstrap", "0", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: cannot write out/some file: No space left on device"
+    assert not (out / "t.json").exists()  # no thresholds without the rest of what calibration writes

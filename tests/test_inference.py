@@ -545,7 +545,7 @@ def test_non_utf8_file_name_does_not_stop_the_run(env, capsys, tmp_path):
 
 def test_torchrun_two_processes_match_one(env, capsys, tmp_path):
     inputs = [env["root"] / "good", env["root"] / "bad", env["missing"]]
-    common = ["--checkpoint", env["ckpt"], "--thresholds", env["th"]["bound"]]
+    common = ["--checkpoint", env["ckpt"], "--thresholds", env["th"]["bound"], "--device", "cpu"]  # gloo, both
     single = tmp_path / "single.jsonl"
     assert run_main(capsys, *inputs, *common, "--output", single, "--workers", "0")[0] == 1
     multi = tmp_path / "multi.csv"

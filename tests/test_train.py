@@ -10,8 +10,9 @@ from tests.conftest import run_script
 from utils import weights_fingerprint
 
 # a tiny network on tiny synthetic images: each epoch takes a fraction of a second on CPU
+# --device cpu: the exact-resume and gloo tests are CPU guarantees, and must hold on a CUDA box too
 TINY = ["--image-size", "32", "--channels", "8,8,16,16,16", "--latent-dim", "16", "--batch-size", "16",
-        "--dataset", "synthetic", "--synthetic-images", "300", "--no-progress"]
+        "--dataset", "synthetic", "--synthetic-images", "300", "--no-progress", "--device", "cpu"]
 
 
 def read_metrics(out_dir):
@@ -53,7 +54,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     train.main(TINY + ["--epochs", "3", "--out-dir", str(straight)])
     train.main(TINY + ["--epochs", "1", "--out-dir", str(interrupted)])
     assert len(read_metrics(interrupted)) == 1
-    train.main(["--resume", "--epochs", "3", "--out-dir", str(interrupted), "--no-progress"])  # the rest comes from the checkpoint
+    train.main(["--resume", "--epochs", "3", "--out-dir", str(interrupted), "--no-progress", "--device", "cpu"])  # the rest comes from the checkpoint
 
     a, b = last_weights(straight), last_weights(interrupted)
     assert a.keys() == b.keys()
@@ -83,7 +84,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         proc.wait()
     done = load_checkpoint_dict(killed / "last_checkpoint.ckpt")["epoch"]  # loads: never truncated
     assert 1 <= done < 50
-    train.main(["--resume", "--epochs", str(done + 1), "--out-dir", str(killed), "--no-progress"])
+    train.main(["--resume", "--epochs", str(done + 1), "--out-dir", str(killed), "--no-progress", "--device", "cpu"])
     train.main(TINY + ["--epochs", str(done + 1), "--out-dir", str(straight)])
     a, b = last_weights(straight), last_weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -152,7 +153,7 @@ def test_every_rank_gets_the_same_number_of_whole_batches(n, world, batch):
 def test_resume_applies_typed_hyperparameters(tmp_path):
     out = tmp_path / "run"
     train.main(TINY + ["--epochs", "1", "--out-dir", str(out)])
-    train.main(["--resume", "--epochs", "2", "--lr", "5e-4", "--lr-patience", "9", "--out-dir", str(out), "--no-progress"])
+    train.main(["--resume", "--epochs", "2", "--lr", "5e-4", "--lr-patience", "9", "--out-dir", str(out), "--no-progress", "--device", "cpu"])
     ckpt = load_checkpoint_dict(out / "last_checkpoint.ckpt")
     assert read_metrics(out)[1]["lr"] == 5e-4
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == 5e-4 and ckpt["scheduler"]["patience"] == 9
@@ -187,7 +188,7 @@ def test_resume_after_fine_tuning_keeps_the_checkpoint_architecture(tmp_path):
     train.main(TINY + ["--epochs", "1", "--out-dir", str(base)])
     train.main(TINY + ["--epochs", "1", "--channels", "4,4,4,4,4", "--out-dir", str(tuned),
                        "--init-from", str(base / "model_best_checkpoint.ckpt")])
-    train.main(["--resume", "--epochs", "2", "--out-dir", str(tuned), "--no-progress"])
+    train.main(["--resume", "--epochs", "2", "--out-dir", str(tuned), "--no-progress", "--device", "cpu"])
     assert len(read_metrics(tuned)) == 2
     assert load_model(tuned / "last_checkpoint.ckpt").config.channels == (8, 8, 16, 16, 16)
 
@@ -244,5 +245,17 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
     ranks = results["final_weights_per_rank"]
     assert len(ranks) == 2 and ranks[0] == ranks[1]
     rows = read_metrics(out)
-    assert len(rows) == 2 and rows[1]["train_loss"] < rows[0]["train_loss"]
+    # no "the loss falls": two epochs of a tiny net need not lower it, and the test is about agreement
+    assert len(rows) == 2 and all(math.isfinite(r["train_loss"]) for r in rows)
     assert proc.stdout.count("epoch   1 |") == 1  # only rank 0 logs
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    from utils import UserError, setup_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="local rank 1 but 1 GPU"):
+        setup_distributed("cuda")  # before any process group or CUDA call
