@@ -348,9 +348,10 @@ def test_permission_error_and_directory_become_reasons(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(args[0]))
 
-    monkeypatch.setattr(data.Image, "open", refuse)
+    photo("astronaut").save(tmp_path / "locked.png")
+    monkeypatch.setattr(data.os, "open", refuse)  # what opening a file we may not read raises
     with pytest.raises(ImageReadError, match="^permission denied$"):
-        read_image(tmp_path / "anything.png")
+        read_image(tmp_path / "locked.png")
 
 
 def test_api_path_and_pil_image_give_the_same_score(env):
