@@ -12,7 +12,6 @@ Writes to --out-dir: model_best_checkpoint.ckpt (best validation loss), last_che
 """
 
 import argparse
-import fcntl
 import json
 import math
 import os
@@ -31,12 +30,12 @@ from tqdm import tqdm
 import plots
 from data import batches, dead_leaves, load_cifar10, load_image_folder, split_indices
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model, squared_error
-from utils import (ArgumentParser, UserError, atomic_write, autocast, gather, load_checkpoint_dict, number,
-                   precision_name, run_cli, setup_distributed, weights_fingerprint, write_json)
+from utils import (ArgumentParser, UserError, atomic_write, autocast, gather, load_checkpoint_dict, lock_folder,
+                   number, precision_name, run_cli, setup_distributed, unlock_folder, weights_fingerprint,
+                   write_json)
 
 BEST_NAME = "model_best_checkpoint.ckpt"  # the card's file name
 LAST_NAME = "last_checkpoint.ckpt"
-LOCKS = {}  # --out-dir -> its open lock file, for the runs this process holds
 
 
 def setting(default, help, **argparse_kwargs):
@@ -207,26 +206,6 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB
 
 
-def lock_run(out_dir):
-    """One run per --out-dir at a time: two would mix their checkpoints and metrics. Held until train() ends
-    (or the process does: the kernel drops it however the process ends); re-entrant within a process."""
-    key = os.path.realpath(out_dir)
-    if key in LOCKS:
-        return
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    f = open(Path(out_dir) / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise UserError(f"{out_dir} is in use by another training run (pid {f.read().strip() or '?'}); wait for it "
-                        f"or choose another --out-dir") from None
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    LOCKS[key] = f  # kept open: closing the file releases the lock
-
-
 def build(cfg, device, resume, overwrite, typed):
     """(cfg, model, opt, sched, first epoch to train, best validation loss, history): fresh, or with --resume as
     the run in --out-dir saved them (settings, weights, optimizer, schedule, RNG) but for the safe flags typed now."""
@@ -244,7 +223,7 @@ def build(cfg, device, resume, overwrite, typed):
         raise UserError(f"{cfg.out_dir} already holds a run ({LAST_NAME}); pass --resume to continue it, "
                         f"--overwrite to replace it, or another --out-dir")
     if not dist.is_initialized() or dist.get_rank() == 0:
-        lock_run(cfg.out_dir)
+        lock_folder(cfg.out_dir)  # one run per --out-dir: two would mix their checkpoints and metrics
     torch.manual_seed(cfg.seed)
     # existing weights (the run's on --resume, or --init-from's) decide the architecture and input size
     source = last if resume else cfg.init_from
@@ -354,8 +333,7 @@ def train(cfg, resume=False, overwrite=False, typed=()):
             f"checkpoints, release/, metrics, loss curve and results.json are in {out_dir}")
     if dist.is_initialized():
         dist.destroy_process_group()
-    if (lock := LOCKS.pop(os.path.realpath(out_dir), None)) is not None:
-        lock.close()
+    unlock_folder(out_dir)
 
 
 def main(argv=None):

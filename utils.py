@@ -2,6 +2,7 @@
 weight fingerprints, the precision policy, device choice and the torchrun setup."""
 
 import argparse
+import fcntl
 import hashlib
 import json
 import math
@@ -139,6 +140,34 @@ def load_checkpoint_dict(path):
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: not a checkpoint of this repo (holds a {type(ckpt).__name__}, expected a dict)")
     return ckpt
+
+
+LOCKS = {}  # folder -> its open lock file, for the folders this process holds
+
+
+def lock_folder(folder):
+    """An exclusive lock on `folder` for this process, or a UserError naming the pid that holds it. The kernel
+    drops it when the process ends, however it ends; re-entrant within a process."""
+    key = os.path.realpath(folder)
+    if key in LOCKS:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    f = open(Path(folder) / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise UserError(f"{folder} is in use by another training run (pid {f.read().strip() or '?'}); wait for it "
+                        f"or choose another --out-dir") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    LOCKS[key] = f  # kept open: closing the file releases the lock
+
+
+def unlock_folder(folder):
+    if (f := LOCKS.pop(os.path.realpath(folder), None)) is not None:
+        f.close()
 
 
 def pick_device(name="auto"):
