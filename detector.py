@@ -204,7 +204,8 @@ class Detector:
             if p is not None:
                 r["p_value"] = float(p[i])
             if self.threshold is not None:  # combined is a p-value: small means fake
-                r["verdict"] = "FAKE" if (r["score"] <= self.threshold if combined else r["score"] > self.threshold) else "REAL"
+                fake = r["score"] <= self.threshold if combined else r["score"] > self.threshold
+                r["verdict"] = "FAKE" if fake else "REAL"
         return rows
 
     def score_paths(self, paths, rank=0, world=1, keep_maps=False):
@@ -236,6 +237,13 @@ class Detector:
 
 
 # ---- result files
+def csv_cell(value):
+    """None -> empty; text that starts like a formula gets a leading ' so spreadsheets show it as text (OWASP)."""
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + value
+    return "" if value is None else value
+
+
 class ResultWriter:
     """Streams result rows to .csv, .json (a list) or .jsonl, flushing each one: memory stays flat and
     an interrupted run leaves every row so far on disk. Under torchrun each rank writes a JSON Lines
@@ -258,9 +266,8 @@ class ResultWriter:
             self.f.write("[")
 
     def write(self, row):
-        if self.fmt == ".csv":  # a text cell that starts like a formula is kept as text (OWASP's rule)
-            self.csv.writerow({k: "" if v is None else "'" + v if isinstance(v, str) and v[:1] in "=+-@\t\r" and v
-                               else v for k, v in row.items()})
+        if self.fmt == ".csv":
+            self.csv.writerow({k: csv_cell(v) for k, v in row.items()})
         else:
             line = json.dumps(row, ensure_ascii=False)
             self.f.write(("," if self.n else "") + "\n  " + line if self.fmt == ".json" else line + "\n")

@@ -75,8 +75,9 @@ def detect(args, rank, world, device):
         error = str(e)
     if error := next((e for e in gather(error) if e), None):  # every rank stops on any rank's error
         raise UserError(error)
-    for w in det.warnings if rank == 0 else []:  # once, before any result line
-        print(f"warning: {w}", file=sys.stderr, flush=True)
+    if rank == 0:
+        for w in det.warnings:  # once, before any result line
+            print(f"warning: {w}", file=sys.stderr, flush=True)
     gather(None)  # no rank prints a result before rank 0's warnings
     counts = Counter()
     try:

@@ -7,7 +7,6 @@
     model.save_pretrained("release/"); model.push_to_hub("you/name")       # hub layout, via the mixin
 """
 
-import argparse
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import load_file, save_file
 
-from utils import UserError, atomic_write, clean_state_dict, load_checkpoint_dict, write_json
+from utils import ArgumentParser, UserError, atomic_write, clean_state_dict, load_checkpoint_dict, write_json
 
 MODEL_CARD = """---
 {{ card_data }}
@@ -230,7 +229,7 @@ def summarize(config):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--write-config", nargs="?", const="config.json", metavar="PATH",
                         help="write the default architecture to PATH (config.json if none given) and exit")
     args = parser.parse_args(argv)
