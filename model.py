@@ -83,8 +83,7 @@ class ResidualBlock(nn.Module):
 
 
 def squared_error(recon, x):
-    """Per-pixel squared error in fp32, [B, C, H, W]: the one definition every score and the
-    training loss start from (bf16 reconstructions are compared in fp32)."""
+    """Per-pixel squared error [B, C, H, W] in fp32 (bf16 outputs too): what every score and the loss start from."""
     return (recon.float() - x.float()).pow(2)
 
 
@@ -167,13 +166,13 @@ def read_hub_folder(folder, weights_name="model.safetensors"):
 
 
 def download_from_hub(repo_ref):
-    from huggingface_hub import snapshot_download
-
+    from huggingface_hub import snapshot_download  # looked up at call time (tests replace it)
     repo_id, _, revision = repo_ref.partition("@")
     try:
         return snapshot_download(repo_id, revision=revision or None, allow_patterns=["*.safetensors", "*.json"])
     except Exception as e:  # network, auth and not-found errors all end in the same advice
-        raise UserError(f"could not fetch {repo_ref!r} from the Hugging Face hub ({' '.join(str(e).split())[:200]})") from None
+        detail = " ".join(str(e).split())[:200]
+        raise UserError(f"could not fetch {repo_ref!r} from the Hugging Face hub ({detail})") from None
 
 
 def read_source(source):
@@ -196,11 +195,14 @@ def read_source(source):
 
 
 def load_model(source, device="cpu", config=None):
-    """The model in eval mode, loaded strictly from a train.py checkpoint, a hub-layout folder, a
-    .safetensors file, or a hub id "user/name[@rev]"; `config` only for bare state_dicts."""
-    state_dict, stored = read_source(source)
+    """The model in eval mode from a train.py checkpoint, hub folder, .safetensors file or hub id "user/name[@rev]"."""
+    return model_from_weights(*read_source(source), source, config).to(device).eval()
+
+
+def model_from_weights(state_dict, stored_config, source, config=None):
+    """These weights in a model, strictly; architecture from the stored config (`config`: bare state_dicts only)."""
     try:
-        config = AutoencoderConfig.from_dict(stored) if stored is not None else config or AutoencoderConfig()
+        config = AutoencoderConfig.from_dict(stored_config) if stored_config is not None else config or AutoencoderConfig()
     except (TypeError, ValueError) as e:
         raise UserError(f"{source}: bad model config ({e})") from None
     model = ResidualAutoencoder(config)
@@ -209,7 +211,7 @@ def load_model(source, device="cpu", config=None):
     except RuntimeError as e:  # torch names every missing, unexpected, mis-shaped or non-tensor entry
         details = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip())
         raise UserError(f"{source}: weights do not fit the architecture: {details[:600]}") from None
-    return model.to(device).eval()
+    return model
 
 
 # ---- the summary `python model.py` prints

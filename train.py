@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 import plots
 from data import batches, dead_leaves, load_cifar10, load_image_folder, split_indices
-from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model, squared_error
+from model import (AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model, model_from_weights,
+                   squared_error)
 from utils import (ArgumentParser, UserError, atomic_write, autocast, gather, load_checkpoint_dict, lock_folder,
                    number, precision_name, run_cli, setup_distributed, unlock_folder, weights_fingerprint,
                    write_json)
@@ -226,9 +227,11 @@ def build(cfg, device, resume, overwrite, typed):
         lock_folder(cfg.out_dir)  # one run per --out-dir: two would mix their checkpoints and metrics
     torch.manual_seed(cfg.seed)
     # existing weights (the run's on --resume, or --init-from's) decide the architecture and input size
-    source = last if resume else cfg.init_from
-    model = load_model(source) if source else ResidualAutoencoder(AutoencoderConfig(
-        **{k: getattr(cfg, k) for k in ARCHITECTURE}))
+    if resume:  # the checkpoint read above: not a second read of a file that may be gigabytes
+        model = model_from_weights(ckpt["model"], ckpt["config"], last)
+    else:
+        model = load_model(cfg.init_from) if cfg.init_from else ResidualAutoencoder(AutoencoderConfig(
+            **{k: getattr(cfg, k) for k in ARCHITECTURE}))
     cfg = replace(cfg, **{k: getattr(model.config, k) for k in ARCHITECTURE})
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
