@@ -136,20 +136,29 @@ def load_cifar10(data_dir, train=True):
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # [N, 3, 32, 32] uint8
 
 
-def load_image_folder(paths, size, on_error=None):
-    """Decodes every readable image under `paths`, resized to size x size with the shared filter and
-    kept as uint8. Returns (images [N, 3, size, size], list of paths, number skipped)."""
-    kept, skipped = [], 0  # (path, image) pairs
+def load_image_folder(paths, size, on_error=None, crops_per_image=0, seed=0):
+    """Decodes every readable image under `paths` into uint8 size x size samples: the whole image resized with
+    the shared filter, or, with crops_per_image, that many seeded random crops of its original pixels (never
+    resized: what the coding model learns). Returns (samples [N, 3, size, size], their paths, number skipped)."""
+    kept, skipped, g = [], 0, torch.Generator().manual_seed(seed)  # (path, samples [n, 3, size, size]) pairs
     for path in iter_image_files(paths, on_error):
         try:
-            kept.append((path, to_uint8(preprocess(read_image(path, min_size=size), size))[0]))
+            if not crops_per_image:
+                kept.append((path, to_uint8(preprocess(read_image(path, min_size=size), size))))
+                continue
+            image = read_image(path)  # [3, H, W], every original pixel
+            h, w = image.shape[-2:]
+            if h < size or w < size:
+                raise ImageReadError(f"{w}x{h} is smaller than one {size}x{size} crop")
+            ys, xs = (torch.randint(0, n - size + 1, (crops_per_image,), generator=g).tolist() for n in (h, w))
+            kept.append((path, torch.stack([image[:, y:y + size, x:x + size] for y, x in zip(ys, xs)])))  # copies
         except ImageReadError as e:
             skipped += 1
             if on_error:
                 on_error(path, str(e))
     if not kept:
         raise UserError(f"no readable images under {', '.join(map(str, paths if isinstance(paths, list) else [paths]))}")
-    return torch.stack([image for _, image in kept]), [path for path, _ in kept], skipped
+    return torch.cat([images for _, images in kept]), [p for p, images in kept for _ in images], skipped
 
 
 def dead_leaves(n, size=64, seed=0, leaves=150):

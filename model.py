@@ -56,9 +56,14 @@ class AutoencoderConfig:
     @classmethod
     def from_dict(cls, d):
         d = {k: v for k, v in d.items() if k != "architecture"} if isinstance(d, dict) else d  # older files name it
-        if not isinstance(d, dict) or set(d) - {f.name for f in fields(cls)}:
-            raise ValueError(f"expected a JSON object with keys from {[f.name for f in fields(cls)]}, got {d!r:.200}")
-        return cls(**d)
+        return config_from_dict(cls, d)
+
+
+def config_from_dict(cls, d):
+    """A config dataclass from a dict read from a file; ValueError on anything but its own keys."""
+    if not isinstance(d, dict) or set(d) - {f.name for f in fields(cls)}:
+        raise ValueError(f"expected a JSON object with keys from {[f.name for f in fields(cls)]}, got {d!r:.200}")
+    return cls(**d)
 
 
 def count_parameters(model):
@@ -145,11 +150,18 @@ class ResidualAutoencoder(nn.Module, PyTorchModelHubMixin, model_card_template=M
         per_image = pixel.flatten(1).mean(dim=1)
         return per_image.mean() if reduction == "mean" else per_image
 
+    def image_loss(self, recon, x):
+        """[B] per-image MSE: the training loss."""
+        return squared_error(recon, x).flatten(1).mean(dim=1)
+
     def _save_pretrained(self, save_directory):
-        # safetensors refuses non-contiguous (channels_last) tensors
-        tensors = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(self.state_dict()).items()}
-        atomic_write(Path(save_directory) / "model.safetensors",
-                     lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        save_safetensors(self, save_directory)
+
+
+def save_safetensors(model, folder):
+    # safetensors refuses non-contiguous (channels_last) tensors
+    tensors = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(model.state_dict()).items()}
+    atomic_write(Path(folder) / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 # ---- loading: every source gives (state_dict, config dict or None)
@@ -195,17 +207,21 @@ def read_source(source):
 
 
 def load_model(source, device="cpu", config=None):
-    """The model in eval mode from a train.py checkpoint, hub folder, .safetensors file or hub id "user/name[@rev]"."""
+    """The model in eval mode from a train.py checkpoint, hub folder, .safetensors file or hub id "user/name[@rev]":
+    the card's autoencoder, or the coding-cost model (coding.py) when its config says kind "coding"."""
     return model_from_weights(*read_source(source), source, config).to(device).eval()
 
 
 def model_from_weights(state_dict, stored_config, source, config=None):
     """These weights in a model, strictly; architecture from the stored config (`config`: bare state_dicts only)."""
+    from coding import CodingConfig, CodingModel  # here: coding.py builds on this file's blocks
+    coding = isinstance(stored_config, dict) and stored_config.get("kind") == "coding"
+    net, net_config = (CodingModel, CodingConfig) if coding else (ResidualAutoencoder, AutoencoderConfig)
     try:
-        config = AutoencoderConfig.from_dict(stored_config) if stored_config is not None else config or AutoencoderConfig()
+        config = net_config.from_dict(stored_config) if stored_config is not None else config or AutoencoderConfig()
     except (TypeError, ValueError) as e:
         raise UserError(f"{source}: bad model config ({e})") from None
-    model = ResidualAutoencoder(config)
+    model = net(config)
     try:
         model.load_state_dict(clean_state_dict(state_dict), strict=True)
     except RuntimeError as e:  # torch names every missing, unexpected, mis-shaped or non-tensor entry

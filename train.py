@@ -6,6 +6,7 @@ AdamW (lr 1e-3, wd 1e-5), MSE, ReduceLROnPlateau (0.5, patience 5), 100 epochs.
     python train.py --resume --epochs 150 --out-dir runs/cifar10   # continue or extend a run
     python train.py --preset smoke --dataset synthetic --out-dir runs/smoke   # CPU, about a minute
     python train.py --dataset folder --data-dir ~/photos --init-from runs/cifar10/model_best_checkpoint.ckpt
+    python train.py --preset coding --data-dir ~/photos --out-dir runs/coding   # the coding-cost model (coding.py)
 
 Writes to --out-dir: model_best_checkpoint.ckpt (best validation loss), last_checkpoint.ckpt
 (everything to resume), metrics.jsonl, loss_curve.png, results.json (test MSE), release/ (hub layout).
@@ -29,8 +30,8 @@ from tqdm import tqdm
 
 import plots
 from data import batches, dead_leaves, load_cifar10, load_image_folder, split_indices
-from model import (AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model, model_from_weights,
-                   squared_error)
+from coding import CodingConfig, CodingModel
+from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model, model_from_weights
 from utils import (ArgumentParser, UserError, atomic_write, autocast, gather, load_checkpoint_dict, lock_folder,
                    number, precision_name, run_cli, setup_distributed, unlock_folder, weights_fingerprint,
                    write_json)
@@ -46,6 +47,8 @@ def setting(default, help, **argparse_kwargs):
 
 @dataclass
 class TrainConfig:
+    model: str = setting("autoencoder", "the card's autoencoder, or the coding-cost model of real photos (coding.py)",
+                         choices=["autoencoder", "coding"])
     dataset: str = setting("cifar10", "training images", choices=["cifar10", "folder", "synthetic"])
     data_dir: str = setting("./data", "CIFAR-10 download folder, or the image tree for --dataset folder")
     out_dir: str = setting("runs/cifar10", "checkpoints, metrics, plot, results and release/ go here")
@@ -60,13 +63,16 @@ class TrainConfig:
     test_fraction: float = setting(0.1, "test split of folder / synthetic data (CIFAR-10 has its own)",
                                   type=number(float, 0, 1))
     max_images: int = setting(0, "use at most this many training images, 0 = all (quick runs)", type=number(int, 0))
+    crops_per_image: int = setting(0, "--dataset folder: take this many random image_size crops of the original "
+                                      "pixels per image (the coding model needs them); 0 = each whole image, resized",
+                                   type=number(int, 0))
     synthetic_images: int = setting(12000, "dead-leaves images for --dataset synthetic", type=number(int, 1))
     synthetic_size: int = setting(32, "their native size, as CIFAR's 32x32", type=number(int, 1))
     seed: int = setting(0, "weights init, data split and batch order")
     compile: bool = setting(False, "torch.compile the model")
     image_size: int = setting(128, "model input size")
-    channels: tuple = setting(AutoencoderConfig.channels, "channels per stage, comma-separated")
-    blocks_per_stage: int = setting(1, "residual blocks per stage")
+    channels: tuple = setting(AutoencoderConfig.channels, "channels per stage (coding: per level), comma-separated")
+    blocks_per_stage: int = setting(1, "residual blocks per stage (coding: per level)")
     latent_dim: int = setting(512, "bottleneck width")
     init_from: str = setting(None, "fine-tune from these weights (any load_model source; sets the architecture)")
     progress: bool = setting(True, "tqdm progress bars")
@@ -77,7 +83,11 @@ ARCHITECTURE = ("image_size", "channels", "blocks_per_stage", "latent_dim")  # t
 # A 3-stage network at 32x32 and ~500 steps: trains end to end on a 2-core CPU in under a minute.
 # (Fewer stages learn much faster in a few hundred steps; the full 5-stage model needs thousands.)
 PRESETS = {"card": {}, "smoke": dict(epochs=12, batch_size=32, image_size=32, channels=(32, 64, 128), latent_dim=256,
-                                     synthetic_images=2400, max_images=2400, lr=1e-3, lr_patience=2)}
+                                     synthetic_images=2400, max_images=2400, lr=1e-3, lr_patience=2),
+           # photos at native resolution: 64x64 crops, 3 pyramid levels; at most 4,096 training crops x 30 epochs
+           # keeps it within ~15 minutes on a 2-core CPU whatever the folder's size
+           "coding": dict(model="coding", dataset="folder", image_size=64, channels=(32, 32, 32), blocks_per_stage=2,
+                          batch_size=32, epochs=30, lr=2e-3, lr_patience=2, crops_per_image=128, max_images=4096)}
 # what --resume lets a user change: none alters the data, the architecture or what the saved optimizer state means
 RESUMABLE = ("epochs", "lr", "weight_decay", "lr_factor", "lr_patience", "progress", "out_dir", "device")
 
@@ -127,6 +137,11 @@ def all_reduce_sum(t):
 
 def load_datasets(cfg, device):
     """uint8 tensors (train, val, test) on `device`, each [N, 3, H, W], and where they came from."""
+    coding = cfg.model == "coding"
+    if coding and (cfg.dataset == "cifar10" or cfg.dataset == "folder" and not cfg.crops_per_image):
+        raise UserError("the coding model learns the finest scale of real photos, which downscaled images (CIFAR-10's "
+                        "32x32 thumbnails, resized photos) do not have: train it on crops of a folder of photos "
+                        "(--preset coding --data-dir DIR, or --dataset folder --crops-per-image N)")
     if cfg.dataset == "cifar10":
         # one download per node: local rank 0 fetches and extracts, the other ranks wait, then read its files
         first = int(os.environ.get("LOCAL_RANK", 0)) == 0
@@ -137,14 +152,17 @@ def load_datasets(cfg, device):
             dist.barrier()
         source = f"CIFAR-10 in {cfg.data_dir}"
     elif cfg.dataset == "synthetic":
-        pool = dead_leaves(cfg.synthetic_images, cfg.synthetic_size, seed=cfg.seed)
-        source = f"{cfg.synthetic_images:,} dead-leaves images at {cfg.synthetic_size}x{cfg.synthetic_size}"
+        size = cfg.image_size if coding else cfg.synthetic_size  # the coding model takes its input at native size
+        pool = dead_leaves(cfg.synthetic_images, size, seed=cfg.seed)
+        source = f"{cfg.synthetic_images:,} dead-leaves images at {size}x{size}"
     else:
         skipped = []
-        pool, _, n_skipped = load_image_folder(cfg.data_dir, cfg.image_size, on_error=lambda *e: skipped.append(e))
+        pool, _, n_skipped = load_image_folder(cfg.data_dir, cfg.image_size, lambda *e: skipped.append(e),
+                                               cfg.crops_per_image, cfg.seed)
         for path, reason in skipped[:5]:  # enough to see what is wrong, without flooding the terminal
             print(f"skipped {path}: {reason}", file=sys.stderr)
-        source = f"{pool.shape[0]:,} images from {cfg.data_dir} ({n_skipped} unreadable skipped)"
+        what = f"crops ({cfg.crops_per_image} per image, original pixels)" if cfg.crops_per_image else "images"
+        source = f"{pool.shape[0]:,} {what} from {cfg.data_dir} ({n_skipped} unreadable skipped)"
     if cfg.dataset != "cifar10":  # a fixed test split, seeded apart from the validation split
         pool, test = (pool[i] for i in split_indices(pool.shape[0], cfg.test_fraction, cfg.seed + 1))
     train, val = (pool[i] for i in split_indices(pool.shape[0], cfg.val_fraction, cfg.seed))
@@ -166,19 +184,20 @@ def epoch_shard(n, batch_size, seed, epoch, rank, world, device):
 
 @torch.no_grad()
 def evaluate(model, images, cfg, device, rank=0, world=1):
-    """Mean per-image MSE over `images`, sharded across ranks."""
+    """Mean per-image loss (MSE, or bits per sub-pixel for the coding model) over `images`, sharded across ranks."""
     model.eval()
     shard = torch.arange(rank, images.shape[0], world, device=images.device)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of errors, count]
     for x in batches(images, cfg.batch_size, cfg.image_size, device, perm=shard):
         with autocast(device):
-            err = model.reconstruction_error(x.contiguous(memory_format=torch.channels_last), "none")  # [B]
+            x = x.contiguous(memory_format=torch.channels_last)
+            err = model.image_loss(model(x), x)  # [B]
         total[0] += err.double().sum()
         total[1] += err.numel()  # a Python scalar: no host-to-device copy
     return (all_reduce_sum(total)[0] / total[1]).item()
 
 
-def train_one_epoch(net, opt, images, cfg, device, epoch, rank, world):
+def train_one_epoch(net, image_loss, opt, images, cfg, device, epoch, rank, world):
     """(mean loss over every rank's steps, images seen by all ranks)."""
     net.train()
     shard = epoch_shard(images.shape[0], cfg.batch_size, cfg.seed, epoch, rank, world, images.device)
@@ -188,8 +207,8 @@ def train_one_epoch(net, opt, images, cfg, device, epoch, rank, world):
     for steps, x in enumerate(batches(images, cfg.batch_size, cfg.image_size, device, perm=shard), 1):
         x = x.contiguous(memory_format=torch.channels_last)  # [B, 3, S, S]
         with autocast(device):
-            recon = net(x)  # [B, 3, S, S], bf16 on CUDA
-        loss = squared_error(recon, x).mean()  # MSE in fp32, the card's loss
+            out = net(x)  # the reconstruction [B, 3, S, S] (bf16 on CUDA), or the coding model's bits [B]
+        loss = image_loss(out, x).mean()  # in fp32: MSE, the card's loss, or bits per sub-pixel
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -205,6 +224,16 @@ def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB
+
+
+def new_model(cfg):
+    try:
+        if cfg.model == "coding":
+            return CodingModel(CodingConfig(image_size=cfg.image_size, channels=cfg.channels,
+                                            blocks_per_stage=cfg.blocks_per_stage))
+        return ResidualAutoencoder(AutoencoderConfig(**{k: getattr(cfg, k) for k in ARCHITECTURE}))
+    except ValueError as e:
+        raise UserError(f"bad architecture flags: {e}") from None
 
 
 def build(cfg, device, resume, overwrite, typed):
@@ -230,9 +259,9 @@ def build(cfg, device, resume, overwrite, typed):
     if resume:  # the checkpoint read above: not a second read of a file that may be gigabytes
         model = model_from_weights(ckpt["model"], ckpt["config"], last)
     else:
-        model = load_model(cfg.init_from) if cfg.init_from else ResidualAutoencoder(AutoencoderConfig(
-            **{k: getattr(cfg, k) for k in ARCHITECTURE}))
-    cfg = replace(cfg, **{k: getattr(model.config, k) for k in ARCHITECTURE})
+        model = load_model(cfg.init_from) if cfg.init_from else new_model(cfg)
+    cfg = replace(cfg, model=getattr(model.config, "kind", "autoencoder"),
+                  **{k: getattr(model.config, k) for k in ARCHITECTURE if hasattr(model.config, k)})
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
@@ -294,7 +323,7 @@ def train(cfg, resume=False, overwrite=False, typed=()):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        train_loss, seen = train_one_epoch(net, opt, train_u8, cfg, device, epoch, rank, world)
+        train_loss, seen = train_one_epoch(net, model.image_loss, opt, train_u8, cfg, device, epoch, rank, world)
         epoch_time = time.perf_counter() - t0
         # DDP syncs BatchNorm statistics before a forward, so each rank ends the epoch with its own: use rank 0's
         if dist.is_initialized():
@@ -321,18 +350,19 @@ def train(cfg, resume=False, overwrite=False, typed=()):
     if dist.is_initialized():
         dist.barrier()  # rank 0 has written the best checkpoint
     best = load_model(out_dir / BEST_NAME, device)
-    test_mse = evaluate(best, test_u8, cfg, device, rank, world)
+    test_loss = evaluate(best, test_u8, cfg, device, rank, world)
+    loss_name = "bits_per_dim" if cfg.model == "coding" else "mse"
     fingerprints = gather(weights_fingerprint(model))  # one per rank: equal if DDP kept them in step
     if rank == 0:
         best.save_pretrained(out_dir / "release")
         plots.loss_curve(history, out_dir / "loss_curve.png")
         top = min(history, key=lambda h: h["val_loss"])
         write_json(out_dir / "results.json", dict(
-            test_mse=test_mse, best_val_loss=top["val_loss"], best_epoch=top["epoch"],
+            **{f"test_{loss_name}": test_loss}, best_val_loss=top["val_loss"], best_epoch=top["epoch"],
             first_val_loss=history[0]["val_loss"], epochs=len(history),
             train_time_min=round(sum(h["epoch_time_s"] for h in history) / 60, 3), world_size=world, device=str(device),
             final_weights_per_rank=fingerprints, best_weights=weights_fingerprint(best), config=asdict(cfg)))
-        log(f"test MSE {test_mse:.6f} (best val {top['val_loss']:.6f} at epoch {top['epoch']}); "
+        log(f"test {'bits/dim' if cfg.model == 'coding' else 'MSE'} {test_loss:.6f} (best val {top['val_loss']:.6f} at epoch {top['epoch']}); "
             f"checkpoints, release/, metrics, loss curve and results.json are in {out_dir}")
     if dist.is_initialized():
         dist.destroy_process_group()
