@@ -8,7 +8,8 @@ Prints and (with --json) saves: forward GFLOPs per image; the peak FLOP/s of a l
 (fp32 on CPU, bf16 on CUDA; the datasheet's beside it); per variant (eager fp32, channels_last,
 bf16 autocast on CUDA, torch.compile) inference and training images/s, peak memory and
 utilisation = achieved / peak FLOP/s; the data path alone (CIFAR batches, folder decode, PNG
-coding); folder inference against the card's recipe. Medians over --repeats, after warm-up runs."""
+coding); folder inference against the card's recipe, and with the coding score (its cost per image and per
+megapixel it scores, and its share of inference time). Medians over --repeats, after warm-up runs."""
 
 import argparse
 from dataclasses import asdict, fields
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from coding import MAX_TILES_PER_SIDE, CodingConfig, CodingModel
 from data import preprocess, read_image, to_uint8
 from detector import score_files
 from fakes import png_bits
@@ -129,6 +131,16 @@ def bench_folder(config, device, args, folder):
     for key, complexity in (("repo_images_per_s", False), ("repo_with_complexity_images_per_s", True)):
         out[key] = rate(len(paths), lambda: [*score_files(model, paths, bs, with_complexity=complexity)], device)
     out["speedup_vs_card_recipe"] = out["repo_images_per_s"] / out["card_recipe_images_per_s"]
+    # the coding score: at most MAX_TILES_PER_SIDE^2 tiles of original pixels per image, whatever its size
+    shape = {f.name for f in fields(CodingConfig)}
+    coding = CodingModel(CodingConfig(**{k: v for k, v in PRESETS["coding"].items() if k in shape})).to(device).eval()
+    t, n_tiles = coding.config.image_size, MAX_TILES_PER_SIDE ** 2
+    tiles = torch.randint(0, 256, (n_tiles, 3, t, t), dtype=torch.uint8, device=device)
+    coding_ms = 1000 / rate(1, lambda: coding.tile_gaps(tiles), device, args.repeats, 1)
+    out.update(coding_model_ms_per_image=coding_ms, coding_model_ms_per_scored_megapixel=coding_ms / (n_tiles * t * t / 1e6),
+               repo_with_coding_images_per_s=rate(len(paths), lambda: [*score_files(model, paths, bs, coding=coding,
+                                                                                    with_complexity=False)], device))
+    out["coding_share_of_inference_time"] = 1 - out["repo_with_coding_images_per_s"] / out["repo_images_per_s"]
     return data_path, out
 
 

@@ -4,11 +4,14 @@ reports how well each score separates real from each kind of fake.
     python calibrate.py --checkpoint runs/cifar10/model_best_checkpoint.ckpt      # the card: CIFAR-10 test vs noise
     python calibrate.py --checkpoint runs/smoke/model_best_checkpoint.ckpt --real-dir photos/ \\
         --fake-dir cifake=CIFAKE/test/FAKE --output out/thresholds_calibrated.json --plots-dir out/
+    python calibrate.py --checkpoint CKPT --coding-model runs/coding/model_best_checkpoint.ckpt --real-dir photos/
 
 Real images (CIFAR-10 test, or --real-dir) are split, seeded, into a calibration part that sets the thresholds
 and a held-out part that measures them. Thresholds: strict / balanced / sensitive are split-conformal at
 false-positive levels 1% / 5% / 10% (the k-th smallest calibration score, k = ceil((n + 1)(1 - a))); optimal
-maximises TPR - FPR against the --optimal-against fake set. Rule: FAKE when score > threshold.
+maximises TPR - FPR against the --optimal-against fake set. Rule: FAKE when score > threshold; for the two-sided
+coding score and for combined, FAKE when the p-value <= the level. Benign processing of held-out real photos
+(re-saved as JPEG, downscaled by 2, sharpened) gives more real images, whose flagged share is reported per score.
 """
 
 import argparse
@@ -16,6 +19,7 @@ import csv
 import datetime
 import hashlib
 import io
+import math
 import os
 import sys
 import tempfile
@@ -29,12 +33,10 @@ from tqdm import tqdm
 import fakes
 import metrics
 import thresholds
-from data import PREPROCESSING, load_cifar10, load_image_folder
-from detector import BASE_SCORES, prepare_model, score_files, score_uint8
-from model import load_model
-from thresholds import FPR_LEVELS
-from utils import (ArgumentParser, UserError, atomic_write, number, pick_device, precision_name, run_cli,
-                   weights_fingerprint)
+from data import PREPROCESSING, ImageReadError, load_cifar10, load_image_folder, read_image
+from detector import BASE_SCORES, load_models, score_files, score_images
+from thresholds import FPR_LEVELS, TWO_SIDED
+from utils import ArgumentParser, UserError, atomic_write, number, pick_device, precision_name, run_cli, weights_fingerprint
 
 CONVENTION = ("fake = positive class, real = negative; higher score = more fake (for combined, lower p-value); "
               "AUROC / AUPR computed on held-out real images vs each fake set; AUPR-In takes real as positive; "
@@ -45,6 +47,7 @@ def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     add = p.add_argument
     add("--checkpoint", default="runs/cifar10/model_best_checkpoint.ckpt", help="anything load_model accepts")
+    add("--coding-model", default=None, help="a coding model (train.py --preset coding): adds the coding score")
     add("--data-dir", default="./data", help="CIFAR-10 folder, used when no --real-dir")
     add("--real-dir", action="append", default=[], help="real images (files, folders, globs; repeatable) instead of CIFAR-10 test")
     add("--max-real", type=number(int, 0), default=0, help="use at most this many real images, 0 = all")
@@ -53,6 +56,8 @@ def parse_args(argv=None):
         help="a folder of known fakes, scored and reported as NAME (repeatable)")
     add("--hard-fakes", default="flat,gradient,blur,jpeg,splice", help="built-in hard sets (see fakes.py), or 'none'")
     add("--num-hard", type=number(int, 0), default=1000, help="images per built-in hard set")
+    add("--num-benign", type=number(int, 0), default=100,
+        help="held-out real photos re-saved as JPEG, downscaled and sharpened, to measure false positives; 0 = off")
     add("--optimal-against", default="noise", help="fake set that the 'optimal' threshold separates")
     add("--holdout-fraction", type=number(float, 0, 1), default=0.5, help="real images held out to measure FPR")
     add("--seed", type=int, default=0, help="seed of the real split and the built-in fakes")
@@ -79,11 +84,11 @@ def check_writable(path):
 
 
 # ---- scoring every set
-def score_folder(model, paths, args, label):
+def score_folder(model, coding, paths, args, label):
     """Scores image files exactly as inference does; returns (scores dict, paths, skipped files)."""
     rows, skipped = [], []
     with tqdm(desc=f"scoring {label}", unit="img", disable=not args.progress, leave=False) as bar:
-        for row in score_files(model, paths, args.batch_size, args.workers):
+        for row in score_files(model, paths, args.batch_size, args.workers, coding=coding):
             if "error" in row:
                 skipped.append(f"{row['path']}: {row['error']}")
                 continue
@@ -94,27 +99,46 @@ def score_folder(model, paths, args, label):
     if not rows:
         raise UserError(f"no readable images for {label} in {', '.join(map(str, paths))}"
                         + (f" ({len(skipped)} unreadable)" if skipped else ""))
-    return {s: np.asarray([r[s] for r in rows]) for s in BASE_SCORES}, [r["path"] for r in rows], skipped
+    return {s: np.asarray([r[s] for r in rows]) for s in BASE_SCORES if s in rows[0]}, [r["path"] for r in rows], skipped
 
 
-def score_set(model, images, args, label):
+def score_set(model, coding, images, args, label):
     with tqdm(total=len(images), desc=f"scoring {label}", unit="img", disable=not args.progress, leave=False) as bar:
-        return score_uint8(model, images, args.batch_size, progress=bar)
+        return score_images(model, images, coding, batch_size=args.batch_size, progress=bar)
 
 
-def collect(model, args):
+def score_benign(model, coding, paths, args):
+    """{name: scores} of benignly processed copies of real photos (fakes.benign_versions), at their original
+    resolution; a copy too small for the coding score's tiles is left out of every score."""
+    out = {name: [] for name in fakes.BENIGN}
+    for i, path in enumerate(tqdm(paths, desc="scoring benign", disable=not args.progress, leave=False)):
+        try:
+            versions = fakes.benign_versions(read_image(path), seed=args.seed + i)
+            scores = score_images(model, list(versions.values()), coding, batch_size=len(versions))
+        except (ImageReadError, ValueError):  # vanished since, or its half-size copy is too small to tile
+            continue
+        for j, name in enumerate(versions):
+            out[name].append({s: v[j] for s, v in scores.items()})
+    return {name: {s: np.array([r[s] for r in rows]) for s in rows[0]} for name, rows in out.items() if rows}
+
+
+def collect(model, coding, args):
     """Real scores, paths and source, fake sets {name: scores} and sources, unreadable files skipped per set,
     and a few uint8 sample images per set for the pictures."""
-    size, device = model.config.image_size, next(model.parameters()).device
+    # the coding score tiles the built-in fakes too: make them at least one tile large
+    size, device = max(model.config.image_size, coding.config.image_size if coding else 0), next(model.parameters()).device
     skipped, sets, sources = {}, {}, {}
     if args.real_dir:
-        real, real_paths, skipped["real"] = score_folder(model, args.real_dir, args, "real")
+        real, real_paths, skipped["real"] = score_folder(model, coding, args.real_dir, args, "real")
         # the derived fakes (blur, jpeg, splice) are edits of these images
         real_u8 = load_image_folder(real_paths[:args.num_hard], size)[0] if args.num_hard else None
         real_source = f"{len(real_paths):,} images from {', '.join(args.real_dir)}"
+    elif coding:
+        raise UserError("the coding score reads original pixels, and CIFAR-10's are 32x32 thumbnails: "
+                        "give real photos with --real-dir")
     else:
         real_u8 = load_cifar10(args.data_dir, train=False)[:args.max_real or None]
-        real, real_paths = score_set(model, real_u8.to(device), args, "real (CIFAR-10 test)"), None
+        real, real_paths = score_set(model, None, real_u8.to(device), args, "real (CIFAR-10 test)"), None
         real_source = f"CIFAR-10 test set, {real_u8.shape[0]:,} images"
     samples = {"real": real_u8[:4]} if real_u8 is not None else {}  # for reconstruction_comparison.png
     hard = [n.strip() for n in args.hard_fakes.split(",") if n.strip() not in ("", "none")]
@@ -124,13 +148,13 @@ def collect(model, args):
                                           size=size, seed=args.seed)[name]
         except ValueError as e:
             raise UserError(f"--hard-fakes: {e}") from None
-        sets[name] = score_set(model, images.to(device), args, name)
+        sets[name] = score_set(model, coding, images.to(device), args, name)
         sources[name] = f"{images.shape[0]:,} images: {fakes.DESCRIPTIONS[name]}"
         samples[name] = images[:1]
     for spec in args.fake_dir:
         name, sep, folder = spec.partition("=")
         name, folder = (name, folder) if sep else (Path(spec.rstrip("/")).name or "fakes", spec)
-        sets[name], paths, skipped[name] = score_folder(model, [folder], args, name)
+        sets[name], paths, skipped[name] = score_folder(model, coding, [folder], args, name)
         sources[name] = f"{len(paths):,} images from {folder}"
     if not sets:
         raise UserError("no fake sets: give --num-noise > 0, --hard-fakes or --fake-dir")
@@ -150,15 +174,20 @@ def split_real(n, holdout_fraction, seed):
     return np.sort(perm[n_held:]), np.sort(perm[:n_held])
 
 
-def rates(flagged, held, fakes):
-    """What the rule flagged(scores) flags: the held-out reals (with an exact 95% interval) and each fake set."""
-    k, n = int(np.sum(flagged(held))), len(held)
-    lo, hi = metrics.clopper_pearson(k, n)
-    return {"heldout_fpr": k / n, "heldout_fpr_ci95": [lo, hi], "heldout_n": n,
+def rates(flagged, held, fakes, benign):
+    """What the rule flagged(scores) flags: the held-out reals and each benignly processed set (real too: their
+    flagged share is a false-positive rate, with an exact 95% interval), and each fake set (its TPR)."""
+    def fpr(values):
+        k, n = int(np.sum(flagged(values))), len(values)
+        return k / n, list(metrics.clopper_pearson(k, n)), n
+
+    (rate, ci, n), benign_fpr = fpr(held), {name: fpr(v) for name, v in benign.items()}
+    return {"heldout_fpr": rate, "heldout_fpr_ci95": ci, "heldout_n": n,
+            "benign_fpr": {name: {"fpr": r, "ci95": c, "n": m} for name, (r, c, m) in benign_fpr.items()},
             "tpr": {name: float(np.mean(flagged(f))) for name, f in fakes.items()}}
 
 
-def threshold_table(cal, held, fakes, optimal_against):
+def threshold_table(cal, held, fakes, benign, optimal_against):
     """One score's thresholds (FAKE when score > value), fakes: {set name: that score of the set}."""
     table = {name: {"value": metrics.conformal_threshold(cal, a), "target_fpr": a, "percentile": 100 * (1 - a),
                     "method": "split-conformal: k-th smallest calibration score",
@@ -170,8 +199,14 @@ def threshold_table(cal, held, fakes, optimal_against):
                             "method": f"maximum TPR - FPR (Youden's J) against {optimal_against}, on the calibration part",
                             "calibration_fpr": fpr}
     for entry in table.values():
-        entry.update(rates(lambda s: s > entry["value"], held, fakes))
+        entry.update(rates(lambda s: s > entry["value"], held, fakes, benign))
     return table
+
+
+def level_table(held_p, fake_p, benign_p, rule):
+    """A p-value score's levels (FAKE when p <= level) and what each flags."""
+    return {name: {"value": a, "rule": rule, **rates(lambda p: p <= a, held_p, fake_p, benign_p)}
+            for name, a in FPR_LEVELS.items()}
 
 
 def evaluation_table(held, fakes, n_boot, seed):
@@ -184,42 +219,52 @@ def evaluation_table(held, fakes, n_boot, seed):
     return table
 
 
-def analyse(real, sets, args):
-    cal_idx, held_idx = split_real(len(real["mse"]), args.holdout_fraction, args.seed)
-    cal = {s: np.sort(real[s][cal_idx]) for s in BASE_SCORES}
-    held = {s: real[s][held_idx] for s in BASE_SCORES}
-    fakes = {s: {n: v[s] for n, v in sets.items()} for s in BASE_SCORES}
-    tables = {s: threshold_table(cal[s], held[s], fakes[s], args.optimal_against) for s in BASE_SCORES}
-    evaluation = {s: evaluation_table(held[s], fakes[s], args.bootstrap, args.seed) for s in BASE_SCORES}
-    # combined: a p-value, lower = more fake; evaluate on 1 - p so that higher = more fake
-    held_p = thresholds.combined_pvalue(cal, held)
-    fake_p = {n: thresholds.combined_pvalue(cal, v) for n, v in sets.items()}
-    evaluation["combined"] = evaluation_table(1 - held_p, {n: 1 - p for n, p in fake_p.items()}, args.bootstrap, args.seed)
-    levels = {name: {"value": a, "rule": "FAKE when combined p-value <= value",
-                     **rates(lambda p: p <= a, held_p, fake_p)} for name, a in FPR_LEVELS.items()}
-    return dict(cal_idx=cal_idx, held_idx=held_idx, cal=cal, tables=tables, evaluation=evaluation,
-                combined_levels=levels, held_p=held_p, fake_p=fake_p)
+def analyse(real, sets, benign, split, args):
+    """Thresholds from the calibration part; what they flag on the held-out reals, the benign sets and the fakes;
+    AUROC of every score. Scores decided by p-value (coding, combined) are evaluated as 1 - p: higher = more fake."""
+    (cal_idx, held_idx), names = split, list(real)
+    cal = {s: np.sort(real[s][cal_idx]) for s in names}
+    held = {s: real[s][held_idx] for s in names}
+    fakes = {s: {n: v[s] for n, v in sets.items()} for s in names}
+    good = {s: {n: v[s] for n, v in benign.items()} for s in names}
+    one_sided = [s for s in names if s not in TWO_SIDED]
+    tables = {s: threshold_table(cal[s], held[s], fakes[s], good[s], args.optimal_against) for s in one_sided}
+    roc = {s: (held[s], fakes[s]) for s in one_sided}  # what each score's ROC compares: held-out real vs fakes
+    levels, pvalue = {}, lambda score, values: thresholds.score_pvalues(cal, values, score)
+    for s in [s for s in names if s in TWO_SIDED] + ["combined"]:
+        held_p, fake_p = pvalue(s, held), {n: pvalue(s, v) for n, v in sets.items()}
+        levels[s] = level_table(held_p, fake_p, {n: pvalue(s, v) for n, v in benign.items()},
+                                f"FAKE when {s} p-value <= value")
+        smallest = float(pvalue(s, {x: np.array([np.inf]) for x in names})[0])  # of the most extreme image possible
+        for entry in levels[s].values():
+            entry["smallest_possible_p"] = smallest
+        roc[s] = (1 - held_p, {n: 1 - p for n, p in fake_p.items()})
+    evaluation = {s: evaluation_table(r, f, args.bootstrap, args.seed) for s, (r, f) in roc.items()}
+    return dict(cal_idx=cal_idx, held_idx=held_idx, cal=cal, tables=tables, levels=levels, evaluation=evaluation, roc=roc)
 
 
 # ---- report
-def build_report(model, args, device, real, real_source, sets, sources, skipped, result):
-    stats = {s: {n: metrics.summary_stats(v[s]) for n, v in {"real": real, **sets}.items()} for s in BASE_SCORES}
+def build_report(model, coding, args, device, real, real_source, sets, sources, skipped, result):
+    stats = {s: {n: metrics.summary_stats(v[s]) for n, v in {"real": real, **sets}.items()} for s in real}
     ckpt = Path(args.checkpoint)
     weights_file = ckpt / "model.safetensors" if ckpt.is_dir() else ckpt
+    coding_binding = dict(coding_model=args.coding_model, coding_fingerprint=weights_fingerprint(coding),
+                          coding_config=asdict(coding.config)) if coding else {}
     return thresholds.build(
-        result["tables"], result["combined_levels"], result["cal"], statistics=stats["mse"],
+        result["tables"], result["levels"], result["cal"], statistics=stats["mse"],
         mean_error_ratio={n: s["mean"] / stats["mse"]["real"]["mean"] for n, s in stats["mse"].items() if n != "real"},
-        score_statistics={s: stats[s] for s in BASE_SCORES if s != "mse"},
+        score_statistics={s: stats[s] for s in real if s != "mse"},
         evaluation={"convention": CONVENTION, "scores": result["evaluation"]},
         binding={
             "checkpoint": str(args.checkpoint),
             "checkpoint_sha256": hashlib.sha256(weights_file.read_bytes()).hexdigest() if weights_file.is_file() else None,
-            "weights_fingerprint": weights_fingerprint(model), "model_config": asdict(model.config),
+            "weights_fingerprint": weights_fingerprint(model), "model_config": asdict(model.config), **coding_binding,
             "preprocessing": PREPROCESSING, "precision": precision_name(device), "device": str(device),
             "real": real_source,
             "real_split": {"seed": args.seed, "holdout_fraction": args.holdout_fraction,
                            "n_calibration": len(result["cal_idx"]), "n_heldout": len(result["held_idx"])},
-            "fake_sets": sources, "unreadable_skipped": {n: len(v) for n, v in skipped.items()}, "seed": args.seed,
+            "fake_sets": sources, "benign_sets": {n: fakes.BENIGN_DESCRIPTION for n in fakes.BENIGN},
+            "unreadable_skipped": {n: len(v) for n, v in skipped.items()}, "seed": args.seed,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": {m: version(m) for m in ("torch", "torchvision", "numpy", "pillow", "huggingface_hub")}})
 
@@ -231,23 +276,31 @@ def print_summary(report, output):
     print(f"{'score':<11}" + "".join(f"{n:>10}" for n in sets))
     for score, rows in ev.items():
         print(f"{score:<11}" + "".join(f"{rows[n]['auroc']:>10.3f}" for n in sets))
-    print("\nthresholds (mse: FAKE when error > value; combined: FAKE when p <= value)")
-    for kind, table in (("mse", report["reconstruction_thresholds"]["thresholds"]),
-                        ("combined", report["score_thresholds"]["combined"]["levels"])):
+    print("\nthresholds (mse: FAKE when error > value; coding, combined: FAKE when p <= value) and the share of real "
+          "images flagged: held-out [95% interval], benignly processed")
+    sections = report["score_thresholds"]
+    for kind, table in [("mse", report["reconstruction_thresholds"]["thresholds"]),
+                        *((s, sections[s]["levels"]) for s in sections if "levels" in sections[s])]:
         for name, t in table.items():
             lo, hi = t["heldout_fpr_ci95"]
-            print(f"  {kind + ' ' + name:<20} {t['value']:<10.6g} held-out FPR {t['heldout_fpr']:.2%} "
-                  f"[{lo:.2%}, {hi:.2%}]  TPR {', '.join(f'{n} {v:.1%}' for n, v in t['tpr'].items())}")
+            benign = "".join(f", {n} {b['fpr']:.1%}" for n, b in t["benign_fpr"].items())
+            print(f"  {kind + ' ' + name:<20} {t['value']:<10.6g} real {t['heldout_fpr']:.2%} [{lo:.2%}, {hi:.2%}]"
+                  f"{benign}  TPR {', '.join(f'{n} {v:.1%}' for n, v in t['tpr'].items())}")
+            if t["value"] < t.get("smallest_possible_p", 0):  # too few calibration images for this level
+                n = report["calibration_scores"]["n"]
+                print(f"    note: no image can reach p <= {t['value']:g}: with {n} calibration images the smallest "
+                      f"{kind} p-value is {t['smallest_possible_p']:.3g}; calibrate on at least "
+                      f"{math.ceil(t['smallest_possible_p'] * (n + 1) / t['value']) - 1} calibration images")
     print(f"\nwrote {output}")
 
 
 def write_scores_csv(path, real, real_paths, result, sets):
     split = np.where(np.isin(np.arange(len(real["mse"])), result["cal_idx"]), "calibration", "heldout")
     rows = [[name, i, real_paths[i] if name == "real" and real_paths else "", split[i] if name == "real" else "fake",
-             *(repr(float(values[s][i])) for s in BASE_SCORES)]
+             *(repr(float(values[s][i])) for s in real)]
             for name, values in {"real": real, **sets}.items() for i in range(len(values["mse"]))]
     text = io.StringIO()  # csv's own \r\n line ends, written as bytes: no newline translation
-    csv.writer(text).writerows([["set", "index", "path", "split", *BASE_SCORES], *rows])
+    csv.writer(text).writerows([["set", "index", "path", "split", *real], *rows])
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.getvalue().encode("utf-8")))
 
 
@@ -258,13 +311,16 @@ def main(argv=None):
     for path in [output, plots_dir / "roc_curve.png"] + ([Path(args.scores_out)] if args.scores_out else []):
         check_writable(path)  # fail before an hour of scoring, not after
     device = pick_device(args.device)
-    model = prepare_model(load_model(args.checkpoint, device), device)
-    real, real_paths, real_source, sets, sources, skipped, samples = collect(model, args)
+    model, coding = load_models(args.checkpoint, args.coding_model, device)
+    real, real_paths, real_source, sets, sources, skipped, samples = collect(model, coding, args)
     for name, items in skipped.items():
         if items:
             print(f"skipped {len(items)} unreadable {name} file(s), e.g. {items[0]}", file=sys.stderr)
-    result = analyse(real, sets, args)
-    report = build_report(model, args, device, real, real_source, sets, sources, skipped, result)
+    split = split_real(len(real["mse"]), args.holdout_fraction, args.seed)
+    # benign copies of held-out photos only: the calibration part must not see them
+    benign = score_benign(model, coding, [real_paths[i] for i in split[1][:args.num_benign]], args) if real_paths else {}
+    result = analyse(real, sets, benign, split, args)
+    report = build_report(model, coding, args, device, real, real_source, sets, sources, skipped, result)
     try:  # the thresholds file last: if any write fails (a full disk), no new thresholds without their evidence
         if args.scores_out:
             write_scores_csv(args.scores_out, real, real_paths, result, sets)

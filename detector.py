@@ -13,6 +13,9 @@ and its reconstruction r, with D = 3 * S * S values (docs/method.md derives them
               to a region, which a global mean dilutes.
 - complexity: Serra et al. (ICLR 2020), the model's code length minus PNG's, in bits/dim, q = NOISE_FLOOR:
                   0.5 * log2(2 pi e * max(mse, q)) - log2(2/255)  -  PNG bits / D
+- coding:     with a coding model (coding.py, --coding-model): the gap between the actual and the expected
+              coding cost of the ORIGINAL pixels, bits/dim, over at most 16 tiles; two-sided (both signs are
+              evidence), so it decides by its p-value.
 - combined:   the conformal p-values of the scores above against real calibration scores, Bonferroni-combined
               (thresholds.combined_pvalue). Lower = more fake.
 """
@@ -33,12 +36,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import metrics
 import thresholds as thresholds_file
+from coding import CodingModel, tiles_of
 from data import ImageReadError, iter_image_files, pil_to_rgb, preprocess, read_image, to_uint8
 from fakes import png_bits
-from model import load_model, squared_error
+from model import ResidualAutoencoder, load_model, squared_error
 from utils import UserError, autocast, gather, pick_device, precision_name, weights_fingerprint
 
-BASE_SCORES = ("mse", "local", "complexity")
+AE_SCORES = ("mse", "local", "complexity")  # the autoencoder's
+BASE_SCORES = AE_SCORES + ("coding",)
 SCORES = BASE_SCORES + ("combined",)
 LOCAL_WINDOW = 16
 BIN_WIDTH = 2 / 255  # one 8-bit level in [-1, 1] units
@@ -83,15 +88,31 @@ def score_batch(model, x, png=None, keep_maps=False):
     return out
 
 
-def score_uint8(model, images, batch_size=256, with_complexity=True, progress=None):
-    """Scores an in-memory uint8 set [N, 3, H, W]; returns dict score -> float64 numpy [N]."""
+def coding_scores(coding, tiles, counts):
+    """Tiles of several images, uint8 [sum(counts), 3, t, t] -> float64 numpy [len(counts)]: each image's mean tile gap."""
+    gaps = coding.tile_gaps(tiles)  # [T], in fp32 on every device: the gap is a small difference of two costs
+    return np.array([part.mean().item() for part in gaps.split(list(counts))])
+
+
+def image_tiles(images, tile):
+    """uint8 images [3, H, W] (a list, or a batch [N, 3, H, W]) -> (their tiles [T, 3, tile, tile], tiles per image)."""
+    tiles = [tiles_of(im, tile) for im in images]
+    return torch.cat(tiles), [len(t) for t in tiles]
+
+
+def score_images(model, images, coding=None, with_complexity=True, batch_size=32, progress=None):
+    """Scores in-memory uint8 images, [N, 3, H, W] or a list of [3, H, W] of any sizes, each at the autoencoder's
+    input size and (with a coding model) on tiles of its original pixels; returns dict score -> float64 numpy [N]."""
     device, parts = next(model.parameters()).device, []
     # PNG coding runs in a thread while the model scores the batch: zlib releases the GIL
     with ThreadPoolExecutor(max_workers=1) as pool:
-        for start in range(0, images.shape[0], batch_size):
-            x = preprocess(images[start:start + batch_size].to(device), model.config.image_size)
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            x = torch.cat([preprocess(im.to(device), model.config.image_size) for im in batch])
             png = pool.submit(input_png_bits, x) if with_complexity else None
             parts.append(score_batch(model, x))
+            if coding is not None:
+                parts[-1]["coding"] = coding_scores(coding, *image_tiles(batch, coding.config.image_size))
             if png is not None:
                 parts[-1]["complexity"] = complexity_score(parts[-1]["mse"], png.result(), x[0].numel())
             if progress is not None:
@@ -101,12 +122,14 @@ def score_uint8(model, images, batch_size=256, with_complexity=True, progress=No
 
 # ---- files: decoded in worker processes while the model runs
 class ImageFiles(IterableDataset):
-    """Lists `paths` lazily and yields (path, input [3, S, S] or None, PNG bits or None, error or None).
-    Worker w of W on rank r of R takes every (W*R)-th file; one of them reports listing errors."""
+    """Lists `paths` lazily and yields (path, input [3, S, S], PNG bits or None, tiles [T, 3, t, t] or None, error),
+    or (path, None, None, None, error). Worker w of W on rank r of R takes every (W*R)-th file; one of them reports
+    listing errors. Tiles (tile > 0) are cut from a second, full-resolution decode: the autoencoder's input
+    comes from the same (JPEG draft) decode with or without them, so its scores never depend on the flag."""
 
-    def __init__(self, paths, size, rank=0, world=1, with_complexity=True):
+    def __init__(self, paths, size, rank=0, world=1, with_complexity=True, tile=0):
         self.paths, self.size, self.rank, self.world = list(map(str, paths)), size, rank, world
-        self.with_complexity = with_complexity
+        self.with_complexity, self.tile = with_complexity, tile
 
     def __iter__(self):
         info = get_worker_info()
@@ -115,35 +138,42 @@ class ImageFiles(IterableDataset):
             torch.set_num_threads(1)  # decode workers must not fight the model for cores
         shard, shards = self.rank * workers + worker, self.world * workers
         errors = []  # listing errors, yielded in order before the next file
-        report = (lambda p, reason: errors.append((p, None, None, reason))) if shard == 0 else None
+        report = (lambda p, reason: errors.append((p, None, None, None, reason))) if shard == 0 else None
         for i, path in enumerate(iter_image_files(self.paths, on_error=report)):
             yield from errors
             errors.clear()
             if i % shards == shard:
                 try:
                     x = preprocess(read_image(path, min_size=self.size), self.size)  # [1, 3, S, S]
-                    yield path, x[0], (input_png_bits(x)[0] if self.with_complexity else None), None
-                except ImageReadError as e:
-                    yield path, None, None, str(e)
+                    tiles = tiles_of(read_image(path), self.tile) if self.tile else None
+                    yield path, x[0], (input_png_bits(x)[0] if self.with_complexity else None), tiles, None
+                except (ImageReadError, ValueError) as e:  # ValueError: too small to tile
+                    yield path, None, None, None, str(e)
         yield from errors
 
 
 def collate(items):
     """In the worker: one input tensor per batch, not one per image (each is a shared-memory file descriptor,
-    and batch x prefetch x workers of them ran out of descriptors). -> ([(path, error)], x [G, 3, S, S], PNG bits)"""
-    good = [it for it in items if it[3] is None]
+    and batch x prefetch x workers of them ran out of descriptors).
+    -> ([(path, error)], x [G, 3, S, S], PNG bits [G], tiles [T, 3, t, t], tiles per image [G])"""
+    good = [it for it in items if it[4] is None]
     x = torch.stack([it[1] for it in good]) if good else None
     png = np.array([it[2] for it in good]) if good and good[0][2] is not None else None
-    return [(path, error) for path, _, _, error in items], x, png
+    tiles = torch.cat([it[3] for it in good]) if good and good[0][3] is not None else None
+    return [(it[0], it[4]) for it in items], x, png, tiles, [len(it[3]) for it in good if it[3] is not None]
 
 
-def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with_complexity=True, keep_maps=False):
+def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with_complexity=True, keep_maps=False,
+                coding=None):
     """Yields one dict per input: its path and scores, or its error. Streams: memory stays flat."""
-    loader = DataLoader(ImageFiles(paths, model.config.image_size, rank, world, with_complexity), collate_fn=collate,
+    tile = coding.config.image_size if coding is not None else 0
+    loader = DataLoader(ImageFiles(paths, model.config.image_size, rank, world, with_complexity, tile), collate_fn=collate,
                         batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1) if workers is None else workers,
                         pin_memory=next(model.parameters()).device.type == "cuda")  # pinned batches copy asynchronously
-    for items, x, png in loader:
+    for items, x, png, tiles, counts in loader:
         scores = score_batch(model, x, png, keep_maps=keep_maps) if x is not None else {}
+        if tiles is not None:
+            scores["coding"] = coding_scores(coding, tiles, counts)
         j = 0
         for path, error in items:
             if error is not None:
@@ -157,30 +187,46 @@ def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with
 
 
 # ---- the API
+def load_models(checkpoint, coding_checkpoint, device):
+    """(autoencoder, coding model or None), each checked to be the kind its flag asks for, ready to score."""
+    model, coding = load_model(checkpoint, device), load_model(coding_checkpoint, device) if coding_checkpoint else None
+    if not isinstance(model, ResidualAutoencoder):
+        raise UserError(f"{checkpoint} holds a coding model: give it with --coding-model, and an autoencoder as --checkpoint")
+    if coding is not None and not isinstance(coding, CodingModel):
+        raise UserError(f"{coding_checkpoint} holds an autoencoder, not a coding model (train one with --preset coding)")
+    return prepare_model(model, device), coding and prepare_model(coding, device)
+
+
 class Detector:
     """Loads a model (and optionally its thresholds file) once; scores anything.
 
-    score: 'mse' (the card's), 'local', 'complexity' or 'combined' (see the module doc).
+    score: 'mse' (the card's), 'local', 'complexity', 'coding' or 'combined' (see the module doc).
     threshold: a name in the thresholds file (strict / balanced / sensitive / optimal, default
-    balanced) or a number; for 'combined' a p-value level (FAKE when p <= level), default 0.05."""
+    balanced) or a number; for 'coding' and 'combined' a p-value level (FAKE when p <= level), default 0.05.
+    coding_model: a coding model (coding.py) for the 'coding' score; 'combined' then includes it."""
 
     def __init__(self, checkpoint, thresholds=None, device="auto", score="mse", threshold=None,
-                 batch_size=None, workers=None):
+                 batch_size=None, workers=None, coding_model=None):
         if score not in SCORES:
             raise UserError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
         self.device = pick_device(device)
-        self.model = prepare_model(load_model(checkpoint, self.device), self.device)
+        self.model, self.coding = load_models(checkpoint, coding_model, self.device)
         self.fingerprint = weights_fingerprint(self.model)
         # small batches on a CPU keep decode and model overlapped; a GPU wants large ones
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
         self.score_name, self.workers = score, workers
         cfg = self.thresholds = thresholds_file.read(thresholds) if thresholds else None
         self.calibration = {s: v for s, v in thresholds_file.calibration(cfg).items() if s in BASE_SCORES}
-        self.warnings = thresholds_file.binding_warnings(cfg, self.fingerprint, precision_name(self.device)) if cfg else []
+        coding_fingerprint = weights_fingerprint(self.coding) if self.coding else None
+        self.warnings = thresholds_file.binding_warnings(cfg, self.fingerprint, precision_name(self.device),
+                                                         coding_fingerprint) if cfg else []
         # PNG coding costs ~3 ms per image on a CPU core: only when the score uses it
         self.needs_complexity = score == "complexity" or (score == "combined" and "complexity" in self.calibration)
         if score == "combined" and not self.calibration:
             raise UserError("--score combined needs the calibration scores of a thresholds file written by calibrate.py")
+        if (score == "coding" or score == "combined" and "coding" in self.calibration) and not self.coding:
+            raise UserError(f"--score {score} needs the coding model (--coding-model; train one with "
+                            f"train.py --preset coding)" + (": the thresholds file includes its score" * (score != "coding")))
         choice = "balanced" if threshold is None else threshold
         scores_only = cfg is None and threshold is None and score != "combined"  # nothing to decide with
         self.threshold, self.threshold_label = (None, None) if scores_only else thresholds_file.threshold(cfg, score, choice)
@@ -194,24 +240,23 @@ class Detector:
     def _finish(self, rows):
         """Adds score, p-value and verdict to the scored rows (in place)."""
         good = [r for r in rows if "error" not in r]
-        combined, p = self.score_name == "combined", None
-        if good and combined:
-            p = thresholds_file.combined_pvalue(self.calibration, {s: [r[s] for r in good] for s in self.calibration})
-        elif good and self.score_name in self.calibration:
-            p = metrics.conformal_pvalues(self.calibration[self.score_name], [r[self.score_name] for r in good])
+        name, p = self.score_name, None
+        if good and (name == "combined" or name in self.calibration):
+            values = {s: [r[s] for r in good] for s in self.calibration if s in good[0]}  # combined: all are there
+            p = thresholds_file.score_pvalues(self.calibration, values, name)
+        by_p = name in thresholds_file.P_VALUE_SCORES  # decided by the p-value: small means fake
         for i, r in enumerate(good):
-            r["score"] = float(p[i]) if combined else r[self.score_name]
+            r["score"] = float(p[i]) if name == "combined" else r[name]
             if p is not None:
                 r["p_value"] = float(p[i])
-            if self.threshold is not None:  # combined is a p-value: small means fake
-                fake = r["score"] <= self.threshold if combined else r["score"] > self.threshold
-                r["verdict"] = "FAKE" if fake else "REAL"
+            if self.threshold is not None:
+                r["verdict"] = "FAKE" if (r["p_value"] <= self.threshold if by_p else r["score"] > self.threshold) else "REAL"
         return rows
 
     def score_paths(self, paths, rank=0, world=1, keep_maps=False):
         """Yields one row per input file, streamed in batches; under torchrun each rank its share."""
         rows = score_files(self.model, paths, self.batch_size, self.workers, rank, world,
-                           with_complexity=self.needs_complexity, keep_maps=keep_maps)
+                           with_complexity=self.needs_complexity, keep_maps=keep_maps, coding=self.coding)
         while batch := list(islice(rows, self.batch_size)):
             yield from self._finish(batch)
 
@@ -221,9 +266,10 @@ class Detector:
                   if isinstance(im, Image.Image) else im for im in images]
         if not all(torch.is_tensor(im) and im.dtype == torch.uint8 and im.dim() == 3 and im.shape[0] == 3 for im in images):
             raise UserError("cannot score that: give paths, PIL images or uint8 [3, H, W] tensors")
-        size = self.model.config.image_size
-        x = torch.cat([preprocess(im, size) for im in images]) if images else torch.empty(0, 3, size, size)
-        scores = score_batch(self.model, x, input_png_bits(x) if self.needs_complexity else None)
+        try:
+            scores = score_images(self.model, images, self.coding, self.needs_complexity, self.batch_size)
+        except ValueError as e:  # an image too small to tile
+            raise UserError(str(e)) from None
         return self._finish([{"path": f"<image {i}>", **{k: float(v[i]) for k, v in scores.items()}}
                              for i in range(len(images))])
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
+from PIL import Image, ImageFilter
 
 # zlib's default; level 9, measured on 128x128 images, is <= 0.006 bits/dim (~0.1%) shorter but up to 30% slower
 PNG_COMPRESS_LEVEL = 6
@@ -112,6 +112,30 @@ def make_fake_sets(names, real=None, n=1000, size=128, seed=0):
         _check_real(real)
         real = real[torch.randperm(real.shape[0], generator=torch.Generator().manual_seed(seed))[:n].sort().values]
     return {name: _FAKES[name][0](real, n, size, seed + ALL_FAKES.index(name)) for name in names}
+
+
+# ---- benign processing: what happens to real photos every day. Its outputs are REAL: a detector must pass them.
+def _pil(image):
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def _tensor(pil):
+    return torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def benign_versions(image, seed=0):
+    """uint8 [3, H, W] at its original resolution -> {name: processed copy}: re-saved as JPEG at a seeded quality
+    in 75..95, downscaled by 2 (Lanczos), lightly sharpened (unsharp mask, radius 1.5, 50%)."""
+    quality = int(np.random.default_rng(seed).integers(75, 96))
+    buf, pil = io.BytesIO(), _pil(image)
+    pil.save(buf, format="JPEG", quality=quality)
+    return {"jpeg75-95": _tensor(Image.open(buf)),
+            "down2": _tensor(pil.resize((pil.width // 2, pil.height // 2), Image.Resampling.LANCZOS)),
+            "sharpen": _tensor(pil.filter(ImageFilter.UnsharpMask(radius=1.5, percent=50, threshold=0)))}
+
+
+BENIGN = ("jpeg75-95", "down2", "sharpen")
+BENIGN_DESCRIPTION = "a held-out real photo, benignly processed (fakes.benign_versions): REAL"
 
 
 def png_bits(images_uint8):

@@ -4,10 +4,13 @@ a summary; optionally a CSV / JSON / JSON Lines file and per-image heatmaps.
     python inference_example.py photos/ img.jpg "scans/**/*.png" --checkpoint runs/cifar10/model_best_checkpoint.ckpt
     python inference_example.py photos/ --checkpoint CKPT --threshold strict --output results.csv
     python inference_example.py photos/ --checkpoint CKPT --score combined --heatmaps heatmaps/
+    python inference_example.py photos/ --checkpoint CKPT --coding-model runs/coding/model_best_checkpoint.ckpt --score coding
     torchrun --nproc_per_node=8 inference_example.py photos/ --checkpoint CKPT --output results.jsonl
 
 Thresholds: --thresholds, else thresholds_calibrated.json next to the checkpoint (written by calibrate.py for those
 weights), else the repo's top-level one (the card's published values, bound to no weights: a warning says so).
+When the p-values of a whole folder (20 images or more) are far from uniform, a warning says that these images do
+not look like the calibration images, so the promised false-positive rate does not hold for them.
 
 Exit status: 0 every input scored; 1 some inputs unreadable (the rest are still scored
 and written); 2 usage or configuration error (one line on stderr).
@@ -21,9 +24,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+import metrics
 import thresholds
 from detector import SCORES, Detector, ResultWriter
 from utils import ArgumentParser, UserError, gather, number, run_cli, setup_distributed
+
+
+DOMAIN_ALARM = 1e-3  # a KS p-value this small over a folder: its images are not like the calibration images
 
 
 def parse_args(argv=None):
@@ -31,9 +38,10 @@ def parse_args(argv=None):
     add = p.add_argument
     add("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
     add("--checkpoint", required=True, help="train.py checkpoint, hub-layout folder or hub repo id")
+    add("--coding-model", default=None, help="a coding model (train.py --preset coding), for --score coding")
     add("--thresholds", default=None, help="thresholds JSON (default: the one next to the checkpoint, else the repo's)")
     add("--threshold", default="balanced", help="strict | balanced | sensitive | optimal | a number; for "
-        "--score combined a p-value level")
+        "--score coding and combined a p-value level")
     add("--score", choices=SCORES, default="mse", help="which score decides")
     add("--output", default=None, help="also write the rows to this .csv, .json or .jsonl file")
     add("--heatmaps", default=None, metavar="DIR", help="write one PNG per image: input, reconstruction, error map")
@@ -59,7 +67,7 @@ def detect(args, rank, world, device):
     try:  # everything that can fail on a bad flag or file, before any image is scored
         path = args.thresholds or thresholds.find(args.checkpoint)
         det = Detector(args.checkpoint, path, device=str(device), score=args.score, threshold=args.threshold,
-                       batch_size=args.batch_size, workers=args.workers)
+                       batch_size=args.batch_size, workers=args.workers, coding_model=args.coding_model)
         if args.heatmaps:
             maps = Path(args.heatmaps).resolve()
             for p in args.paths:
@@ -79,11 +87,13 @@ def detect(args, rank, world, device):
         for w in det.warnings:  # once, before any result line
             print(f"warning: {w}", file=sys.stderr, flush=True)
     gather(None)  # no rank prints a result before rank 0's warnings
-    counts = Counter()
+    counts, p_values = Counter(), []
     try:
         for row in det.score_paths(args.paths, rank=rank, world=world, keep_maps=bool(args.heatmaps)):
             print(result_line(row, det.score_name) + "\n", end="", flush=True)  # one write: whole lines across ranks
             counts["unreadable" if "error" in row else row["verdict"]] += 1
+            if row.get("p_value") is not None:
+                p_values.append(row["p_value"])
             if writer:
                 writer.write(det.record(row))
             if args.heatmaps and "error" not in row:
@@ -94,14 +104,20 @@ def detect(args, rank, world, device):
     finally:
         if writer:
             writer.close()  # even on Ctrl-C: a .json file keeps its closing bracket
-    counts = sum(gather(counts), Counter())
+    counts, p_values = sum(gather(counts), Counter()), sum(gather(p_values), [])
     if not (total := counts.total()):
         raise UserError(f"no image files found in {' '.join(args.paths)}")
     if rank == 0:
-        rule = "FAKE when p <= level" if det.score_name == "combined" else f"FAKE when {det.score_name} > threshold"
+        by_p = det.score_name in thresholds.P_VALUE_SCORES
+        rule = "FAKE when p <= level" if by_p else f"FAKE when {det.score_name} > threshold"
         print(f"{total} input{'s' * (total != 1)}: {counts['REAL']} REAL, {counts['FAKE']} FAKE, "
               f"{counts['unreadable']} unreadable")
         print(f"threshold: {det.threshold_label} (score {det.score_name}, {rule}; thresholds file: {path or 'none'})")
+        if (uniform := metrics.uniformity_pvalue(p_values)) is not None and uniform < DOMAIN_ALARM:
+            print(f"warning: these images do not look like the calibration images (their {len(p_values)} p-values are "
+                  f"far from uniform: Kolmogorov-Smirnov p = {uniform:.2g}); the false-positive rate is not guaranteed; "
+                  f"calibrate on images like these (calibrate.py --real-dir), unless most of them are indeed fake",
+                  file=sys.stderr)
         if args.output:
             print(f"wrote {args.output}")
         if args.heatmaps:

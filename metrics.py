@@ -42,14 +42,27 @@ def conformal_threshold(cal_scores, alpha):
     return math.inf if k > s.size else float(np.partition(s, k - 1)[k - 1])  # no full sort needed
 
 
-def conformal_pvalues(cal_scores_sorted, scores):
+def conformal_pvalues(cal_scores_sorted, scores, two_sided=False):
     """p(s) = (1 + #{cal >= s}) / (n + 1) against ascending-sorted real calibration scores: for
-    an exchangeable real image P(p <= a) <= a, so a small p is evidence of fake. float64 [N]."""
-    cal = as_scores(cal_scores_sorted, "cal_scores_sorted")
+    an exchangeable real image P(p <= a) <= a, so a small p is evidence of fake. float64 [N].
+    two_sided: both tails are evidence, p = min(1, 2 min(p_upper, p_lower)) (Bonferroni over the two tails)."""
+    cal, s = as_scores(cal_scores_sorted, "cal_scores_sorted"), as_scores(scores)
     if cal.size > 1 and np.any(cal[1:] < cal[:-1]):
         raise ValueError("cal_scores_sorted must be sorted ascending (np.sort it once, reuse it)")
-    n_ge = cal.size - np.searchsorted(cal, as_scores(scores), side="left")  # ties count as >=: conservative
-    return (1.0 + n_ge) / (cal.size + 1.0)
+    upper = (1.0 + cal.size - np.searchsorted(cal, s, side="left")) / (cal.size + 1.0)  # ties count: conservative
+    if not two_sided:
+        return upper
+    lower = (1.0 + np.searchsorted(cal, s, side="right")) / (cal.size + 1.0)  # (1 + #{cal <= s}) / (n + 1)
+    return np.minimum(1.0, 2 * np.minimum(upper, lower))
+
+
+def uniformity_pvalue(p_values, min_count=20):
+    """Kolmogorov-Smirnov p-value of "these conformal p-values are uniform", as they are for images exchangeable
+    with the calibration set; None for fewer than min_count values (too few to tell)."""
+    if len(p_values) < min_count:
+        return None
+    from scipy.stats import kstest  # here: only this check and calibration need scipy
+    return float(kstest(np.asarray(p_values, dtype=np.float64), "uniform").pvalue)
 
 
 def clopper_pearson(k, n, confidence=0.95):

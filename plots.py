@@ -49,10 +49,8 @@ def calibration_plots(report, real, sets, result, model, samples, plots_dir):
            title="Reconstruction error: real vs fakes, with the mse thresholds")
     ax.legend(fontsize=7, ncol=2)
     save(fig, Path(plots_dir) / "threshold_calibration.png")
-    panels = [(s, real[s][result["held_idx"]], {n: v[s] for n, v in sets.items()}) for s in ("mse", "local", "complexity")]
-    panels.append(("combined", 1 - result["held_p"], {n: 1 - p for n, p in result["fake_p"].items()}))
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharey=True)
-    for ax, (score, r, fs) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(result["roc"]), figsize=(4 * len(result["roc"]), 4), sharey=True)
+    for ax, (score, (r, fs)) in zip(axes, result["roc"].items()):  # p-value scores as 1 - p: higher = more fake
         for name, f in fs.items():
             ax.plot(*metrics.roc_curve(r, f)[:2], label=f"{name} {metrics.auroc(r, f):.3f}")  # fpr, tpr
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)

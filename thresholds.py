@@ -19,6 +19,8 @@ THRESHOLDS_NAME = "thresholds_calibrated.json"
 REPO_THRESHOLDS = Path(__file__).resolve().parent / THRESHOLDS_NAME  # the card's published values
 FPR_LEVELS = {"strict": 0.01, "balanced": 0.05, "sensitive": 0.10}  # conformal false-positive levels
 MAX_BYTES = 256 << 20  # a file with 10,000 scores per score is ~1 MB
+TWO_SIDED = ("coding",)  # scores whose both tails are evidence of fake (coding.py)
+P_VALUE_SCORES = TWO_SIDED + ("combined",)  # decided by a p-value level, not by a threshold on the score
 
 
 def beside(checkpoint):
@@ -34,17 +36,19 @@ def find(checkpoint):
 
 
 def build(tables, levels, calibration, **sections):
-    """The file's dict. tables: score -> {name: entry with 'value'}; levels: the combined p-value
-    levels; calibration: score -> real calibration scores; sections: anything else to record."""
+    """The file's dict. tables: score -> {name: entry with 'value'} (FAKE when score > value); levels: score ->
+    p-value levels (coding, combined); calibration: score -> real calibration scores; sections: anything else."""
     return {
         "reconstruction_thresholds": {
             "score": "mse: per-image mean squared reconstruction error on inputs normalized to [-1, 1]",
             "rule": "FAKE when error > value", "thresholds": tables["mse"]},
         "score_thresholds": {
             **{s: {"rule": "FAKE when score > value", "thresholds": t} for s, t in tables.items() if s != "mse"},
-            "combined": {"rule": "FAKE when combined p-value <= value", "levels": levels}},
+            **{s: {"rule": f"FAKE when {'two-sided ' * (s in TWO_SIDED)}{s} p-value <= value", "levels": t}
+               for s, t in levels.items()}},
         "calibration_scores": {
-            "note": "sorted real calibration scores; p-value of a new score s = (1 + #{scores >= s}) / (n + 1)",
+            "note": "sorted real calibration scores; p-value of a new score s = (1 + #{scores >= s}) / (n + 1); "
+                    "two-sided for " + ", ".join(TWO_SIDED) + ": min(1, 2 min(that, (1 + #{scores <= s}) / (n + 1)))",
             "n": len(next(iter(calibration.values()))), "scores": {s: np.sort(v).tolist() for s, v in calibration.items()}},
         **sections}
 
@@ -113,9 +117,9 @@ def table(cfg, score):
 
 
 def threshold(cfg, score, choice):
-    """(value, label) of a threshold given by name or as a number. For combined it is a p-value
+    """(value, label) of a threshold given by name or as a number. For coding and combined it is a p-value
     level (FAKE when p <= level), and the names mean their false-positive levels (FPR_LEVELS)."""
-    combined = score == "combined"
+    combined = score in P_VALUE_SCORES
     try:
         value, label = float(choice), f"{float(choice):g} (given)"
     except ValueError:
@@ -137,15 +141,30 @@ def calibration(cfg):
     return {s: np.asarray(v, dtype=np.float64) for s, v in stored.items() if v}
 
 
+def pvalues(cal, values, score):
+    """Conformal p-values of a score's values against its sorted real calibration scores, two-sided where
+    both tails are evidence (TWO_SIDED)."""
+    return metrics.conformal_pvalues(cal, values, two_sided=score in TWO_SIDED)
+
+
 def combined_pvalue(cal, values):
     """Bonferroni over every calibrated score: min(1, K * min_k p_k), with p_k the conformal
     p-value of values[k] against cal[k]. Valid whatever the dependence between the scores."""
-    return np.minimum(1.0, len(cal) * np.min([metrics.conformal_pvalues(cal[s], values[s]) for s in cal], axis=0))
+    return np.minimum(1.0, len(cal) * np.min([pvalues(cal[s], values[s], s) for s in cal], axis=0))
 
 
-def binding_warnings(cfg, fingerprint, precision):
+def score_pvalues(cal, values, score):
+    """The p-values of one score, combined included, from values: {score: array of one value per image}."""
+    return combined_pvalue(cal, values) if score == "combined" else pvalues(cal[score], values[score], score)
+
+
+def binding_warnings(cfg, fingerprint, precision, coding_fingerprint=None):
     """Why this file's thresholds may not apply to the loaded weights (empty when they do)."""
-    bound, calibrated_in = (cfg.get("binding", {}).get(key) for key in ("weights_fingerprint", "precision"))
+    bound, calibrated_in, coding_bound = (cfg.get("binding", {}).get(key)
+                                          for key in ("weights_fingerprint", "precision", "coding_fingerprint"))
+    if coding_bound and coding_fingerprint and coding_bound != coding_fingerprint:
+        return [f"the thresholds file was calibrated with another coding model (fingerprint {coding_bound[:12]}..., "
+                f"this one is {coding_fingerprint[:12]}...): its coding p-values do not apply; run calibrate.py"]
     if calibrated_in and calibrated_in != precision:
         return [f"the thresholds were calibrated in {calibrated_in}, this run scores in {precision}: "
                 f"scores shift slightly; calibrate on this device for exact thresholds"]

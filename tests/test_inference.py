@@ -142,9 +142,9 @@ def env(tmp_path_factory):
     # calibration: the model's scores of procedural "real" images; thresholds at the median
     # score of the good photos, so that both verdicts occur
     det = Detector(ckpt, workers=0)
-    cal = detector.score_uint8(det.model, data.dead_leaves(40, 32, seed=1))  # every base score
+    cal = detector.score_images(det.model, data.dead_leaves(40, 32, seed=1))  # every autoencoder score
     scored = list(score_files(det.model, good, workers=0))
-    balanced = {s: float(np.median([r[s] for r in scored])) for s in detector.BASE_SCORES}
+    balanced = {s: float(np.median([r[s] for r in scored])) for s in detector.AE_SCORES}
     fp = weights_fingerprint(model)
     th = {"bound": write_thresholds(root / "bound.json", fp, cal, balanced),
           "other": write_thresholds(root / "other.json", "0" * 64, cal, balanced),
@@ -509,7 +509,7 @@ def test_combined_score(env, capsys, tmp_path):
     rows = [r for r in read_rows(out) if r["error"] is None]
     assert len(rows) == len(env["good"])
     for r in rows:
-        parts = [metrics.conformal_pvalues(env["cal"][s], [r[s]])[0] for s in detector.BASE_SCORES]
+        parts = [metrics.conformal_pvalues(env["cal"][s], [r[s]])[0] for s in detector.AE_SCORES]
         assert r["score"] == r["p_value"] == pytest.approx(min(1.0, 3 * min(parts)), rel=1e-12)
         assert r["score_name"] == "combined" and r["threshold"] == 0.2
         assert r["verdict"] == ("FAKE" if r["p_value"] <= 0.2 else "REAL")

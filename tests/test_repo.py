@@ -3,7 +3,7 @@ import re
 
 from tests.conftest import ROOT, run_script
 
-SCRIPTS = ["model.py", "train.py", "calibrate.py", "inference_example.py", "bench.py", "demo.py"]
+SCRIPTS = ["model.py", "train.py", "calibrate.py", "inference_example.py", "evaluate.py", "bench.py", "demo.py"]
 
 
 def test_ci_runs_exactly_the_readme_commands():

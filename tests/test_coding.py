@@ -1,0 +1,187 @@
+"""The coding-cost score: its costs and entropies, the two-sided p-value, the tiling, and the CLI round trip
+(train.py --model coding -> calibrate.py --coding-model -> inference_example.py --score coding / combined)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import metrics
+from coding import (MAX_TILES_PER_SIDE, CodingConfig, CodingModel, logistic_entropy_bits, logistic_log_prob, tile_origins,
+                    tiles_of)
+from data import dead_leaves
+from detector import Detector, image_tiles
+from fakes import benign_versions
+from model import load_model
+from tests.conftest import run_script
+
+
+def exact_entropy_bits(mean, scale):
+    k = torch.arange(-4000, 4000, dtype=torch.float64)
+    logp = logistic_log_prob(k, torch.tensor(mean, dtype=torch.float64), torch.tensor(math.log(scale), dtype=torch.float64))
+    return float(-(logp.exp() * logp).sum() / math.log(2)), float(logp.exp().sum())
+
+
+@pytest.mark.parametrize("scale", [0.03, 0.3, 0.99, 1.0, 2.5, 40.0])
+@pytest.mark.parametrize("mean", [100.0, 100.25, 100.5])
+def test_entropy_matches_the_exact_sum(mean, scale):
+    exact, mass = exact_entropy_bits(mean, scale)
+    assert mass == pytest.approx(1, abs=1e-9)  # a distribution on the integers
+    got = logistic_entropy_bits(torch.tensor([mean], dtype=torch.float64), torch.tensor([math.log(scale)], dtype=torch.float64))
+    assert float(got) == pytest.approx(exact, abs=5e-4)
+
+
+def test_pixels_drawn_from_the_prediction_cost_what_is_expected():
+    """The gap is zero on average exactly when the pixels follow the predicted distribution; pixels closer to the
+    mean than predicted (smoother) cost less than expected, pixels further away (sharper) cost more."""
+    g = torch.Generator().manual_seed(0)
+    n, mean, log_scale = 200_000, torch.full((200_000,), 120.3), torch.full((200_000,), math.log(2.0))
+    u = torch.rand(n, generator=g).clamp(1e-7, 1 - 1e-7)
+    drawn = (mean + 2.0 * torch.log(u / (1 - u))).round()  # a logistic draw, then its unit bin
+    expected = logistic_entropy_bits(mean, log_scale)
+
+    def gap(pixels):
+        return float((-logistic_log_prob(pixels, mean, log_scale) / math.log(2) - expected).mean())
+
+    assert abs(gap(drawn)) < 0.01  # bits per pixel, against ~3 bits of cost
+    assert gap((mean + 0.5 * (drawn - mean)).round()) < -0.3  # residuals halved: more predictable than predicted
+    assert gap((mean + 2.0 * (drawn - mean)).round()) > 0.3  # residuals doubled: more surprising than predicted
+    exact = torch.full((1,), 120.0)  # a pixel predicted exactly, with near certainty, costs ~nothing, as expected
+    sure = torch.full((1,), math.log(0.05))
+    cost, entropy = float(-logistic_log_prob(exact, exact, sure) / math.log(2)), float(logistic_entropy_bits(exact, sure))
+    assert cost < 1e-3 and entropy < 2e-3 and cost == pytest.approx(entropy, abs=2e-3)
+
+
+def test_two_sided_pvalues():
+    cal = np.arange(1.0, 100.0)  # 99 calibration scores
+    p = metrics.conformal_pvalues(cal, [0.0, 50.0, 200.0], two_sided=True)
+    assert p[0] == pytest.approx(2 / 100) and p[2] == pytest.approx(2 / 100)  # both tails are evidence
+    assert p[1] == 1.0
+    one = metrics.conformal_pvalues(cal, [0.0, 200.0])
+    assert one[0] == 1.0 and one[1] == pytest.approx(1 / 100)  # one-sided: only the upper tail
+    # valid: a real score exchangeable with the calibration ones has P(p <= a) <= a
+    rng = np.random.default_rng(0)
+    hits = [metrics.conformal_pvalues(np.sort(rng.normal(size=99)), rng.normal(size=1), two_sided=True)[0] <= 0.1
+            for _ in range(4000)]
+    assert np.mean(hits) <= 0.1 + 3 * math.sqrt(0.1 * 0.9 / 4000)
+
+
+def test_tiles_are_bounded_deterministic_and_on_the_jpeg_grid():
+    big = torch.randint(0, 256, (3, 4000, 6000), dtype=torch.uint8)
+    tiles = tiles_of(big, 64)
+    assert tiles.shape == (MAX_TILES_PER_SIDE ** 2, 3, 64, 64)
+    assert torch.equal(tiles, tiles_of(big, 64))
+    assert all(o % 8 == 0 for o in tile_origins(6000, 64) + tile_origins(4000, 64))
+    assert tile_origins(6000, 64)[-1] + 64 > 5900  # spread over the whole side
+    assert tiles_of(big[:, :100, :130], 64).shape[0] == 2  # 1 x 2 tiles fit
+    with pytest.raises(ValueError, match="too small for the coding score: 63x100"):
+        tiles_of(big[:, :100, :63], 64)
+
+
+def test_benign_versions():
+    image = dead_leaves(1, 96, seed=2)[0]
+    out = benign_versions(image, seed=1)
+    assert set(out) == {"jpeg75-95", "down2", "sharpen"}
+    assert out["down2"].shape == (3, 48, 48) and out["sharpen"].shape == out["jpeg75-95"].shape == (3, 96, 96)
+    assert not torch.equal(out["sharpen"], image) and not torch.equal(out["jpeg75-95"], image)
+
+
+def test_config_is_checked_before_any_layer():
+    with pytest.raises(ValueError, match="divisible"):
+        CodingConfig(image_size=60, channels=(8, 8, 8))
+    with pytest.raises(ValueError):
+        CodingConfig(channels=(10 ** 6,))
+
+
+# ---- the CLI round trip, on a coding model trained by train.py
+@pytest.fixture(scope="module")
+def coding_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coding")
+    photos = root / "photos"
+    photos.mkdir()
+    for i, image in enumerate(dead_leaves(12, 160, seed=5)):  # "photos" larger than a crop
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(photos / f"p{i}.png")
+    proc = run_script("train.py", "--preset", "coding", "--data-dir", photos, "--out-dir", root / "run",
+                      "--image-size", "32", "--channels", "8,8", "--crops-per-image", "24", "--epochs", "2", "--max-images", "0",
+                      "--batch-size", "16", "--no-progress", "--device", "cpu")
+    return root, root / "run" / "model_best_checkpoint.ckpt", proc
+
+
+def test_train_cli_trains_the_coding_model_on_crops(coding_run):
+    root, ckpt, proc = coding_run
+    assert "288 crops (24 per image, original pixels)" in proc.stdout
+    results = json.loads((root / "run" / "results.json").read_text())
+    assert 0 < results["test_bits_per_dim"] < 8 and results["config"]["model"] == "coding"
+    model = load_model(ckpt)
+    assert isinstance(model, CodingModel) and model.config.channels == (8, 8)
+    assert isinstance(load_model(root / "run" / "release"), CodingModel)  # the hub layout loads too
+    history = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] + 1  # trains, and stays finite
+
+
+def test_cifar_is_refused_for_the_coding_model(tmp_path):
+    proc = run_script("train.py", "--preset", "coding", "--dataset", "cifar10", "--out-dir", tmp_path, check=False)
+    assert proc.returncode == 2 and "CIFAR-10's" in proc.stderr
+
+
+def test_smoothing_and_sharpening_move_the_gap_in_opposite_directions(coding_run):
+    from torchvision.transforms.v2.functional import adjust_sharpness, gaussian_blur
+    model = load_model(coding_run[1])
+    images = dead_leaves(8, 128, seed=11)
+    gap = {name: model.tile_gaps(image_tiles(batch, 32)[0]).mean().item() for name, batch in {
+        "original": images, "smoothed": gaussian_blur(images, [5, 5], [1.0, 1.0]),
+        "sharpened": adjust_sharpness(images, 3.0)}.items()}
+    assert gap["smoothed"] < gap["original"] < gap["sharpened"]
+
+
+def test_same_pixels_same_score_whatever_the_file_format(coding_run, tiny_model, tmp_path):
+    ckpt = tmp_path / "ae.ckpt"
+    torch.save({"model": tiny_model.state_dict(), "config": tiny_model.config.__dict__}, ckpt)
+    image = Image.fromarray(dead_leaves(1, 150, seed=9)[0].permute(1, 2, 0).numpy())
+    for ext, kwargs in [("png", {}), ("bmp", {}), ("tiff", {}), ("webp", {"lossless": True})]:
+        image.save(tmp_path / f"same.{ext}", **kwargs)
+    det = Detector(ckpt, device="cpu", score="coding", coding_model=coding_run[1], workers=0)
+    rows = det.score(sorted(map(str, tmp_path.glob("same.*"))) + [image])
+    assert len({row["coding"] for row in rows}) == 1 and len(rows) == 5  # files and the in-memory image alike
+
+
+def test_calibrate_and_infer_with_the_coding_score(coding_run, tiny_model, tmp_path):
+    root, coding_ckpt, _ = coding_run
+    ae = tmp_path / "ae.ckpt"
+    torch.save({"model": tiny_model.state_dict(), "config": tiny_model.config.__dict__}, ae)
+    real = tmp_path / "real"
+    real.mkdir()
+    for i, image in enumerate(dead_leaves(240, 64, seed=21)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(real / f"r{i:03d}.png")
+    out = tmp_path / "thr.json"
+    proc = run_script("calibrate.py", "--checkpoint", ae, "--coding-model", coding_ckpt, "--real-dir", real,
+                      "--num-noise", "50", "--num-hard", "40", "--num-benign", "20", "--bootstrap", "0", "--holdout-fraction", "0.2",
+                      "--output", out, "--no-progress", "--workers", "0", "--device", "cpu")
+    cfg = json.loads(out.read_text())
+    assert len(cfg["calibration_scores"]["scores"]["coding"]) == 192
+    levels = cfg["score_thresholds"]["coding"]["levels"]
+    assert set(levels) == {"strict", "balanced", "sensitive"} and "two-sided" in cfg["score_thresholds"]["coding"]["rule"]
+    assert set(levels["balanced"]["benign_fpr"]) == {"jpeg75-95", "down2", "sharpen"}
+    assert cfg["binding"]["coding_fingerprint"] and "coding" in cfg["evaluation"]["scores"]
+    assert cfg["evaluation"]["scores"]["coding"]["noise"]["auroc"] > 0.9  # noise costs far more than expected
+    assert "coding balanced" in proc.stdout and "sharpen" in proc.stdout
+
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    for i in range(25):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(noise / f"n{i}.png")
+    for score in ("coding", "combined"):
+        proc = run_script("inference_example.py", noise, "--checkpoint", ae, "--coding-model", coding_ckpt,
+                          "--thresholds", out, "--score", score, "--device", "cpu", "--workers", "0")
+        assert proc.stdout.count("\tFAKE") == 25
+        assert proc.stderr.count("do not look like the calibration images") == 1  # the domain check, once
+    proc = run_script("inference_example.py", real, "--checkpoint", ae, "--coding-model", coding_ckpt,
+                      "--thresholds", out, "--score", "coding", "--device", "cpu", "--workers", "0")
+    assert "do not look like" not in proc.stderr and proc.stdout.count("\tREAL") > 200  # like its calibration set
+    proc = run_script("inference_example.py", real, "--checkpoint", ae, "--thresholds", out, "--score", "combined",
+                      "--device", "cpu", check=False)
+    assert proc.returncode == 2 and "needs the coding model (--coding-model" in proc.stderr
+    proc = run_script("inference_example.py", real, "--checkpoint", coding_ckpt, "--device", "cpu", check=False)
+    assert proc.returncode == 2 and "holds a coding model" in proc.stderr
