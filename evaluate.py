@@ -1,0 +1,123 @@
+"""Evaluates calibrated scores on matched sets of real generated images: each SET folder holds real/ and fake/
+(a generated image beside the real image it is paired with: a super-resolved crop and the crop it came from).
+Prints, per set and score, AUROC (fake = positive) with a bootstrap 95% interval, and the share of the set's real
+images flagged at the balanced level (they are held out from calibration: a false-positive rate).
+
+    python evaluate.py generated/sr_* --checkpoint CKPT --coding-model runs/coding/model_best_checkpoint.ckpt \\
+        --thresholds runs/eval/thresholds_calibrated.json --output runs/eval/generated.json
+
+Scores decided by a p-value (coding, combined) are ranked by it (1 - p); mse by its value. With
+--fake-jpeg-quality Q, each set is scored a second time with its fakes re-saved as JPEG at quality Q: real photos
+carry JPEG traces and generators' PNG outputs do not, and a score must not merely detect that.
+"""
+
+import io
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import metrics
+import thresholds
+from detector import Detector
+from utils import ArgumentParser, UserError, number, run_cli, write_json
+
+LEVEL = "balanced"
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(__doc__)
+    add = p.add_argument
+    add("sets", nargs="+", metavar="SET", help="folders, each with real/ and fake/ image folders")
+    add("--checkpoint", required=True, help="the autoencoder (anything load_model accepts)")
+    add("--coding-model", default=None, help="the coding model; without it, mse and combined only")
+    add("--thresholds", required=True, help="written by calibrate.py for these models")
+    add("--scores", default="mse,coding,combined", help="comma-separated scores to report")
+    add("--fake-jpeg-quality", type=number(int, 1, 95), default=None,
+        help="also score every set with its fakes re-saved as JPEG at this quality")
+    add("--bootstrap", type=number(int, 1), default=1000, help="resamples for the AUROC intervals")
+    add("--output", default=None, help="also write every figure to this JSON file")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
+    return p.parse_args(argv)
+
+
+def jpeg_copies(folder, quality):
+    """The images under folder, each re-saved as JPEG at `quality`, as PIL images."""
+    out = []
+    for path in sorted(Path(folder).iterdir()):
+        buf = io.BytesIO()
+        Image.open(path).convert("RGB").save(buf, format="JPEG", quality=quality)
+        out.append(Image.open(buf))
+    return out
+
+
+def set_scores(det, folder, fake_quality=None):
+    """{"real": rows, "fake": rows}: the readable images of the set, every calibrated score in each row."""
+    rows = {part: det.score([str(Path(folder) / part)]) for part in ("real", "fake")[:2 if fake_quality is None else 1]}
+    if fake_quality is not None:
+        rows["fake"] = det.score(jpeg_copies(Path(folder) / "fake", fake_quality))
+    for part, got in rows.items():
+        if bad := [r for r in got if "error" in r]:
+            print(f"skipped {len(bad)} unreadable {folder}/{part} file(s), e.g. {bad[0]['path']}: {bad[0]['error']}",
+                  file=sys.stderr)
+        rows[part] = [r for r in got if "error" not in r]
+        if not rows[part]:
+            raise UserError(f"{folder}/{part}: no readable images")
+    return rows
+
+
+def evaluate(args):
+    cfg = thresholds.read(args.thresholds)
+    cal, names = thresholds.calibration(cfg), [s.strip() for s in args.scores.split(",") if s.strip()]
+    if not args.coding_model:
+        names = [s for s in names if s != "coding"]
+    det = Detector(args.checkpoint, args.thresholds, device=args.device, score="combined", coding_model=args.coding_model)
+    for w in det.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    levels = {s: thresholds.threshold(cfg, s, LEVEL)[0] for s in names}
+    results = {}
+    runs = [(folder, Path(folder).name, None) for folder in args.sets]
+    if args.fake_jpeg_quality:
+        runs += [(folder, f"{Path(folder).name} (fakes JPEG q{args.fake_jpeg_quality})", args.fake_jpeg_quality)
+                 for folder in args.sets]
+    for folder, name, quality in runs:
+        rows = set_scores(det, folder, quality)
+        results[name] = row = {"n_real": len(rows["real"]), "n_fake": len(rows["fake"])}
+        for s in names:
+            if s in thresholds.P_VALUE_SCORES:  # ranked by p-value, flagged at p <= level
+                p = {part: thresholds.score_pvalues(cal, {k: [r[k] for r in got] for k in cal}, s)
+                     for part, got in rows.items()}
+                ranked, flagged = {k: 1 - v for k, v in p.items()}, {k: v <= levels[s] for k, v in p.items()}
+            else:
+                ranked = {part: np.array([r[s] for r in got]) for part, got in rows.items()}
+                flagged = {k: v > levels[s] for k, v in ranked.items()}
+            ci = metrics.bootstrap_ci(metrics.auroc, ranked["real"], ranked["fake"], n_boot=args.bootstrap)
+            row[s] = {"auroc": metrics.auroc(ranked["real"], ranked["fake"]), "auroc_ci95": list(ci),
+                      "real_flagged": float(flagged["real"].mean()), "fake_flagged": float(flagged["fake"].mean())}
+    return results, names
+
+
+def print_table(results, names):
+    print(f"| set | pairs | {' | '.join(f'{s} AUROC [95% CI]' for s in names)} | "
+          f"{' | '.join(f'real flagged ({s}, {LEVEL})' for s in names)} |")
+    print("|---" * (2 + 2 * len(names)) + "|")
+    for name, row in results.items():
+        aurocs = " | ".join(f"{row[s]['auroc']:.3f} [{row[s]['auroc_ci95'][0]:.2f}, {row[s]['auroc_ci95'][1]:.2f}]"
+                            for s in names)
+        flagged = " | ".join(f"{row[s]['real_flagged']:.0%}" for s in names)
+        print(f"| {name} | {row['n_fake']} | {aurocs} | {flagged} |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    results, names = evaluate(args)
+    print_table(results, names)
+    if args.output:
+        write_json(args.output, {"thresholds": args.thresholds, "level": LEVEL, "sets": results})
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
