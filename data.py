@@ -105,16 +105,24 @@ def iter_image_files(paths, on_error=None):
 
 
 def _walk(top, report):
-    # top-down and depth-first in name order, following directory symlinks, but into each directory only once
-    seen, on_error = set(), lambda e: report(e.filename, f"cannot list directory: {e.strerror or e}")
-    for d, subdirs, files in os.walk(top, onerror=on_error, followlinks=True):
+    # top-down and depth-first in name order, following directory symlinks, but into each directory only once;
+    # a stack, not recursion (os.walk recurses on Python 3.11): a folder 1,000 levels deep is listed like any other
+    seen, stack = set(), [top]
+    while stack:
+        d = stack.pop()
         if (real := os.path.realpath(d)) in seen:
             report(d, "directory symlink loop (already visited), skipped")
-            subdirs.clear()
             continue
         seen.add(real)
-        subdirs.sort()  # os.walk descends into what is left in this list, in its order
-        yield from (os.path.join(d, f) for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+        try:
+            with os.scandir(d) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as e:
+            report(d, f"cannot list directory: {e.strerror or e}")
+            continue
+        dirs = [e for e in entries if e.is_dir()]  # follows symlinks
+        yield from (e.path for e in entries if not e.is_dir() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS)
+        stack.extend(e.path for e in reversed(dirs))  # popped in name order
 
 
 # ---- data sets, each returned as one uint8 tensor [N, 3, H, W]

@@ -291,9 +291,10 @@ def csv_cell(value):
 
 
 class ResultWriter:
-    """Streams result rows to .csv, .json (a list) or .jsonl, flushing each one: memory stays flat and
-    an interrupted run leaves every row so far on disk. Under torchrun each rank writes a JSON Lines
-    part and rank 0 merges them into `path` on close (close is then a collective call)."""
+    """Streams result rows to .csv, .json (a list) or .jsonl, flushing each one: memory stays flat. The rows go
+    to `path`.partial, renamed to `path` when the run completes: `path` is whole or absent, and an interrupted
+    run leaves every row so far in the .partial file. Under torchrun each rank writes a JSON Lines part and
+    rank 0 merges them into `path` on a complete close (a collective call)."""
 
     COLUMNS = ["path", "score_name", "score", "p_value", "verdict", "threshold", "error", *BASE_SCORES]
 
@@ -301,10 +302,11 @@ class ResultWriter:
         if Path(path).suffix.lower() not in (".csv", ".json", ".jsonl"):
             raise UserError(f"--output {path}: the extension must be one of .csv, .json, .jsonl")
         self.path, self.rank, self.world, self.n = str(path), rank, world, 0
-        target, self.fmt = (f"{path}.rank{rank}.part", ".jsonl") if world > 1 else (self.path, Path(path).suffix.lower())
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        self.partial, self.fmt = ((f"{path}.rank{rank}.part", ".jsonl") if world > 1 else
+                                  (f"{path}.partial", Path(path).suffix.lower()))
+        Path(self.partial).parent.mkdir(parents=True, exist_ok=True)
         # backslashreplace only touches file names that are not valid UTF-8 (surrogate escapes)
-        self.f = open(target, "w", encoding="utf-8", errors="backslashreplace", newline="")
+        self.f = open(self.partial, "w", encoding="utf-8", errors="backslashreplace", newline="")
         if self.fmt == ".csv":
             self.csv = csv.DictWriter(self.f, fieldnames=self.COLUMNS)
             self.csv.writeheader()
@@ -320,11 +322,14 @@ class ResultWriter:
         self.n += 1
         self.f.flush()
 
-    def close(self):
+    def close(self, complete=True):
+        """complete=False (an interrupted or failed run): the rows so far stay in the .partial file(s), valid."""
         if self.fmt == ".json":
             self.f.write("\n]\n" if self.n else "]\n")
         self.f.close()
-        if self.world > 1:
+        if complete and self.world == 1:
+            os.replace(self.partial, self.path)
+        elif complete:
             gather(None)  # a barrier: every part is complete
             if self.rank == 0:
                 merged = ResultWriter(self.path)

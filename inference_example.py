@@ -87,23 +87,26 @@ def detect(args, rank, world, device):
         for w in det.warnings:  # once, before any result line
             print(f"warning: {w}", file=sys.stderr, flush=True)
     gather(None)  # no rank prints a result before rank 0's warnings
-    counts, p_values = Counter(), []
+    counts, p_values, complete = Counter(), [], False
     try:
         for row in det.score_paths(args.paths, rank=rank, world=world, keep_maps=bool(args.heatmaps)):
+            if writer:  # first: a line on screen means its row is on disk
+                writer.write(det.record(row))
             print(result_line(row, det.score_name) + "\n", end="", flush=True)  # one write: whole lines across ranks
             counts["unreadable" if "error" in row else row["verdict"]] += 1
             if row.get("p_value") is not None:
                 p_values.append(row["p_value"])
-            if writer:
-                writer.write(det.record(row))
             if args.heatmaps and "error" not in row:
                 import plots
                 plots.save_heatmap(row, args.heatmaps, f"{row['verdict']}  ({det.score_name} {row['score']:.6g})")
+        complete = True
     except OSError as e:  # a full disk, say: one line, not a traceback
         raise UserError(f"cannot write {e.filename or args.output or args.heatmaps}: {e.strerror or e}") from None
     finally:
         if writer:
-            writer.close()  # even on Ctrl-C: a .json file keeps its closing bracket
+            writer.close(complete)  # even on Ctrl-C: a .json file keeps its closing bracket
+            if not complete:
+                print(f"the rows so far are in {writer.partial}", file=sys.stderr)
     counts, p_values = sum(gather(counts), Counter()), sum(gather(p_values), [])
     if not (total := counts.total()):
         raise UserError(f"no image files found in {' '.join(args.paths)}")

@@ -136,8 +136,9 @@ def test_ctrl_c_is_one_line_and_leaves_valid_output(ckpt, tmp_path):
         proc.kill()
     assert first.endswith(("\tREAL\n", "\tFAKE\n"))
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
-    rows = json.loads(out.read_text())  # closed properly: every row so far, a valid list
-    assert 1 <= len(rows) < 400
+    assert not out.exists()  # the results file is whole or absent
+    rows = json.loads((tmp_path / "r.json.partial").read_text())  # closed properly: every row so far, a valid list
+    assert 1 <= len(rows) < 400 and "the rows so far are in" in err
 
 
 def test_large_batches_do_not_run_out_of_file_descriptors(ckpt, tmp_path):
@@ -220,7 +221,7 @@ def test_a_full_disk_during_inference_is_one_line(ckpt, tmp_path, monkeypatch, c
                                      "--output", str(tmp_path / "r.csv"), "--workers", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and err[-1] == "error: cannot write out/some file: No space left on device"
-    assert not [line for line in err if "Traceback" in line]
+    assert not [line for line in err if "Traceback" in line] and not (tmp_path / "r.csv").exists()
 
 
 def test_a_full_disk_during_calibration_writes_no_thresholds(ckpt, tmp_path, monkeypatch, capsys):
@@ -242,3 +243,21 @@ def test_a_full_disk_during_calibration_writes_no_thresholds(ckpt, tmp_path, mon
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: cannot write out/some file: No space left on device"
     assert not (out / "t.json").exists()  # no thresholds without the rest of what calibration writes
+
+
+def test_a_folder_1500_levels_deep_is_listed(tmp_path):
+    from data import iter_image_files
+
+    deep = str(tmp_path)
+    for _ in range(1500):  # one level at a time: os.makedirs and os.walk recurse, and would hit Python's limit
+        deep = os.path.join(deep, "d")
+        os.mkdir(deep)
+    open(os.path.join(deep, "x.png"), "wb").close()
+    (tmp_path / "top.png").write_bytes(b"")
+    try:
+        assert list(iter_image_files(str(tmp_path))) == [str(tmp_path / "top.png"), os.path.join(deep, "x.png")]
+    finally:  # bottom up: pytest's own clean-up recurses too
+        os.remove(os.path.join(deep, "x.png"))
+        while deep != str(tmp_path):
+            os.rmdir(deep)
+            deep = os.path.dirname(deep)
