@@ -27,8 +27,8 @@ from data import preprocess, read_image, to_uint8
 from detector import score_files
 from fakes import png_bits
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, squared_error, summarize
-from train import PRESETS, peak_memory_gb
-from utils import ArgumentParser, number, pick_device, run_cli, write_json
+from train import PRESETS
+from utils import ArgumentParser, number, peak_memory_gb, pick_device, run_cli, write_json
 
 # dense (no sparsity) datasheet bf16 peaks, TFLOP/s, first match of the device name wins: the PCIe and NVL
 # boards run at lower clocks and power than the SXM ones

@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -32,9 +31,9 @@ import plots
 from data import batches, dead_leaves, load_cifar10, load_image_folder, split_indices
 from coding import CodingConfig, CodingModel
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model, model_from_weights
-from utils import (ArgumentParser, UserError, atomic_write, autocast, gather, load_checkpoint_dict, lock_folder,
-                   number, precision_name, run_cli, setup_distributed, unlock_folder, weights_fingerprint,
-                   write_json)
+from utils import (ArgumentParser, UserError, all_reduce_sum, atomic_write, autocast, gather, load_checkpoint_dict,
+                   lock_folder, number, peak_memory_gb, precision_name, run_cli, setup_distributed, unlock_folder,
+                   weights_fingerprint, write_json)
 
 BEST_NAME = "model_best_checkpoint.ckpt"  # the card's file name
 LAST_NAME = "last_checkpoint.ckpt"
@@ -129,12 +128,6 @@ def parse_args(argv=None):
     return cfg, args.resume, args.overwrite, set(typed) & set(RESUMABLE)
 
 
-def all_reduce_sum(t):
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def load_datasets(cfg, device):
     """uint8 tensors (train, val, test) on `device`, each [N, 3, H, W], and where they came from."""
     coding = cfg.model == "coding"
@@ -218,12 +211,6 @@ def train_one_epoch(net, image_loss, opt, images, cfg, device, epoch, rank, worl
             bar.set_postfix(loss=f"{loss.item():.5f}")  # the only sync, for the progress bar
     bar.close()
     return (all_reduce_sum(total) / (steps * world)).item(), steps * cfg.batch_size * world
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB
 
 
 def new_model(cfg):
