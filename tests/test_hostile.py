@@ -129,7 +129,10 @@ def test_ctrl_c_is_one_line_and_leaves_valid_output(ckpt, tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.Popen([sys.executable, "inference_example.py", folder, "--checkpoint", ckpt, "--threshold", "0.5",
                              "--output", out, "--workers", "0", "--batch-size", "1"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **ONE_THREAD})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **ONE_THREAD},
+                            # a suite started in the background inherits an ignored SIGINT, and Python then keeps it
+                            # ignored: give the run the default a user's terminal gives it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = proc.stdout.readline()  # scoring has started
         proc.send_signal(signal.SIGINT)
