@@ -6,9 +6,9 @@
 
 Prints and (with --json) saves: forward GFLOPs per image; the peak FLOP/s of a large matmul
 (fp32 on CPU, bf16 on CUDA; the datasheet's beside it); per variant (eager fp32, channels_last,
-bf16 autocast on CUDA, torch.compile) inference and training images/s, peak memory and
-utilisation = achieved / peak FLOP/s; the data path alone (CIFAR batches, folder decode, PNG
-coding); folder inference against the card's recipe, and with the coding score (its cost per image and per
+bf16 autocast on CUDA, torch.compile, ONNX Runtime on CPU: export.py's graph) inference and training images/s, peak memory and
+utilisation = achieved / peak FLOP/s; the data path alone (CIFAR batches, reading per format, PNG
+coding); folder inference (a mixed JPEG / PNG / WebP folder) against the card's recipe, and with the coding score (its cost per image and per
 megapixel it scores, and its share of inference time). Medians over --repeats, after warm-up runs."""
 
 import argparse
@@ -87,6 +87,23 @@ def bench_variant(config, device, variant, args, gflops):
     return row  # the model goes out of scope here; the caller empties the CUDA cache
 
 
+def bench_onnx(config, device, args, gflops):
+    """Inference images/s of export.py's graph (preprocessing, model and scores) run by ONNX Runtime on the CPU."""
+    import onnxruntime
+    from export import export_graph
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_graph(ResidualAutoencoder(config).eval(), f"{tmp}/model.onnx", opset=18)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the same cores as the torch variants
+        session = onnxruntime.InferenceSession(f"{tmp}/model.onnx", options, providers=["CPUExecutionProvider"])
+    size = config.image_size
+    x = torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8).numpy()  # what the runtime is fed
+    images_per_s = rate(args.batch_size, lambda: session.run(None, {"images": x}), device, args.repeats, args.warmup)
+    return {"variant": "onnx", "infer_images_per_s": images_per_s, "infer_tflops": images_per_s * gflops / 1e3,
+            "infer_peak_memory_gb": peak_memory_gb(device)}
+
+
 def card_recipe(model, paths, batch_size, device):
     """The card's inference code: PIL decode at full size, Resize + ToTensor + Normalize, fp32 eager."""
     size = model.config.image_size  # 128 for the card's model
@@ -98,33 +115,42 @@ def card_recipe(model, paths, batch_size, device):
             model.reconstruction_error(batch.to(device), reduction="none")
 
 
+FOLDER_FORMATS = ("JPEG", "PNG", "WEBP")  # a mixed folder, as users have: draft mode helps JPEG only
+
+
 def bench_folder(config, device, args, folder):
-    """Writes --folder-images multi-megapixel JPEGs to `folder` (scikit-image's photos if installed, else smooth
-    noise), then times the data path alone (CIFAR batches, folder decode + resize, PNG coding) and folder inference."""
+    """Writes --folder-images 3000x2000 photos to `folder`, a third each JPEG, PNG and WebP (scikit-image's photos
+    if installed, else smooth noise), then times the data path alone (CIFAR batches; per format, reading at full
+    size or reduced, and how much reducing moves the model's input; PNG coding) and folder inference."""
     try:
         from skimage import data as skdata
         sources = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
     except ImportError:
         sources = torch.randint(0, 256, (4, 64, 96, 3), dtype=torch.uint8).numpy()  # smooth noise once upscaled
-    paths = [f"{folder}/photo_{i:03d}.jpg" for i in range(args.folder_images)]
-    for i, path in enumerate(paths):
-        Image.fromarray(sources[i % len(sources)]).resize((3000, 2000), Image.BICUBIC).save(path, quality=92)
+    paths = []
+    for i in range(args.folder_images):
+        fmt = FOLDER_FORMATS[i % len(FOLDER_FORMATS)]
+        paths.append(f"{folder}/photo_{i:03d}.{fmt.lower()}")
+        Image.fromarray(sources[i % len(sources)]).resize((3000, 2000), Image.BICUBIC).save(paths[-1], fmt, quality=92)
     size = config.image_size
     cifar_like = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8, device=device)
     index = torch.randint(0, len(cifar_like), (args.batch_size,), device=device)  # a random batch
-    cifar = rate(args.batch_size, lambda: preprocess(cifar_like[index], size), device, args.repeats, args.warmup)
-
-    def decode(min_size=None):  # full size, or JPEG draft mode near the model's size
-        return [preprocess(read_image(p, min_size=min_size), size) for p in paths[:8]]
-    u8 = to_uint8(decode(size)[0]).repeat(32, 1, 1, 1)  # [32, 3, S, S]
-    data_path = {"cifar_batch_images_per_s": cifar,
-                 "folder_decode_full_images_per_s": rate(len(paths[:8]), decode, device, 3, 1),
-                 "folder_decode_draft_images_per_s": rate(len(paths[:8]), lambda: decode(size), device, 3, 1),
-                 "png_coding_images_per_s": rate(32, lambda: png_bits(u8), device, 3, 1)}
+    data_path = {"cifar_batch_images_per_s": rate(args.batch_size, lambda: preprocess(cifar_like[index], size), device,
+                                                  args.repeats, args.warmup)}
+    for fmt in FOLDER_FORMATS:
+        some = [p for p in paths if p.endswith(fmt.lower())][:4]
+        read = lambda min_size: [preprocess(read_image(p, min_size=min_size), size) for p in some]  # noqa: E731
+        data_path[f"{fmt}_read_full_images_per_s"] = rate(len(some), lambda: read(None), device, 3, 1)
+        data_path[f"{fmt}_read_reduced_images_per_s"] = rate(len(some), lambda: read(size), device, 3, 1)
+        if some:
+            moved = (torch.cat(read(size)) - torch.cat(read(None))).abs().mean().item() * 127.5
+            data_path[f"{fmt}_reduced_input_change_grey_levels"] = moved  # mean |difference| of the model's input
+    u8 = to_uint8(preprocess(read_image(paths[0], min_size=size), size)).repeat(32, 1, 1, 1)  # [32, 3, S, S]
+    data_path["png_coding_images_per_s"] = rate(32, lambda: png_bits(u8), device, 3, 1)
     model = ResidualAutoencoder(config).to(device).eval()  # one timed pass each: the card's recipe, then score_files
     bs = min(args.batch_size, 32)
     card_recipe(model, paths[:bs], bs, device)  # warm-up, untimed
-    out = {"folder_images": len(paths), "folder_image_size": "3000x2000 JPEG",
+    out = {"folder_images": len(paths), "folder_image_size": "3000x2000 JPEG / PNG / WebP",
            "card_recipe_images_per_s": rate(len(paths), lambda: card_recipe(model, paths, bs, device), device)}
     model = model.to(memory_format=torch.channels_last)
     # the default score (mse) needs no PNG coding; complexity / combined do
@@ -156,7 +182,8 @@ def print_report(r):
         print(f"{v['variant']:<14}" + ("".join(cells) or f" failed: {v['error']}"))
     if r["device"] == "cpu":
         print("(on CPU the memory columns are the process's peak RSS so far, not a per-variant figure)")
-    print(f"best inference variant: {r['best_inference_variant']}")
+    print(f"best inference variant: {r['best_inference_variant']}" + (f" | onnx / channels_last: "
+          f"{r['onnx_vs_channels_last']:.2f}x" if "onnx_vs_channels_last" in r else ""))
     for section in ("data_path", "folder"):
         for key, value in r.get(section, {}).items():
             print(f"{section:<10} {key:<40} {value if isinstance(value, str) else f'{value:10.2f}'}")
@@ -170,7 +197,8 @@ def main(argv=None):
     add("--batch-size", type=number(int, 1), default=None, help="32 on CPU, 1024 on CUDA if not given")
     add("--repeats", type=number(int, 1), default=5, help="timed repeats per figure; the median is reported")
     add("--warmup", type=number(int, 0), default=2, help="untimed runs first")
-    add("--variants", default="eager,channels_last,bf16,compile", help="comma-separated subset")
+    add("--variants", default="eager,channels_last,bf16,compile,onnx", help="comma-separated subset (bf16: CUDA only; "
+        "onnx: CPU only, needs requirements-export.txt)")
     add("--skip-train", action="store_true", help="inference only")
     add("--folder-images", type=number(int, 0), default=128, help="multi-megapixel JPEGs for the folder benchmarks, 0 = skip")
     add("--threads", type=number(int, 1), default=None, help="torch threads; torch's choice if not given")
@@ -201,9 +229,11 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             result["data_path"], result["folder"] = bench_folder(config, device, args, tmp)
     variants = [v.strip() for v in args.variants.split(",")]
-    for variant in [v for v in variants if v != "bf16" or device.type == "cuda"]:  # no fast bf16 on our CPUs
+    # no fast bf16 on our CPUs; ONNX Runtime is the CPU runtime here
+    for variant in [v for v in variants if v != ("bf16" if device.type == "cpu" else "onnx")]:
         try:
-            result["variants"].append(bench_variant(config, device, variant, args, gflops))
+            result["variants"].append(bench_onnx(config, device, args, gflops) if variant == "onnx" else
+                                      bench_variant(config, device, variant, args, gflops))
         except Exception as e:  # a variant that cannot run here (e.g. compile without a compiler) is reported, not fatal
             result["variants"].append({"variant": variant, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
         torch.cuda.empty_cache()  # the variant's model is gone; a no-op without CUDA
@@ -214,6 +244,9 @@ def main(argv=None):
         row.update({f"{m}_utilisation": row[f"{m}_tflops"] / result["peak_tflops"] for m in ("infer", "train")
                     if f"{m}_tflops" in row})
     result["best_inference_variant"] = max(ok, key=lambda r: r["infer_images_per_s"])["variant"] if ok else None
+    speed = {r["variant"]: r["infer_images_per_s"] for r in ok}
+    if "onnx" in speed and "channels_last" in speed:
+        result["onnx_vs_channels_last"] = speed["onnx"] / speed["channels_last"]
     print_report(result)
     if args.json:
         write_json(args.json, result)

@@ -18,20 +18,23 @@ from utils import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
 PREPROCESSING = ("uint8 RGB -> float / 255 -> bilinear resize to image_size x image_size "
-                 "(antialiased, as PIL's Resize) -> (x - 0.5) / 0.5, giving [-1, 1]")
+                 "(antialiased, as PIL's Resize) -> rounded to 8 bits (as PIL's Resize) -> (x - 0.5) / 0.5, giving [-1, 1]")
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # larger images are refused as decompression bombs
 
 
 def preprocess(images, size=128):
     """uint8 [B, 3, H, W] (or [3, H, W]) on any device -> float32 [B, 3, size, size] in [-1, 1]: the card's
-    Resize((128, 128)) + ToTensor + Normalize(0.5, 0.5), but resized on floats (antialiased, the tensor twin
-    of PIL's bilinear Resize) so that it runs batched on the GPU, without PIL's rounding to uint8."""
+    Resize((128, 128)) + ToTensor + Normalize(0.5, 0.5), resized on floats (antialiased, the tensor twin of
+    PIL's bilinear Resize) so that it runs batched on the GPU. The resized pixels are rounded to 8 bits, as
+    PIL's are: then to_uint8(preprocess(x)) is exact, and batches can travel as bytes and be normalized on
+    the device with the same result."""
     if images.dtype != torch.uint8:
         raise ValueError(f"preprocess expects uint8 pixels, got {images.dtype}")
-    x = (images.unsqueeze(0) if images.dim() == 3 else images).float().div_(255)  # [B, 3, H, W] in [0, 1]
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.sub_(0.5).div_(0.5)  # [B, 3, size, size] in [-1, 1]
+    x = (images.unsqueeze(0) if images.dim() == 3 else images).float()  # [B, 3, H, W] in [0, 255]
+    # no shortcut at size x size (there the resize is exactly the identity): one graph for every size, so that
+    # export.py's ONNX graph holds this very code
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).div(255).sub(0.5).div(0.5)  # [B, 3, size, size] in [-1, 1]
 
 
 def to_uint8(x):
@@ -55,8 +58,11 @@ def pil_to_rgb(img):
 
 def read_image(path, min_size=None):
     """Decodes one file into a uint8 tensor [3, H, W] in RGB; raises ImageReadError. EXIF orientation
-    is applied; GIF / TIFF give their first frame. With min_size, a large JPEG is decoded at reduced
-    scale (PIL draft mode) keeping both sides >= min_size: much faster, and changes little after resizing."""
+    is applied; GIF / TIFF give their first frame. With min_size, a large image is read at reduced scale, which
+    changes little once it is resized to min_size (a mean 0.4 grey levels at 128, tests/test_inference.py) and
+    saves most of the decode or the resize: a JPEG is decoded at 1/2, 1/4 or 1/8 scale (PIL draft mode), any other
+    format is decoded, then box-filtered by an integer factor (PIL reduce), both keeping both sides >= 2 x min_size
+    (at >= 1 x, draft mode moved a JPEG by a mean 3 grey levels)."""
     try:
         # O_NONBLOCK: opening a FIFO (or a device) must not wait forever for a writer; then only a
         # regular file is read at all
@@ -74,9 +80,11 @@ def read_image(path, min_size=None):
                                          f"{img.width}x{img.height} JPEG")
                 img.seek(0)
                 if min_size and img.format == "JPEG":
-                    img.draft("RGB", (min_size, min_size))  # picks the smallest scale still >= min_size
+                    img.draft("RGB", (2 * min_size, 2 * min_size))  # picks the smallest scale still >= 2 x min_size
                 img.load()
                 rgb = pil_to_rgb(ImageOps.exif_transpose(img) or img)
+                if min_size and img.format != "JPEG" and (factor := min(rgb.size) // (2 * min_size)) >= 2:
+                    rgb = rgb.reduce(factor)
                 return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         raise ImageReadError("file not found (vanished?)" if isinstance(e, FileNotFoundError) else

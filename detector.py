@@ -39,7 +39,7 @@ import thresholds as thresholds_file
 from coding import CodingModel, tiles_of
 from data import ImageReadError, iter_image_files, pil_to_rgb, preprocess, read_image, to_uint8
 from fakes import png_bits
-from model import ResidualAutoencoder, load_model, squared_error
+from model import AutoencoderConfig, ResidualAutoencoder, config_from_dict, load_model, squared_error
 from utils import UserError, autocast, gather, pick_device, precision_name, weights_fingerprint
 
 AE_SCORES = ("mse", "local", "complexity")  # the autoencoder's
@@ -64,28 +64,71 @@ def complexity_score(mse, png, dims):
     return model_bits_per_dim(mse) - np.asarray(png, dtype=np.float64) / dims
 
 
-def input_png_bits(x):
-    """PNG code length in bits of each preprocessed image, quantized back to uint8."""
-    return png_bits(to_uint8(x.cpu()))
+def reconstruction_scores(model, x):
+    """float [B, 3, S, S] from preprocess -> (recon [B, 3, S, S], pixel error [B, S, S], mse [B], local [B]): plain
+    tensor ops, so that export.py puts this very code in the ONNX graph."""
+    recon = model(x)
+    pixel = squared_error(recon, x).mean(dim=1)  # [B, S, S]
+    window = min(LOCAL_WINDOW, pixel.shape[-1])
+    local = F.avg_pool2d(pixel.unsqueeze(1), window, stride=max(window // 2, 1)).amax(dim=(1, 2, 3))
+    return recon, pixel, pixel.flatten(1).mean(dim=1), local
 
 
 @torch.no_grad()
 def score_batch(model, x, png=None, keep_maps=False):
-    """x: float [B, 3, S, S] from preprocess -> dict score -> float64 numpy [B] (complexity only
-    when PNG bits are given), plus 'maps' ([B, S, S] pixel error) and 'recon' if keep_maps."""
-    device = next(model.parameters()).device
-    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    with autocast(device):
-        recon = model(x)
-    pixel = squared_error(recon, x).mean(dim=1)  # [B, S, S]
-    window = min(LOCAL_WINDOW, pixel.shape[-1])
-    local = F.avg_pool2d(pixel.unsqueeze(1), window, stride=max(window // 2, 1)).amax(dim=(1, 2, 3))
-    out = {"mse": pixel.flatten(1).mean(dim=1).double().cpu().numpy(), "local": local.double().cpu().numpy()}
+    """x: uint8 [B, 3, S, S] (preprocessed on the model's device: the copy moves bytes, a quarter of float32's)
+    or float [B, 3, S, S] from preprocess -> dict score -> float64 numpy [B] (complexity only when PNG bits
+    are given), plus 'maps' ([B, S, S] pixel error), 'recon' and 'input' (float) if keep_maps.
+    model: a torch autoencoder, or an OnnxAutoencoder (uint8 input only)."""
+    if isinstance(model, OnnxAutoencoder):
+        recon, pixel, mse, local = model(x)
+        x = preprocess(x, model.config.image_size) if keep_maps else x
+    else:
+        x = x.to(model_device(model), non_blocking=True)  # asynchronous from a pinned batch
+        x = (preprocess(x, model.config.image_size) if x.dtype == torch.uint8 else x).contiguous(memory_format=torch.channels_last)
+        with autocast(x.device):
+            recon, pixel, mse, local = reconstruction_scores(model, x)
+    out = {"mse": mse.double().cpu().numpy(), "local": local.double().cpu().numpy()}
     if png is not None:
-        out["complexity"] = complexity_score(out["mse"], png, x[0].numel())
+        out["complexity"] = complexity_score(out["mse"], png, 3 * model.config.image_size ** 2)
     if keep_maps:
-        out["maps"], out["recon"] = pixel.cpu(), recon.float().cpu()
+        out["maps"], out["recon"], out["input"] = pixel.float().cpu(), recon.float().cpu(), x.float().cpu()
     return out
+
+
+class OnnxAutoencoder:
+    """An exported scoring graph (export.py) run by ONNX Runtime on the CPU, standing in for the autoencoder:
+    uint8 [B, 3, H, W] -> the same (recon, pixel error, mse, local) as reconstruction_scores. Its metadata
+    gives the config, the weights fingerprint and the thresholds file it was exported with."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, path):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise UserError("--runtime onnx needs onnxruntime: pip install -r requirements-export.txt") from None
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for a missing or malformed file
+            raise UserError(f"cannot load ONNX model {path}: {str(e).splitlines()[0][:200]}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "config" not in meta or "weights_fingerprint" not in meta:
+            raise UserError(f"{path} was not written by export.py: its metadata has no model config and fingerprint")
+        try:
+            self.config, self.fingerprint = config_from_dict(AutoencoderConfig, json.loads(meta["config"])), meta["weights_fingerprint"]
+            self.thresholds = (thresholds_file.validate(json.loads(meta["thresholds"]), f"{path} (its thresholds)")
+                               if meta.get("thresholds") else None)
+        except ValueError as e:
+            raise UserError(f"{path}: its metadata is not what export.py writes ({e})") from None
+
+    def __call__(self, images):
+        recon, pixel, mse, local = self.session.run(None, {"images": np.ascontiguousarray(images.cpu().numpy())})
+        return tuple(map(torch.from_numpy, (recon, pixel, mse, local)))
+
+
+def model_device(model):
+    return model.device if isinstance(model, OnnxAutoencoder) else next(model.parameters()).device
 
 
 def coding_scores(coding, tiles, counts):
@@ -103,13 +146,13 @@ def image_tiles(images, tile):
 def score_images(model, images, coding=None, with_complexity=True, batch_size=32, progress=None):
     """Scores in-memory uint8 images, [N, 3, H, W] or a list of [3, H, W] of any sizes, each at the autoencoder's
     input size and (with a coding model) on tiles of its original pixels; returns dict score -> float64 numpy [N]."""
-    device, parts = next(model.parameters()).device, []
+    parts, size = [], model.config.image_size
     # PNG coding runs in a thread while the model scores the batch: zlib releases the GIL
     with ThreadPoolExecutor(max_workers=1) as pool:
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
-            x = torch.cat([preprocess(im.to(device), model.config.image_size) for im in batch])
-            png = pool.submit(input_png_bits, x) if with_complexity else None
+            x = torch.cat([to_uint8(preprocess(im.cpu(), size)) for im in batch])  # [B, 3, S, S], as files are read
+            png = pool.submit(png_bits, x) if with_complexity else None
             parts.append(score_batch(model, x))
             if coding is not None:
                 parts[-1]["coding"] = coding_scores(coding, *image_tiles(batch, coding.config.image_size))
@@ -122,7 +165,7 @@ def score_images(model, images, coding=None, with_complexity=True, batch_size=32
 
 # ---- files: decoded in worker processes while the model runs
 class ImageFiles(IterableDataset):
-    """Lists `paths` lazily and yields (path, input [3, S, S], PNG bits or None, tiles [T, 3, t, t] or None, error),
+    """Lists `paths` lazily and yields (path, uint8 input [3, S, S], PNG bits or None, tiles [T, 3, t, t] or None, error),
     or (path, None, None, None, error). Worker w of W on rank r of R takes every (W*R)-th file; one of them reports
     listing errors. Tiles (tile > 0) are cut from a second, full-resolution decode: the autoencoder's input
     comes from the same (JPEG draft) decode with or without them, so its scores never depend on the flag."""
@@ -144,9 +187,9 @@ class ImageFiles(IterableDataset):
             errors.clear()
             if i % shards == shard:
                 try:
-                    x = preprocess(read_image(path, min_size=self.size), self.size)  # [1, 3, S, S]
+                    x = to_uint8(preprocess(read_image(path, min_size=self.size), self.size))  # [1, 3, S, S], exact
                     tiles = tiles_of(read_image(path), self.tile) if self.tile else None
-                    yield path, x[0], (input_png_bits(x)[0] if self.with_complexity else None), tiles, None
+                    yield path, x[0], (png_bits(x)[0] if self.with_complexity else None), tiles, None
                 except (ImageReadError, ValueError) as e:  # ValueError: too small to tile
                     yield path, None, None, None, str(e)
         yield from errors
@@ -155,7 +198,7 @@ class ImageFiles(IterableDataset):
 def collate(items):
     """In the worker: one input tensor per batch, not one per image (each is a shared-memory file descriptor,
     and batch x prefetch x workers of them ran out of descriptors).
-    -> ([(path, error)], x [G, 3, S, S], PNG bits [G], tiles [T, 3, t, t], tiles per image [G])"""
+    -> ([(path, error)], uint8 x [G, 3, S, S], PNG bits [G], tiles [T, 3, t, t], tiles per image [G])"""
     good = [it for it in items if it[4] is None]
     x = torch.stack([it[1] for it in good]) if good else None
     png = np.array([it[2] for it in good]) if good and good[0][2] is not None else None
@@ -169,7 +212,7 @@ def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with
     tile = coding.config.image_size if coding is not None else 0
     loader = DataLoader(ImageFiles(paths, model.config.image_size, rank, world, with_complexity, tile), collate_fn=collate,
                         batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1) if workers is None else workers,
-                        pin_memory=next(model.parameters()).device.type == "cuda")  # pinned batches copy asynchronously
+                        pin_memory=model_device(model).type == "cuda")  # the whole uint8 batch is pinned
     for items, x, png, tiles, counts in loader:
         scores = score_batch(model, x, png, keep_maps=keep_maps) if x is not None else {}
         if tiles is not None:
@@ -179,21 +222,27 @@ def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with
             if error is not None:
                 yield {"path": path, "error": error}
                 continue
-            row = {"path": path, **{k: float(v[j]) for k, v in scores.items() if k not in ("maps", "recon")}}
+            row = {"path": path, **{k: float(v[j]) for k, v in scores.items() if k not in ("maps", "recon", "input")}}
             if keep_maps:
-                row.update(input=x[j], map=scores["maps"][j], recon=scores["recon"][j])
+                row.update(input=scores["input"][j], map=scores["maps"][j], recon=scores["recon"][j])
             yield row
             j += 1
 
 
 # ---- the API
-def load_models(checkpoint, coding_checkpoint, device):
-    """(autoencoder, coding model or None), each checked to be the kind its flag asks for, ready to score."""
-    model, coding = load_model(checkpoint, device), load_model(coding_checkpoint, device) if coding_checkpoint else None
-    if not isinstance(model, ResidualAutoencoder):
-        raise UserError(f"{checkpoint} holds a coding model: give it with --coding-model, and an autoencoder as --checkpoint")
+def load_models(checkpoint, coding_checkpoint, device, runtime="torch"):
+    """(autoencoder, coding model or None), each checked to be the kind its flag asks for, ready to score.
+    runtime 'onnx': the autoencoder is an exported graph (export.py) run by ONNX Runtime on the CPU."""
+    coding = load_model(coding_checkpoint, device) if coding_checkpoint else None
     if coding is not None and not isinstance(coding, CodingModel):
         raise UserError(f"{coding_checkpoint} holds an autoencoder, not a coding model (train one with --preset coding)")
+    if runtime == "onnx":
+        if device.type != "cpu":
+            raise UserError("--runtime onnx runs on the CPU: add --device cpu, or use --runtime torch on the GPU")
+        return OnnxAutoencoder(checkpoint), coding and prepare_model(coding, device)
+    model = load_model(checkpoint, device)
+    if not isinstance(model, ResidualAutoencoder):
+        raise UserError(f"{checkpoint} holds a coding model: give it with --coding-model, and an autoencoder as --checkpoint")
     return prepare_model(model, device), coding and prepare_model(coding, device)
 
 
@@ -203,19 +252,26 @@ class Detector:
     score: 'mse' (the card's), 'local', 'complexity', 'coding' or 'combined' (see the module doc).
     threshold: a name in the thresholds file (strict / balanced / sensitive / optimal, default
     balanced) or a number; for 'coding' and 'combined' a p-value level (FAKE when p <= level), default 0.05.
-    coding_model: a coding model (coding.py) for the 'coding' score; 'combined' then includes it."""
+    coding_model: a coding model (coding.py) for the 'coding' score; 'combined' then includes it.
+    runtime: 'torch', or 'onnx' for a graph written by export.py (checkpoint = the .onnx file), run by ONNX Runtime
+    on the CPU; without a thresholds file it uses the thresholds exported inside the graph."""
 
     def __init__(self, checkpoint, thresholds=None, device="auto", score="mse", threshold=None,
-                 batch_size=None, workers=None, coding_model=None):
+                 batch_size=None, workers=None, coding_model=None, runtime="torch"):
         if score not in SCORES:
             raise UserError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-        self.device = pick_device(device)
-        self.model, self.coding = load_models(checkpoint, coding_model, self.device)
+        self.device = pick_device("cpu" if runtime == "onnx" and device == "auto" else device)
+        self.model, self.coding = load_models(checkpoint, coding_model, self.device, runtime)
         self.fingerprint = weights_fingerprint(self.model)
         # small batches on a CPU keep decode and model overlapped; a GPU wants large ones
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
         self.score_name, self.workers = score, workers
-        cfg = self.thresholds = thresholds_file.read(thresholds) if thresholds else None
+        cfg, self.thresholds_source = (thresholds_file.read(thresholds), thresholds) if thresholds else (None, None)
+        if not thresholds and runtime == "onnx":  # the thresholds exported inside the .onnx, else the file beside it
+            found = thresholds_file.find(checkpoint)
+            cfg, self.thresholds_source = ((self.model.thresholds, f"exported inside {checkpoint}") if self.model.thresholds
+                                           else (found and thresholds_file.read(found), found))
+        self.thresholds = cfg
         self.calibration = {s: v for s, v in thresholds_file.calibration(cfg).items() if s in BASE_SCORES}
         coding_fingerprint = weights_fingerprint(self.coding) if self.coding else None
         self.warnings = thresholds_file.binding_warnings(cfg, self.fingerprint, precision_name(self.device),

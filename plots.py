@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import metrics
-from data import preprocess
+from data import preprocess, to_uint8
 from detector import score_batch
 from utils import atomic_write
 
@@ -59,8 +59,9 @@ def calibration_plots(report, real, sets, result, model, samples, plots_dir):
     axes[0].set_ylabel("TPR (fakes caught)")
     save(fig, Path(plots_dir) / "roc_curve.png")
     if samples:  # originals, reconstructions and error maps
-        x = torch.cat([preprocess(batch, model.config.image_size) for batch in samples.values()]).cpu()  # [N, 3, S, S]
-        out = score_batch(model, x, keep_maps=True)
+        x = torch.cat([to_uint8(preprocess(batch.cpu(), model.config.image_size)) for batch in samples.values()])
+        out = score_batch(model, x, keep_maps=True)  # any runtime; x: uint8 [N, 3, S, S]
+        x = out["input"]  # float, as the model saw it
         fig, axes = plt.subplots(3, len(x), figsize=(1.9 * len(x), 6), squeeze=False)
         for j, name in enumerate(name for name, batch in samples.items() for _ in batch):  # one column per image
             im = draw(axes[:, j], x[j], out["recon"][j], out["maps"][j], vmax=float(out["maps"].max()))

@@ -104,7 +104,10 @@ def clean_state_dict(state_dict):
 
 def weights_fingerprint(model_or_state_dict):
     """sha256 over parameter names, dtypes, shapes and bytes: the same for the same weights
-    whatever file they came from, so a thresholds file can be bound to them."""
+    whatever file they came from, so a thresholds file can be bound to them. An exported model (export.py)
+    carries the fingerprint of the weights it was exported from."""
+    if hasattr(model_or_state_dict, "fingerprint"):
+        return model_or_state_dict.fingerprint
     sd = model_or_state_dict
     sd = sd.state_dict() if isinstance(sd, torch.nn.Module) else sd  # prefixes of DDP / compile are cleaned below
     h = hashlib.sha256()

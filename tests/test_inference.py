@@ -19,6 +19,7 @@ from PIL import Image
 
 import data
 import detector
+import fakes
 import inference_example
 import metrics
 import thresholds
@@ -360,6 +361,29 @@ def test_api_path_and_pil_image_give_the_same_score(env):
     with Image.open(png) as img:
         by_file, by_pil = det.score([png, img.copy()])
     assert by_file["mse"] == pytest.approx(by_pil["mse"], rel=1e-6) and by_file["verdict"] == by_pil["verdict"]
+
+
+def test_file_batches_travel_as_bytes_and_score_as_the_float_path(env):
+    # a pinned uint8 batch is a quarter of float32's bytes and copies asynchronously; it is normalized on the device
+    det = Detector(env["ckpt"], workers=0)
+    items = list(detector.ImageFiles(env["good"], TINY.image_size, with_complexity=True))
+    _, x, png, _, _ = detector.collate(items)
+    assert x.dtype == torch.uint8 and x.shape == (len(env["good"]), 3, TINY.image_size, TINY.image_size)
+    floats = torch.cat([data.preprocess(read_image(p, min_size=TINY.image_size), TINY.image_size) for p in env["good"]])
+    assert torch.equal(data.preprocess(x, TINY.image_size), floats)  # the round trip through bytes is exact
+    assert np.array_equal(detector.score_batch(det.model, x)["mse"], detector.score_batch(det.model, floats)["mse"])
+    assert np.array_equal(png, fakes.png_bits(data.to_uint8(floats)))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "JPEG"])
+def test_large_images_are_read_reduced_in_every_format(tmp_path, fmt):
+    path = tmp_path / f"astronaut.{fmt.lower()}"
+    Image.fromarray(skdata.astronaut()).resize((1400, 1100), Image.BICUBIC).save(path, fmt, quality=95)
+    full, reduced = read_image(path), read_image(path, min_size=128)
+    assert full.shape[-2:] == (1100, 1400)
+    assert reduced.shape[-2:] == (275, 350)  # JPEG draft scale 1/4, or box factor 4: both sides >= 2 x 128
+    grey_levels = (data.preprocess(reduced, 128) - data.preprocess(full, 128)) * 127.5  # what the model sees
+    assert grey_levels.abs().mean() < 0.5 and grey_levels.pow(2).mean().sqrt() < 1  # measured: 0.36 and 0.72
 
 
 # ----------------------------------------------------------------------------

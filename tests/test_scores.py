@@ -5,10 +5,9 @@ import numpy as np
 import torch
 
 import metrics
-from data import preprocess
-from detector import NOISE_FLOOR, complexity_score, input_png_bits, model_bits_per_dim, score_batch
+from detector import NOISE_FLOOR, complexity_score, model_bits_per_dim, score_batch
 from thresholds import combined_pvalue
-from fakes import flat_colours, uniform_noise
+from fakes import flat_colours, png_bits, uniform_noise
 
 
 class FixedReconstruction(torch.nn.Module):
@@ -33,15 +32,14 @@ def test_model_bits_per_dim_formula():
 
 
 def test_flat_images_are_nearly_free_for_png_and_noise_is_not():
-    flat = preprocess(flat_colours(4, 64, seed=0), 64)
-    noise = preprocess(uniform_noise(4, 64, seed=0), 64)
+    flat, noise = flat_colours(4, 64, seed=0), uniform_noise(4, 64, seed=0)  # uint8 [4, 3, 64, 64]
     dims = 3 * 64 * 64
-    assert (input_png_bits(flat) / dims < 0.2).all()
-    assert (input_png_bits(noise) / dims > 7.5).all()
+    assert (png_bits(flat) / dims < 0.2).all()
+    assert (png_bits(noise) / dims > 7.5).all()
     # same reconstruction error, very different complexity: the flat image's low error is
     # no longer an unearned "real" signal
     mse = np.full(4, 0.01)
-    assert (complexity_score(mse, input_png_bits(flat), dims) > complexity_score(mse, input_png_bits(noise), dims) + 5).all()
+    assert (complexity_score(mse, png_bits(flat), dims) > complexity_score(mse, png_bits(noise), dims) + 5).all()
 
 
 def test_a_splice_raises_local_more_than_mse():

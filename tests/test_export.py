@@ -1,0 +1,158 @@
+"""export.py and --runtime onnx: the exported graph scores as PyTorch does on real photos of any size and batch,
+carries its thresholds, config, preprocessing and fingerprint, and runs through the same CLIs with the same rows."""
+
+import csv
+import json
+import shutil
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import calibrate
+import export
+import inference_example
+from data import dead_leaves, preprocess, to_uint8
+from detector import Detector, OnnxAutoencoder, score_batch
+from model import ResidualAutoencoder
+from utils import run_cli, weights_fingerprint
+from tests.conftest import TINY, run_script
+
+onnx = pytest.importorskip("onnx", reason="the export extra is not installed (pip install -r requirements-export.txt)")
+pytest.importorskip("onnxruntime", reason="the export extra is not installed (pip install -r requirements-export.txt)")
+skdata = pytest.importorskip("skimage.data")
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny model, a folder of real photos (several sizes, one corrupt file), its calibration, and the export."""
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = ResidualAutoencoder(TINY).eval()
+    ckpt = root / "model" / "tiny.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"model": model.state_dict(), "config": asdict(TINY)}, ckpt)
+    photos = root / "photos"
+    photos.mkdir()
+    for i, name in enumerate(PHOTOS):
+        Image.fromarray(getattr(skdata, name)()).save(photos / f"{name}.{('png', 'jpg', 'webp', 'png')[i]}")
+    (photos / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    real = root / "real"
+    real.mkdir()
+    for i, image in enumerate(dead_leaves(130, 48, seed=5)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(real / f"{i:03d}.png")
+    assert calibrate.main(["--checkpoint", str(ckpt), "--real-dir", str(real), "--num-noise", "100", "--hard-fakes", "none",
+                           "--bootstrap", "0", "--no-progress", "--workers", "0", "--device", "cpu", "--holdout-fraction", "0.2", "--output",
+                           str(root / "torch" / "thresholds.json")]) is None
+    onnx_path = root / "tiny.onnx"
+    proc = run_script("export.py", "--checkpoint", ckpt, "--thresholds", root / "torch" / "thresholds.json",
+                      "--output", onnx_path, "--verify-images", photos)
+    return dict(root=root, ckpt=ckpt, model=model, photos=photos, real=real, onnx=onnx_path, export=proc,
+                thresholds=root / "torch" / "thresholds.json")
+
+
+def test_export_writes_and_verifies_a_graph_with_everything_inside(env):
+    assert "verified with ONNX Runtime on 4 images under" in env["export"].stdout  # the corrupt file is not counted
+    meta = {p.key: p.value for p in onnx.load(str(env["onnx"])).metadata_props}
+    assert json.loads(meta["config"]) == json.loads(json.dumps(asdict(TINY)))
+    assert meta["weights_fingerprint"] == weights_fingerprint(env["model"])
+    assert json.loads(meta["thresholds"]) == json.loads(env["thresholds"].read_text())
+    assert "rounded to 8 bits" in meta["preprocessing"] and meta["repo_version"] and meta["exported_with"]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_scores_equal_torch_on_real_photos_of_any_size_and_batch(env, batch):
+    runtime, size = OnnxAutoencoder(env["onnx"]), TINY.image_size
+    for h, w in ((512, 512), (300, 451), (40, 33), (size, size)):  # non-square, and near the model's input size
+        photos = torch.stack([torch.from_numpy(np.array(Image.fromarray(getattr(skdata, n)()).resize((w, h))))
+                              .permute(2, 0, 1) for n in PHOTOS[:batch]])  # uint8 [B, 3, h, w]
+        resized = to_uint8(preprocess(photos, size))  # as the runtime switch feeds the graph: exact
+        ours, theirs = score_batch(runtime, resized, keep_maps=True), score_batch(env["model"], resized, keep_maps=True)
+        for name in ("mse", "local"):
+            assert np.allclose(ours[name], theirs[name], rtol=1e-5, atol=0), (h, w, name)
+        assert torch.allclose(ours["recon"], theirs["recon"], atol=1e-5)
+        assert torch.allclose(ours["maps"], theirs["maps"], rtol=1e-4, atol=1e-6)
+        # at their own size, resized inside the graph: a pixel on a rounding tie may end one grey level apart
+        ours, theirs = score_batch(runtime, photos), score_batch(env["model"], photos)
+        assert np.allclose(ours["mse"], theirs["mse"], rtol=2e-4, atol=0), (h, w)
+
+
+def read_csv(path):
+    with open(path, encoding="utf-8") as f:
+        return {r["path"]: r for r in csv.DictReader(f)}
+
+
+def test_inference_cli_gives_the_same_rows_and_status_with_either_runtime(env):
+    rows = {}
+    for runtime, ckpt in (("torch", env["ckpt"]), ("onnx", env["onnx"])):
+        out = env["root"] / f"results_{runtime}.csv"
+        proc = run_script("inference_example.py", env["photos"], "--checkpoint", ckpt, "--runtime", runtime,
+                          "--thresholds", env["thresholds"], "--score", "combined", "--output", out, "--workers", "1",
+                          check=False)
+        assert proc.returncode == 1, proc.stderr  # the corrupt file
+        rows[runtime] = read_csv(out)
+    assert rows["torch"].keys() == rows["onnx"].keys() and len(rows["onnx"]) == len(PHOTOS) + 1
+    for path, row in rows["onnx"].items():
+        other = rows["torch"][path]
+        assert (row["verdict"], row["error"]) == (other["verdict"], other["error"])
+        for name in ("mse", "local", "complexity", "p_value"):
+            assert (row[name] == other[name] == "") or float(row[name]) == pytest.approx(float(other[name]), rel=1e-5)
+
+
+def test_onnx_runtime_uses_the_thresholds_inside_the_file(env):
+    exported = Detector(env["onnx"], runtime="onnx", score="combined", workers=0)
+    from_file = Detector(env["ckpt"], env["thresholds"], score="combined", workers=0)
+    assert exported.thresholds_source == f"exported inside {env['onnx']}" and exported.warnings == []
+    assert exported.threshold == from_file.threshold
+    ours, theirs = exported.score([env["photos"]]), from_file.score([env["photos"]])
+    assert [r.get("p_value") for r in ours] == pytest.approx([r.get("p_value") for r in theirs], rel=1e-5)
+
+
+def test_calibrate_with_the_onnx_runtime_writes_the_same_thresholds(env):
+    out = env["root"] / "onnx" / "thresholds.json"
+    calibrate.main(["--checkpoint", str(env["onnx"]), "--runtime", "onnx", "--real-dir", str(env["real"]), "--num-noise",
+                    "100", "--hard-fakes", "none", "--bootstrap", "0", "--no-progress", "--workers", "0", "--holdout-fraction", "0.2",
+                    "--output", str(out)])
+    ours, theirs = json.loads(out.read_text()), json.loads(env["thresholds"].read_text())
+    assert ours["binding"]["weights_fingerprint"] == theirs["binding"]["weights_fingerprint"]  # bound to the same weights
+    for name, entry in theirs["reconstruction_thresholds"]["thresholds"].items():
+        assert ours["reconstruction_thresholds"]["thresholds"][name]["value"] == pytest.approx(entry["value"], rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["not onnx", "no metadata", "cuda"])
+def test_bad_onnx_inputs_are_one_line(env, tmp_path, capsys, case):
+    path = tmp_path / "model.onnx"
+    if case == "not onnx":
+        path.write_bytes(b"not a protobuf at all")
+    elif case == "no metadata":
+        graph = onnx.load(str(env["onnx"]))
+        del graph.metadata_props[:]
+        onnx.save(graph, str(path))
+    else:
+        path = env["onnx"]
+    try:  # in this process: no interpreter start-up
+        status = inference_example.main([str(env["photos"]), "--checkpoint", str(path), "--runtime", "onnx",
+                                         *(["--device", "cuda"] if case == "cuda" else [])])
+    except SystemExit as stop:  # a usage error, from argparse
+        status = stop.code
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert {"not onnx": "cannot load ONNX model", "no metadata": "not written by export.py",
+            "cuda": "--runtime onnx runs on the CPU"}[case] in err
+
+
+def test_export_refuses_bad_flags_and_writes_nothing_when_verification_fails(env, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_cli(export.main, ["--checkpoint", str(env["ckpt"]), "--output", str(tmp_path / "model.pt")])
+    assert stop.value.code == 2 and "must end in .onnx" in capsys.readouterr().err
+    monkeypatch.setattr(export, "export_graph", lambda model, path, opset: shutil.copy(env["onnx"], path))  # fast
+    monkeypatch.setattr(export, "verify", lambda *args: (3e-3, 3e-3))
+    out = tmp_path / "model.onnx"
+    with pytest.raises(SystemExit) as stop:
+        run_cli(export.main, ["--checkpoint", str(env["ckpt"]), "--output", str(out)])
+    assert stop.value.code == 2 and "differ from PyTorch's by 3.00e-03" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no file, no temp file left
