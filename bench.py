@@ -20,13 +20,13 @@ import time
 
 import torch
 from PIL import Image
-from torchvision import transforms
 
 from coding import MAX_TILES_PER_SIDE, CodingConfig, CodingModel
 from data import preprocess, read_image, to_uint8
 from detector import score_files
 from fakes import png_bits
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, squared_error, summarize
+from scripts.card_recipe import card_recipe
 from train import PRESETS
 from utils import ArgumentParser, number, peak_memory_gb, pick_device, run_cli, write_json
 
@@ -104,17 +104,6 @@ def bench_onnx(config, device, args, gflops):
             "infer_peak_memory_gb": peak_memory_gb(device)}
 
 
-def card_recipe(model, paths, batch_size, device):
-    """The card's inference code: PIL decode at full size, Resize + ToTensor + Normalize, fp32 eager."""
-    size = model.config.image_size  # 128 for the card's model
-    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                                    transforms.Normalize(mean=[0.5] * 3, std=[0.5] * 3)])
-    for start in range(0, len(paths), batch_size):
-        batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[start:start + batch_size]])
-        with torch.no_grad():
-            model.reconstruction_error(batch.to(device), reduction="none")
-
-
 FOLDER_FORMATS = ("JPEG", "PNG", "WEBP")  # a mixed folder, as users have: draft mode helps JPEG only
 
 
@@ -149,9 +138,9 @@ def bench_folder(config, device, args, folder):
     data_path["png_coding_images_per_s"] = rate(32, lambda: png_bits(u8), device, 3, 1)
     model = ResidualAutoencoder(config).to(device).eval()  # one timed pass each: the card's recipe, then score_files
     bs = min(args.batch_size, 32)
-    card_recipe(model, paths[:bs], bs, device)  # warm-up, untimed
+    [*card_recipe(model, paths[:bs], bs, device)]  # warm-up, untimed
     out = {"folder_images": len(paths), "folder_image_size": "3000x2000 JPEG / PNG / WebP",
-           "card_recipe_images_per_s": rate(len(paths), lambda: card_recipe(model, paths, bs, device), device)}
+           "card_recipe_images_per_s": rate(len(paths), lambda: [*card_recipe(model, paths, bs, device)], device)}
     model = model.to(memory_format=torch.channels_last)
     # the default score (mse) needs no PNG coding; complexity / combined do
     for key, complexity in (("repo_images_per_s", False), ("repo_with_complexity_images_per_s", True)):

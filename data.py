@@ -83,8 +83,7 @@ def read_image(path, min_size=None):
                     img.draft("RGB", (2 * min_size, 2 * min_size))  # picks the smallest scale still >= 2 x min_size
                 img.load()
                 rgb = pil_to_rgb(ImageOps.exif_transpose(img) or img)
-                if min_size and img.format != "JPEG" and (factor := min(rgb.size) // (2 * min_size)) >= 2:
-                    rgb = rgb.reduce(factor)
+                rgb = box_reduce(rgb, min_size) if min_size and img.format != "JPEG" else rgb
                 return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         raise ImageReadError("file not found (vanished?)" if isinstance(e, FileNotFoundError) else
@@ -96,6 +95,12 @@ def read_image(path, min_size=None):
         raise ImageReadError("empty file (0 bytes)" if empty else "not an image (unknown format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         raise ImageReadError(f"cannot decode: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def box_reduce(img, min_size):
+    """A PIL image box-filtered by the largest integer factor that keeps both sides >= 2 x min_size (or itself)."""
+    factor = min(img.size) // (2 * min_size)
+    return img.reduce(factor) if factor >= 2 else img
 
 
 def iter_image_files(paths, on_error=None):

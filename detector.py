@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import metrics
 import thresholds as thresholds_file
 from coding import CodingModel, tiles_of
-from data import ImageReadError, iter_image_files, pil_to_rgb, preprocess, read_image, to_uint8
+from data import ImageReadError, box_reduce, iter_image_files, pil_to_rgb, preprocess, read_image, to_uint8
 from fakes import png_bits
 from model import AutoencoderConfig, ResidualAutoencoder, config_from_dict, load_model, squared_error
 from utils import UserError, autocast, gather, pick_device, precision_name, weights_fingerprint
@@ -143,6 +143,14 @@ def image_tiles(images, tile):
     return torch.cat(tiles), [len(t) for t in tiles]
 
 
+def reduced(image, size):
+    """uint8 [3, H, W] -> box-reduced as read_image reduces a file, so that an image scores the same in memory."""
+    if min(image.shape[-2:]) < 4 * size:
+        return image  # box_reduce would keep it as it is
+    pil = box_reduce(Image.fromarray(image.permute(1, 2, 0).numpy()), size)
+    return torch.from_numpy(np.array(pil)).permute(2, 0, 1)
+
+
 def score_images(model, images, coding=None, with_complexity=True, batch_size=32, progress=None):
     """Scores in-memory uint8 images, [N, 3, H, W] or a list of [3, H, W] of any sizes, each at the autoencoder's
     input size and (with a coding model) on tiles of its original pixels; returns dict score -> float64 numpy [N]."""
@@ -151,7 +159,7 @@ def score_images(model, images, coding=None, with_complexity=True, batch_size=32
     with ThreadPoolExecutor(max_workers=1) as pool:
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
-            x = torch.cat([to_uint8(preprocess(im.cpu(), size)) for im in batch])  # [B, 3, S, S], as files are read
+            x = torch.cat([to_uint8(preprocess(reduced(im.cpu(), size), size)) for im in batch])  # [B, 3, S, S]
             png = pool.submit(png_bits, x) if with_complexity else None
             parts.append(score_batch(model, x))
             if coding is not None:

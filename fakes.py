@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 
 # zlib's default; level 9, measured on 128x128 images, is <= 0.006 bits/dim (~0.1%) shorter but up to 30% slower
@@ -56,6 +55,9 @@ def blurred(real, sigma=1.5, seed=0):  # seed: unused, so that every generator c
     _check_real(real)
     if sigma <= 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
+    # imported here: torchvision's import costs ~3 s of start-up, and every scoring script imports this module
+    import torchvision.transforms.v2.functional as TF
+
     r = math.ceil(3 * sigma)
     pad = r if r >= min(real.shape[-2:]) else 0  # too small to reflect the radius: replicate the edge first
     x = torch.nn.functional.pad(real, (pad,) * 4, mode="replicate") if pad else real

@@ -355,9 +355,11 @@ def test_permission_error_and_directory_become_reasons(tmp_path, monkeypatch):
         read_image(tmp_path / "locked.png")
 
 
-def test_api_path_and_pil_image_give_the_same_score(env):
+@pytest.mark.parametrize("size", [(48, 40), (1400, 1100)])  # small, and large enough to be read reduced
+def test_api_path_and_pil_image_give_the_same_score(env, tmp_path, size):
     det = Detector(env["ckpt"], env["th"]["bound"], workers=0)
-    png = env["good"][0]
+    png = tmp_path / "photo.png"
+    photo("astronaut", size).save(png)
     with Image.open(png) as img:
         by_file, by_pil = det.score([png, img.copy()])
     assert by_file["mse"] == pytest.approx(by_pil["mse"], rel=1e-6) and by_file["verdict"] == by_pil["verdict"]
