@@ -11,7 +11,6 @@ utilisation = achieved / peak FLOP/s; the data path alone (CIFAR batches, readin
 coding); folder inference (a mixed JPEG / PNG / WebP folder) against the card's recipe, and with the coding score (its cost per image and per
 megapixel it scores, and its share of inference time). Medians over --repeats, after warm-up runs."""
 
-import argparse
 from dataclasses import asdict, fields
 import platform
 import statistics

@@ -15,7 +15,6 @@ file -- (inference_example.py), running each script as a user would. It writes:
   results.csv                    one row per example image
   heatmaps/                      original / reconstruction / error map per example"""
 
-import argparse
 import shutil
 import subprocess
 import sys

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-import metrics
 import thresholds as thresholds_file
 from coding import CodingModel, tiles_of
 from data import ImageReadError, box_reduce, iter_image_files, pil_to_rgb, preprocess, read_image, to_uint8

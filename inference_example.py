@@ -18,7 +18,6 @@ Exit status: 0 every input scored; 1 some inputs unreadable (the rest are still 
 and written); 2 usage or configuration error (one line on stderr).
 """
 
-import argparse
 import os
 import sys
 from collections import Counter

@@ -13,6 +13,15 @@ from model import AutoencoderConfig, ResidualAutoencoder  # noqa: E402
 TINY = AutoencoderConfig(image_size=32, channels=(8, 8, 16, 16, 16), blocks_per_stage=1, latent_dim=16)
 
 
+def save_checkpoint(model, path):
+    """A checkpoint of `model` as train.py writes its weights and config: what every script loads."""
+    from dataclasses import asdict
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "config": asdict(model.config)}, path)
+    return path
+
+
 @pytest.fixture
 def tiny_config():
     return TINY

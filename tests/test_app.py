@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import detector
 import fakes
 from detector import Detector
 from utils import run_cli, weights_fingerprint
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_script, save_checkpoint
 from tests.test_inference import bomb_png, write_thresholds
 
 skdata = pytest.importorskip("skimage.data")
@@ -79,9 +78,7 @@ def model_files(tiny_model, tmp_path):
     """A checkpoint and a thresholds file whose calibration scores are real-like images (dead leaves). The mse and
     local thresholds sit halfway between the photo's and the noise's scores, so that the page must show both
     verdicts, and the strict one (twice as high) turns the noise REAL."""
-    ckpt = tmp_path / "model" / "model_best_checkpoint.ckpt"
-    ckpt.parent.mkdir()
-    torch.save({"model": tiny_model.state_dict(), "config": asdict(tiny_model.config)}, ckpt)
+    ckpt = save_checkpoint(tiny_model, tmp_path / "model" / "model_best_checkpoint.ckpt")
     uploads = tmp_path / "uploads"
     uploads.mkdir()
     Image.fromarray(skdata.chelsea()).save(uploads / "chelsea.png")  # a real photograph, 451x300

@@ -1,11 +1,9 @@
 import csv
 import json
 import math
-from dataclasses import asdict
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from scipy.stats import beta
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -16,14 +14,12 @@ from detector import Detector
 import thresholds
 from model import load_model
 from utils import weights_fingerprint
-from tests.conftest import run_script
+from tests.conftest import run_script, save_checkpoint
 
 
 @pytest.fixture
 def tiny_ckpt(tiny_model, tmp_path):
-    path = tmp_path / "model_best_checkpoint.ckpt"
-    torch.save({"model": tiny_model.state_dict(), "config": asdict(tiny_model.config)}, path)
-    return path
+    return save_checkpoint(tiny_model, tmp_path / "model_best_checkpoint.ckpt")
 
 
 @pytest.fixture

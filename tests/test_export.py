@@ -18,7 +18,7 @@ from data import dead_leaves, preprocess, to_uint8
 from detector import Detector, OnnxAutoencoder, score_batch
 from model import ResidualAutoencoder
 from utils import run_cli, weights_fingerprint
-from tests.conftest import TINY, run_script
+from tests.conftest import TINY, run_script, save_checkpoint
 
 onnx = pytest.importorskip("onnx", reason="the export extra is not installed (pip install -r requirements-export.txt)")
 pytest.importorskip("onnxruntime", reason="the export extra is not installed (pip install -r requirements-export.txt)")
@@ -33,9 +33,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     model = ResidualAutoencoder(TINY).eval()
-    ckpt = root / "model" / "tiny.ckpt"
-    ckpt.parent.mkdir()
-    torch.save({"model": model.state_dict(), "config": asdict(TINY)}, ckpt)
+    ckpt = save_checkpoint(model, root / "model" / "tiny.ckpt")
     photos = root / "photos"
     photos.mkdir()
     for i, name in enumerate(PHOTOS):

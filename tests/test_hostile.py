@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,7 +16,7 @@ from PIL import Image
 
 from model import ResidualAutoencoder
 from utils import run_cli
-from tests.conftest import ROOT, TINY, run_script
+from tests.conftest import ROOT, TINY, run_script, save_checkpoint
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
@@ -26,8 +25,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny.ckpt"
     torch.manual_seed(0)
-    torch.save({"model": ResidualAutoencoder(TINY).state_dict(), "config": asdict(TINY)}, path)
-    return path
+    return save_checkpoint(ResidualAutoencoder(TINY), path)
 
 
 def image(path, seed=0):

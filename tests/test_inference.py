@@ -3,7 +3,6 @@ input becomes a row with a reason, output files round-trip, exit statuses, warni
 heatmaps and a two-process torchrun run. A tiny untrained model: nothing is trained."""
 
 import csv
-from dataclasses import asdict
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from data import ImageReadError, read_image
 from detector import Detector, score_files
 from model import ResidualAutoencoder
 from utils import weights_fingerprint
-from tests.conftest import ROOT, TINY, run_script
+from tests.conftest import ROOT, TINY, run_script, save_checkpoint
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -135,9 +134,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference")
     torch.manual_seed(0)
     model = ResidualAutoencoder(TINY).eval()
-    ckpt = root / "model" / "tiny.ckpt"
-    ckpt.parent.mkdir()
-    torch.save({"model": model.state_dict(), "config": asdict(TINY)}, ckpt)
+    ckpt = save_checkpoint(model, root / "model" / "tiny.ckpt")
     good, bad = write_good(root / "good"), write_bad(root / "bad")
 
     # calibration: the model's scores of procedural "real" images; thresholds at the median

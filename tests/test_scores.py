@@ -4,7 +4,6 @@ import math
 import numpy as np
 import torch
 
-import metrics
 from detector import NOISE_FLOOR, complexity_score, model_bits_per_dim, score_batch
 from thresholds import combined_pvalue
 from fakes import flat_colours, png_bits, uniform_noise
