@@ -6,7 +6,7 @@
 
 Prints and (with --json) saves: forward GFLOPs per image; the peak FLOP/s of a large matmul
 (fp32 on CPU, bf16 on CUDA; the datasheet's beside it); per variant (eager fp32, channels_last,
-bf16 autocast on CUDA, torch.compile, ONNX Runtime on CPU: export.py's graph) inference and training images/s, peak memory and
+bf16 autocast on CUDA, torch.compile, export.py's graph run by ONNX Runtime and OpenVINO on CPU) inference and training images/s, peak memory and
 utilisation = achieved / peak FLOP/s; the data path alone (CIFAR batches, reading per format, PNG
 coding); folder inference (a mixed JPEG / PNG / WebP folder) against the card's recipe, and with the coding score (its cost per image and per
 megapixel it scores, and its share of inference time). Medians over --repeats, after warm-up runs."""
@@ -86,20 +86,19 @@ def bench_variant(config, device, variant, args, gflops):
     return row  # the model goes out of scope here; the caller empties the CUDA cache
 
 
-def bench_onnx(config, device, args, gflops):
-    """Inference images/s of export.py's graph (preprocessing, model and scores) run by ONNX Runtime on the CPU."""
-    import onnxruntime
+def bench_exported(config, device, args, gflops, runtime):
+    """Inference images/s of export.py's graph (preprocessing, model and scores) run on the CPU by ONNX Runtime
+    ('onnx') or OpenVINO ('openvino'), as --runtime runs it."""
+    from detector import onnxruntime_session, openvino_session
     from export import export_graph
 
     with tempfile.TemporaryDirectory() as tmp:
         export_graph(ResidualAutoencoder(config).eval(), f"{tmp}/model.onnx", opset=18)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # the same cores as the torch variants
-        session = onnxruntime.InferenceSession(f"{tmp}/model.onnx", options, providers=["CPUExecutionProvider"])
+        run = (onnxruntime_session if runtime == "onnx" else openvino_session)(f"{tmp}/model.onnx")[1]
     size = config.image_size
     x = torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8).numpy()  # what the runtime is fed
-    images_per_s = rate(args.batch_size, lambda: session.run(None, {"images": x}), device, args.repeats, args.warmup)
-    return {"variant": "onnx", "infer_images_per_s": images_per_s, "infer_tflops": images_per_s * gflops / 1e3,
+    images_per_s = rate(args.batch_size, lambda: run(x), device, args.repeats, args.warmup)
+    return {"variant": runtime, "infer_images_per_s": images_per_s, "infer_tflops": images_per_s * gflops / 1e3,
             "infer_peak_memory_gb": peak_memory_gb(device)}
 
 
@@ -170,8 +169,8 @@ def print_report(r):
         print(f"{v['variant']:<14}" + ("".join(cells) or f" failed: {v['error']}"))
     if r["device"] == "cpu":
         print("(on CPU the memory columns are the process's peak RSS so far, not a per-variant figure)")
-    print(f"best inference variant: {r['best_inference_variant']}" + (f" | onnx / channels_last: "
-          f"{r['onnx_vs_channels_last']:.2f}x" if "onnx_vs_channels_last" in r else ""))
+    print(f"best inference variant: {r['best_inference_variant']}" + "".join(
+        f" | {k[:-len('_vs_channels_last')]} / channels_last: {r[k]:.2f}x" for k in r if k.endswith("_vs_channels_last")))
     for section in ("data_path", "folder"):
         for key, value in r.get(section, {}).items():
             print(f"{section:<10} {key:<40} {value if isinstance(value, str) else f'{value:10.2f}'}")
@@ -185,8 +184,8 @@ def main(argv=None):
     add("--batch-size", type=number(int, 1), default=None, help="32 on CPU, 1024 on CUDA if not given")
     add("--repeats", type=number(int, 1), default=5, help="timed repeats per figure; the median is reported")
     add("--warmup", type=number(int, 0), default=2, help="untimed runs first")
-    add("--variants", default="eager,channels_last,bf16,compile,onnx", help="comma-separated subset (bf16: CUDA only; "
-        "onnx: CPU only, needs requirements-export.txt)")
+    add("--variants", default="eager,channels_last,bf16,compile,onnx,openvino", help="comma-separated subset (bf16: "
+        "CUDA only; onnx, openvino: CPU only, need requirements-export.txt)")
     add("--skip-train", action="store_true", help="inference only")
     add("--folder-images", type=number(int, 0), default=128, help="multi-megapixel JPEGs for the folder benchmarks, 0 = skip")
     add("--threads", type=number(int, 1), default=None, help="torch threads; torch's choice if not given")
@@ -217,11 +216,12 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             result["data_path"], result["folder"] = bench_folder(config, device, args, tmp)
     variants = [v.strip() for v in args.variants.split(",")]
-    # no fast bf16 on our CPUs; ONNX Runtime is the CPU runtime here
-    for variant in [v for v in variants if v != ("bf16" if device.type == "cpu" else "onnx")]:
+    # no fast bf16 on our CPUs; the exported graph's runtimes are CPU runtimes here
+    skip = ("bf16",) if device.type == "cpu" else ("onnx", "openvino")
+    for variant in [v for v in variants if v not in skip]:
         try:
-            result["variants"].append(bench_onnx(config, device, args, gflops) if variant == "onnx" else
-                                      bench_variant(config, device, variant, args, gflops))
+            result["variants"].append(bench_exported(config, device, args, gflops, variant) if variant in ("onnx", "openvino")
+                                      else bench_variant(config, device, variant, args, gflops))
         except Exception as e:  # a variant that cannot run here (e.g. compile without a compiler) is reported, not fatal
             result["variants"].append({"variant": variant, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
         torch.cuda.empty_cache()  # the variant's model is gone; a no-op without CUDA
@@ -233,8 +233,9 @@ def main(argv=None):
                     if f"{m}_tflops" in row})
     result["best_inference_variant"] = max(ok, key=lambda r: r["infer_images_per_s"])["variant"] if ok else None
     speed = {r["variant"]: r["infer_images_per_s"] for r in ok}
-    if "onnx" in speed and "channels_last" in speed:
-        result["onnx_vs_channels_last"] = speed["onnx"] / speed["channels_last"]
+    for runtime in ("onnx", "openvino"):
+        if runtime in speed and "channels_last" in speed:
+            result[f"{runtime}_vs_channels_last"] = speed[runtime] / speed["channels_last"]
     print_report(result)
     if args.json:
         write_json(args.json, result)

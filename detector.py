@@ -44,6 +44,7 @@ from utils import UserError, autocast, gather, pick_device, precision_name, weig
 AE_SCORES = ("mse", "local", "complexity")  # the autoencoder's
 BASE_SCORES = AE_SCORES + ("coding",)
 SCORES = BASE_SCORES + ("combined",)
+RUNTIMES = ("torch", "onnx", "openvino")  # the last two run export.py's graph on the CPU
 LOCAL_WINDOW = 16
 BIN_WIDTH = 2 / 255  # one 8-bit level in [-1, 1] units
 NOISE_FLOOR = BIN_WIDTH ** 2 / 12  # variance of the rounding to 8 bits
@@ -95,23 +96,47 @@ def score_batch(model, x, png=None, keep_maps=False):
     return out
 
 
+def onnxruntime_session(path):
+    """(metadata, run: uint8 numpy [B, 3, H, W] -> the graph's outputs) with ONNX Runtime's CPU provider."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.get_modelmeta().custom_metadata_map, lambda x: session.run(None, {"images": x})
+
+
+def openvino_session(path):
+    """The same with OpenVINO: in fp32 as the other runtimes (on a CPU with AMX it would pick bf16 by itself),
+    with the latency hint (one stream, every core on one batch: measured 1.9x its throughput hint here)."""
+    import openvino
+    from openvino.frontend import FrontEndManager
+
+    onnx_reader = FrontEndManager().load_by_framework("onnx")  # only: other readers log noise on a bad file
+    model = onnx_reader.convert(onnx_reader.load(str(path)))
+    core = openvino.Core()
+    info = model.get_rt_info()  # the ONNX metadata_props are its "framework" entries
+    meta = {k: v.astype(str) for k, v in info["framework"].items()} if "framework" in info else {}
+    request = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+                                 ).create_infer_request()
+    return meta, lambda x: list(request.infer({0: x}).values())
+
+
 class OnnxAutoencoder:
-    """An exported scoring graph (export.py) run by ONNX Runtime on the CPU, standing in for the autoencoder:
-    uint8 [B, 3, H, W] -> the same (recon, pixel error, mse, local) as reconstruction_scores. Its metadata
-    gives the config, the weights fingerprint and the thresholds file it was exported with."""
+    """An exported scoring graph (export.py) run on the CPU by ONNX Runtime ('onnx') or OpenVINO ('openvino'),
+    standing in for the autoencoder: uint8 [B, 3, H, W] -> the same (recon, pixel error, mse, local) as
+    reconstruction_scores. Its metadata gives the config, the weights fingerprint and the thresholds file."""
 
     device = torch.device("cpu")
 
-    def __init__(self, path):
+    def __init__(self, path, runtime="onnx"):
+        package = "onnxruntime" if runtime == "onnx" else "openvino"
+        if not Path(path).is_file():
+            raise UserError(f"ONNX model not found: {path} (write one with export.py)")
         try:
-            import onnxruntime
+            meta, self.run = (onnxruntime_session if runtime == "onnx" else openvino_session)(path)
         except ImportError:
-            raise UserError("--runtime onnx needs onnxruntime: pip install -r requirements-export.txt") from None
-        try:
-            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types for a missing or malformed file
-            raise UserError(f"cannot load ONNX model {path}: {str(e).splitlines()[0][:200]}") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
+            raise UserError(f"--runtime {runtime} needs {package}: pip install -r requirements-export.txt") from None
+        except Exception as e:  # each runtime raises its own exception types for a missing or malformed file
+            raise UserError(f"cannot load ONNX model {path} with {package}: {str(e).strip().splitlines()[0][:200]}") from None
         if "config" not in meta or "weights_fingerprint" not in meta:
             raise UserError(f"{path} was not written by export.py: its metadata has no model config and fingerprint")
         try:
@@ -122,7 +147,7 @@ class OnnxAutoencoder:
             raise UserError(f"{path}: its metadata is not what export.py writes ({e})") from None
 
     def __call__(self, images):
-        recon, pixel, mse, local = self.session.run(None, {"images": np.ascontiguousarray(images.cpu().numpy())})
+        recon, pixel, mse, local = self.run(np.ascontiguousarray(images.cpu().numpy()))
         return tuple(map(torch.from_numpy, (recon, pixel, mse, local)))
 
 
@@ -239,14 +264,14 @@ def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with
 # ---- the API
 def load_models(checkpoint, coding_checkpoint, device, runtime="torch"):
     """(autoencoder, coding model or None), each checked to be the kind its flag asks for, ready to score.
-    runtime 'onnx': the autoencoder is an exported graph (export.py) run by ONNX Runtime on the CPU."""
+    runtime 'onnx' or 'openvino': the autoencoder is an exported graph (export.py) run on the CPU."""
     coding = load_model(coding_checkpoint, device) if coding_checkpoint else None
     if coding is not None and not isinstance(coding, CodingModel):
         raise UserError(f"{coding_checkpoint} holds an autoencoder, not a coding model (train one with --preset coding)")
-    if runtime == "onnx":
+    if runtime != "torch":
         if device.type != "cpu":
-            raise UserError("--runtime onnx runs on the CPU: add --device cpu, or use --runtime torch on the GPU")
-        return OnnxAutoencoder(checkpoint), coding and prepare_model(coding, device)
+            raise UserError(f"--runtime {runtime} runs on the CPU: add --device cpu, or use --runtime torch on the GPU")
+        return OnnxAutoencoder(checkpoint, runtime), coding and prepare_model(coding, device)
     model = load_model(checkpoint, device)
     if not isinstance(model, ResidualAutoencoder):
         raise UserError(f"{checkpoint} holds a coding model: give it with --coding-model, and an autoencoder as --checkpoint")
@@ -260,21 +285,21 @@ class Detector:
     threshold: a name in the thresholds file (strict / balanced / sensitive / optimal, default
     balanced) or a number; for 'coding' and 'combined' a p-value level (FAKE when p <= level), default 0.05.
     coding_model: a coding model (coding.py) for the 'coding' score; 'combined' then includes it.
-    runtime: 'torch', or 'onnx' for a graph written by export.py (checkpoint = the .onnx file), run by ONNX Runtime
-    on the CPU; without a thresholds file it uses the thresholds exported inside the graph."""
+    runtime: 'torch', or 'onnx' / 'openvino' for a graph written by export.py (checkpoint = the .onnx file), run by
+    ONNX Runtime / OpenVINO on the CPU; without a thresholds file it uses the thresholds exported inside it."""
 
     def __init__(self, checkpoint, thresholds=None, device="auto", score="mse", threshold=None,
                  batch_size=None, workers=None, coding_model=None, runtime="torch"):
         if score not in SCORES:
             raise UserError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-        self.device = pick_device("cpu" if runtime == "onnx" and device == "auto" else device)
+        self.device = pick_device("cpu" if runtime != "torch" and device == "auto" else device)
         self.model, self.coding = load_models(checkpoint, coding_model, self.device, runtime)
         self.fingerprint = weights_fingerprint(self.model)
         # small batches on a CPU keep decode and model overlapped; a GPU wants large ones
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
         self.score_name, self.workers = score, workers
         cfg, self.thresholds_source = (thresholds_file.read(thresholds), thresholds) if thresholds else (None, None)
-        if not thresholds and runtime == "onnx":  # the thresholds exported inside the .onnx, else the file beside it
+        if not thresholds and runtime != "torch":  # the thresholds exported inside the .onnx, else the file beside it
             found = thresholds_file.find(checkpoint)
             cfg, self.thresholds_source = ((self.model.thresholds, f"exported inside {checkpoint}") if self.model.thresholds
                                            else (found and thresholds_file.read(found), found))

@@ -2,7 +2,7 @@
 
     pip install -r requirements-export.txt
     python export.py --checkpoint runs/cifar10/model_best_checkpoint.ckpt --output model.onnx
-    python inference_example.py photos/ --checkpoint model.onnx --runtime onnx
+    python inference_example.py photos/ --checkpoint model.onnx --runtime onnx     # or --runtime openvino
 
 The graph takes uint8 RGB images [B, 3, H, W] (any batch size, any H and W), preprocesses them exactly as
 data.preprocess does (antialiased resize to the model's size, rounded to 8 bits, scaled to [-1, 1]) and returns
@@ -19,7 +19,8 @@ After writing, the export is verified: ONNX Runtime's scores on --verify-images 
 photos when installed, else synthetic images), fed as inference_example.py --runtime onnx feeds them (resized to
 the model's size by data.preprocess), must equal the PyTorch path's to --tolerance (relative), or the file is not
 written. Fed at their own size, the graph's resize can put a pixel on the other side of a rounding tie: one grey
-level at a few pixels, a relative score difference up to ~1e-4 (printed).
+level at a few pixels, a relative score difference up to ~1e-4 (printed). OpenVINO (--runtime openvino) ignores
+the resize's antialiasing: feed it images at the model's size, as the runtime switch does.
 """
 
 import json

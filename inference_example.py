@@ -5,12 +5,12 @@ a summary; optionally a CSV / JSON / JSON Lines file and per-image heatmaps.
     python inference_example.py photos/ --checkpoint CKPT --threshold strict --output results.csv
     python inference_example.py photos/ --checkpoint CKPT --score combined --heatmaps heatmaps/
     python inference_example.py photos/ --checkpoint CKPT --coding-model runs/coding/model_best_checkpoint.ckpt --score coding
-    python inference_example.py photos/ --checkpoint model.onnx --runtime onnx        # export.py's file, ONNX Runtime
+    python inference_example.py photos/ --checkpoint model.onnx --runtime openvino    # export.py's file (or: onnx)
     torchrun --nproc_per_node=8 inference_example.py photos/ --checkpoint CKPT --output results.jsonl
 
 Thresholds: --thresholds, else thresholds_calibrated.json next to the checkpoint (written by calibrate.py for those
 weights), else the repo's top-level one (the card's published values, bound to no weights: a warning says so).
-With --runtime onnx, the thresholds exported inside the .onnx file come before those beside it.
+With --runtime onnx / openvino, the thresholds exported inside the .onnx file come before those beside it.
 When the p-values of a whole folder (20 images or more) are far from uniform, a warning says that these images do
 not look like the calibration images, so the promised false-positive rate does not hold for them.
 
@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 import metrics
 import thresholds
-from detector import SCORES, Detector, ResultWriter
+from detector import RUNTIMES, SCORES, Detector, ResultWriter
 from utils import ArgumentParser, UserError, gather, number, run_cli, setup_distributed
 
 
@@ -49,12 +49,12 @@ def parse_args(argv=None):
     add("--batch-size", type=number(int, 1), default=None, help="images per forward pass (default: 32 on CPU, 256 on CUDA)")
     add("--workers", type=number(int, 0), default=None, help="decoding processes per rank (default: min(4, CPU count))")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available (cpu for onnx)")
-    add("--runtime", choices=["torch", "onnx"], default="torch", help="onnx: --checkpoint is export.py's .onnx file, "
-        "run by ONNX Runtime on the CPU")
+    add("--runtime", choices=RUNTIMES, default="torch", help="onnx / openvino: --checkpoint is export.py's .onnx file, "
+        "run by ONNX Runtime / OpenVINO on the CPU")
     args = p.parse_args(argv)
-    if args.runtime == "onnx" and args.device == "cuda":
-        p.error("--runtime onnx runs on the CPU: use --device cpu, or --runtime torch on the GPU")
-    args.device = "cpu" if args.runtime == "onnx" else args.device
+    if args.runtime != "torch" and args.device == "cuda":
+        p.error(f"--runtime {args.runtime} runs on the CPU: use --device cpu, or --runtime torch on the GPU")
+    args.device = "cpu" if args.runtime != "torch" else args.device
     return args
 
 
@@ -72,7 +72,7 @@ def result_line(row, score_name):
 def detect(args, rank, world, device):
     error = None
     try:  # everything that can fail on a bad flag or file, before any image is scored
-        path = args.thresholds or (None if args.runtime == "onnx" else thresholds.find(args.checkpoint))
+        path = args.thresholds or (None if args.runtime != "torch" else thresholds.find(args.checkpoint))
         det = Detector(args.checkpoint, path, device=str(device), score=args.score, threshold=args.threshold,
                        batch_size=args.batch_size, workers=args.workers, coding_model=args.coding_model,
                        runtime=args.runtime)
