@@ -20,9 +20,7 @@ import datetime
 import hashlib
 import io
 import math
-import os
 import sys
-import tempfile
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
@@ -36,7 +34,8 @@ import thresholds
 from data import PREPROCESSING, ImageReadError, load_cifar10, load_image_folder, read_image
 from detector import BASE_SCORES, RUNTIMES, load_models, model_device, score_files, score_images
 from thresholds import FPR_LEVELS, TWO_SIDED
-from utils import ArgumentParser, UserError, atomic_write, number, pick_device, precision_name, run_cli, weights_fingerprint
+from utils import (ArgumentParser, UserError, atomic_write, check_writable, number, pick_device, precision_name, run_cli,
+                   weights_fingerprint)
 
 CONVENTION = ("fake = positive class, real = negative; higher score = more fake (for combined, lower p-value); "
               "AUROC / AUPR computed on held-out real images vs each fake set; AUPR-In takes real as positive; "
@@ -71,17 +70,6 @@ def parse_args(argv=None):
     add("--bootstrap", type=number(int, 0), default=200, help="bootstrap resamples for AUROC intervals, 0 = off")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return p.parse_args(argv)
-
-
-def check_writable(path):
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=Path(path).parent) as f:  # real bytes: a full disk must fail here
-            f.write(bytes(1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 # ---- scoring every set

@@ -24,6 +24,7 @@ the resize's antialiasing: feed it images at the model's size, as the runtime sw
 """
 
 import json
+import shutil
 import subprocess
 import tempfile
 from dataclasses import asdict
@@ -36,7 +37,7 @@ import thresholds as thresholds_file
 from data import PREPROCESSING, ImageReadError, dead_leaves, iter_image_files, preprocess, read_image, to_uint8
 from detector import OnnxAutoencoder, prepare_model, reconstruction_scores, score_batch
 from model import ResidualAutoencoder, load_model
-from utils import ArgumentParser, UserError, atomic_write, number, run_cli, weights_fingerprint
+from utils import ArgumentParser, UserError, atomic_write, check_writable, number, run_cli, weights_fingerprint
 
 ROOT = Path(__file__).resolve().parent
 OUTPUTS = ["recon", "error_map", "mse", "local"]
@@ -129,8 +130,9 @@ def main(argv=None):
         import onnx
     except ImportError:
         raise UserError("export needs onnx, onnxscript and onnxruntime: pip install -r requirements-export.txt") from None
-    if Path(args.output).suffix.lower() != ".onnx":
-        raise UserError(f"--output {args.output}: the file name must end in .onnx")
+    if Path(args.output).suffix.lower() != ".onnx" or Path(args.output).is_dir():
+        raise UserError(f"--output {args.output}: must be a file name ending in .onnx")
+    check_writable(args.output)  # before the export, which takes a while
     model = load_model(args.checkpoint, torch.device("cpu"))
     if not isinstance(model, ResidualAutoencoder):
         raise UserError(f"{args.checkpoint} holds a coding model; export.py exports the autoencoder")
@@ -151,7 +153,10 @@ def main(argv=None):
         if worst > args.tolerance:
             raise UserError(f"ONNX Runtime's scores differ from PyTorch's by {worst:.2e} (relative) on {described}, "
                             f"more than --tolerance {args.tolerance:g}: nothing written")
-        atomic_write(args.output, lambda out: Path(out).write_bytes(final.read_bytes()))
+        try:
+            atomic_write(args.output, lambda out: shutil.copyfile(final, out))
+        except OSError as e:  # a full disk, say
+            raise UserError(f"cannot write {args.output}: {e.strerror or e}") from None
     print(f"wrote {args.output} ({Path(args.output).stat().st_size / 1e6:.1f} MB): uint8 [B, 3, H, W] -> {', '.join(OUTPUTS)}")
     print(f"thresholds inside: {found or 'none (give --thresholds, or calibrate first)'}")
     print(f"verified with ONNX Runtime on {described}: scores within {worst:.1e} (relative) of PyTorch's; "

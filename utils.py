@@ -91,6 +91,18 @@ def atomic_write(path, write_fn):
             os.remove(tmp)
 
 
+def check_writable(path):
+    """A one-line UserError now, not after an hour of work, if `path`'s folder cannot take a file."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=Path(path).parent) as f:  # real bytes: a full disk must fail here
+            f.write(bytes(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def write_json(path, obj):
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -152,7 +152,10 @@ def test_bad_onnx_inputs_are_one_line(env, tmp_path, capsys, case, runtime):
 def test_export_refuses_bad_flags_and_writes_nothing_when_verification_fails(env, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         run_cli(export.main, ["--checkpoint", str(env["ckpt"]), "--output", str(tmp_path / "model.pt")])
-    assert stop.value.code == 2 and "must end in .onnx" in capsys.readouterr().err
+    assert stop.value.code == 2 and "ending in .onnx" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # a file where the folder should be: refused before exporting
+        run_cli(export.main, ["--checkpoint", str(env["ckpt"]), "--output", str(env["ckpt"] / "model.onnx")])
+    assert stop.value.code == 2 and "cannot write" in capsys.readouterr().err
     monkeypatch.setattr(export, "export_graph", lambda model, path, opset: shutil.copy(env["onnx"], path))  # fast
     monkeypatch.setattr(export, "verify", lambda *args: (3e-3, 3e-3))
     out = tmp_path / "model.onnx"
