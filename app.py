@@ -201,8 +201,14 @@ def main(argv=None):
         import gradio  # noqa: F401
     except ImportError:
         raise UserError("gradio is not installed: pip install -r requirements-app.txt") from None
+    except ValueError as e:  # gradio reads its GRADIO_* environment variables on import
+        raise UserError(f"gradio cannot start: {e}") from None
     demo = build_app(detectors, checkpoint, thresholds)
-    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE)
+    except OSError as e:  # a port in use, an address this machine does not have
+        raise UserError(f"cannot serve on {args.host or 'the default host'}:{args.port or 'the default port'}: "
+                        f"{str(e).splitlines()[0]}") from None
 
 
 if __name__ == "__main__":

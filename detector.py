@@ -130,7 +130,8 @@ class OnnxAutoencoder:
     def __init__(self, path, runtime="onnx"):
         package = "onnxruntime" if runtime == "onnx" else "openvino"
         if not Path(path).is_file():
-            raise UserError(f"ONNX model not found: {path} (write one with export.py)")
+            raise UserError(f"{path}: not a regular file" if Path(path).exists() else
+                            f"ONNX model not found: {path} (write one with export.py)")
         try:
             meta, self.run = (onnxruntime_session if runtime == "onnx" else openvino_session)(path)
         except ImportError:
@@ -145,6 +146,22 @@ class OnnxAutoencoder:
                                if meta.get("thresholds") else None)
         except ValueError as e:
             raise UserError(f"{path}: its metadata is not what export.py writes ({e})") from None
+        self.check(path)
+
+    def check(self, path):
+        """Scores two grey images once: a graph that does not take uint8 [B, 3, S, S] or does not return export.py's
+        four outputs, at the size and with the finite float scores its metadata promises, is refused at load."""
+        s = self.config.image_size
+        try:
+            out = self.run(np.full((2, 3, s, s), 128, dtype=np.uint8))
+        except Exception as e:  # each runtime raises its own exception types
+            raise UserError(f"{path}: its graph does not take uint8 [B, 3, {s}, {s}] images "
+                            f"({str(e).strip().splitlines()[0][:160]})") from None
+        shapes = [(2, 3, s, s), (2, s, s), (2,), (2,)]
+        if len(out) != 4 or any(o.shape != shape or o.dtype != np.float32 for o, shape in zip(out, shapes)) \
+                or not all(np.isfinite(o).all() for o in out):
+            raise UserError(f"{path}: its graph does not return export.py's recon, error_map, mse and local "
+                            f"(finite float32 of shapes {shapes} for a batch of 2)")
 
     def __call__(self, images):
         recon, pixel, mse, local = self.run(np.ascontiguousarray(images.cpu().numpy()))
@@ -299,9 +316,11 @@ class Detector:
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
         self.score_name, self.workers = score, workers
         cfg, self.thresholds_source = (thresholds_file.read(thresholds), thresholds) if thresholds else (None, None)
-        if not thresholds and runtime != "torch":  # the thresholds exported inside the .onnx, else the file beside it
-            found = thresholds_file.find(checkpoint)
-            cfg, self.thresholds_source = ((self.model.thresholds, f"exported inside {checkpoint}") if self.model.thresholds
+        if not thresholds and runtime != "torch":
+            # a calibration beside the .onnx (calibrate.py --runtime onnx writes it there), else the exported one
+            beside, found = thresholds_file.beside(checkpoint), thresholds_file.find(checkpoint)
+            cfg, self.thresholds_source = ((self.model.thresholds, f"exported inside {checkpoint}")
+                                           if self.model.thresholds and not beside.is_file()
                                            else (found and thresholds_file.read(found), found))
         self.thresholds = cfg
         self.calibration = {s: v for s, v in thresholds_file.calibration(cfg).items() if s in BASE_SCORES}
@@ -318,6 +337,9 @@ class Detector:
         choice = "balanced" if threshold is None else threshold
         scores_only = cfg is None and threshold is None and score != "combined"  # nothing to decide with
         self.threshold, self.threshold_label = (None, None) if scores_only else thresholds_file.threshold(cfg, score, choice)
+        if score == "coding" and self.threshold is not None and "coding" not in self.calibration:
+            raise UserError("--score coding decides by p-value: give a thresholds file that calibrate.py wrote with "
+                            "--coding-model")
 
     def record(self, row):
         """A row as result files hold it: plain values only, None where absent."""

@@ -122,7 +122,7 @@ def main(argv=None):
     add("--checkpoint", required=True, help="train.py checkpoint, hub-layout folder or hub repo id (an autoencoder)")
     add("--thresholds", default=None, help="thresholds JSON to embed (default: the one beside the checkpoint, if any)")
     add("--output", default="model.onnx", help="the .onnx file to write")
-    add("--opset", type=number(int, 18), default=18, help="ONNX opset (18 or later: the antialiased resize needs it)")
+    add("--opset", type=number(int, 18, 23), default=18, help="ONNX opset (18 or later: the antialiased resize needs it)")
     add("--verify-images", action="append", default=[], help="real images to verify on (files, folders, globs)")
     add("--tolerance", type=number(float, 0), default=1e-5, help="largest relative score difference accepted")
     args = p.parse_args(argv)
@@ -137,7 +137,8 @@ def main(argv=None):
     if not isinstance(model, ResidualAutoencoder):
         raise UserError(f"{args.checkpoint} holds a coding model; export.py exports the autoencoder")
     model = prepare_model(model, torch.device("cpu"))
-    found = args.thresholds or thresholds_file.find(args.checkpoint)
+    beside = thresholds_file.beside(args.checkpoint)  # never the repo's card file: it belongs to no weights
+    found = args.thresholds or (str(beside) if beside.is_file() else None)
     cfg = thresholds_file.read(found) if found else None
     images, described = verification_images(args.verify_images)
 

@@ -10,7 +10,7 @@ a summary; optionally a CSV / JSON / JSON Lines file and per-image heatmaps.
 
 Thresholds: --thresholds, else thresholds_calibrated.json next to the checkpoint (written by calibrate.py for those
 weights), else the repo's top-level one (the card's published values, bound to no weights: a warning says so).
-With --runtime onnx / openvino, the thresholds exported inside the .onnx file come before those beside it.
+With --runtime onnx / openvino: --thresholds, else the file beside the .onnx, else the thresholds exported inside it.
 When the p-values of a whole folder (20 images or more) are far from uniform, a warning says that these images do
 not look like the calibration images, so the promised false-positive rate does not hold for them.
 
@@ -83,7 +83,10 @@ def detect(args, rank, world, device):
                 if os.path.isdir(p) and maps.is_relative_to(Path(p).resolve()):
                     # folders are listed lazily: the heatmaps written so far would be scored as inputs
                     raise UserError(f"--heatmaps {args.heatmaps} lies inside the input folder {p}; choose one outside it")
-            maps.mkdir(parents=True, exist_ok=True)
+            try:
+                maps.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a file of that name, say
+                raise UserError(f"--heatmaps {args.heatmaps}: cannot make the folder ({e.strerror or e})") from None
         try:
             writer = ResultWriter(args.output, rank, world) if args.output else None
         except OSError as e:

@@ -93,6 +93,8 @@ def atomic_write(path, write_fn):
 
 def check_writable(path):
     """A one-line UserError now, not after an hour of work, if `path`'s folder cannot take a file."""
+    if Path(path).is_dir():
+        raise UserError(f"cannot write {path}: is a directory")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=Path(path).parent) as f:  # real bytes: a full disk must fail here

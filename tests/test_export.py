@@ -115,6 +115,15 @@ def test_exported_runtimes_use_the_thresholds_inside_the_file(env, runtime):
     assert [r.get("p_value") for r in ours] == pytest.approx([r.get("p_value") for r in theirs], rel=1e-5)
 
 
+def test_a_calibration_beside_the_onnx_file_comes_before_the_exported_one(env, tmp_path):
+    model = tmp_path / "model.onnx"
+    shutil.copy(env["onnx"], model)
+    beside = tmp_path / "thresholds_calibrated.json"
+    beside.write_text(json.dumps({"reconstruction_thresholds": {"thresholds": {"balanced": {"value": 0.125}}}}))
+    det = Detector(model, runtime="onnx", workers=0)
+    assert det.thresholds_source == str(beside) and det.threshold == 0.125
+
+
 def test_calibrate_with_the_onnx_runtime_writes_the_same_thresholds(env):
     out = env["root"] / "onnx" / "thresholds.json"
     calibrate.main(["--checkpoint", str(env["onnx"]), "--runtime", "onnx", "--real-dir", str(env["real"]), "--num-noise",
@@ -127,7 +136,7 @@ def test_calibrate_with_the_onnx_runtime_writes_the_same_thresholds(env):
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "openvino"])
-@pytest.mark.parametrize("case", ["not onnx", "no metadata", "missing", "cuda"])
+@pytest.mark.parametrize("case", ["not onnx", "no metadata", "missing", "cuda", "three outputs", "other size"])
 def test_bad_onnx_inputs_are_one_line(env, tmp_path, capsys, case, runtime):
     path = tmp_path / "model.onnx"
     if case == "not onnx":
@@ -138,6 +147,14 @@ def test_bad_onnx_inputs_are_one_line(env, tmp_path, capsys, case, runtime):
         onnx.save(graph, str(path))
     elif case == "cuda":
         path = env["onnx"]
+    elif case != "missing":  # a graph whose outputs, or whose size, differ from what its metadata promises
+        graph = onnx.load(str(env["onnx"]))
+        if case == "three outputs":
+            del graph.graph.output[3]
+        else:
+            config = next(p for p in graph.metadata_props if p.key == "config")
+            config.value = json.dumps({**json.loads(config.value), "image_size": 2 * TINY.image_size})
+        onnx.save(graph, str(path))
     try:  # in this process: no interpreter start-up
         status = inference_example.main([str(env["photos"]), "--checkpoint", str(path), "--runtime", runtime,
                                          *(["--device", "cuda"] if case == "cuda" else [])])
@@ -146,7 +163,8 @@ def test_bad_onnx_inputs_are_one_line(env, tmp_path, capsys, case, runtime):
     err = capsys.readouterr().err
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert {"not onnx": "cannot load ONNX model", "no metadata": "not written by export.py", "missing": "not found",
-            "cuda": f"--runtime {runtime} runs on the CPU"}[case] in err
+            "cuda": f"--runtime {runtime} runs on the CPU", "three outputs": "does not return export.py's",
+            "other size": "does not return export.py's"}[case] in err
 
 
 def test_export_refuses_bad_flags_and_writes_nothing_when_verification_fails(env, tmp_path, monkeypatch, capsys):
