@@ -15,7 +15,8 @@ from data import dead_leaves
 from detector import Detector, image_tiles
 from fakes import benign_versions
 from model import load_model
-from tests.conftest import run_script
+from tests.conftest import run_script, save_checkpoint
+from utils import UserError
 
 
 def exact_entropy_bits(mean, scale):
@@ -145,6 +146,16 @@ def test_same_pixels_same_score_whatever_the_file_format(coding_run, tiny_model,
     det = Detector(ckpt, device="cpu", score="coding", coding_model=coding_run[1], workers=0)
     rows = det.score(sorted(map(str, tmp_path.glob("same.*"))) + [image])
     assert len({row["coding"] for row in rows}) == 1 and len(rows) == 5  # files and the in-memory image alike
+
+
+def test_coding_verdicts_need_a_coding_calibration(coding_run, tiny_model, tmp_path):
+    ckpt = save_checkpoint(tiny_model, tmp_path / "ae.ckpt")
+    th = tmp_path / "thresholds.json"  # thresholds without the coding score's calibration, as the card's file
+    th.write_text(json.dumps({"reconstruction_thresholds": {"thresholds": {"balanced": {"value": 0.1}}}}))
+    with pytest.raises(UserError, match="--score coding decides by p-value"):
+        Detector(ckpt, th, device="cpu", score="coding", coding_model=coding_run[1])
+    scores_only = Detector(ckpt, device="cpu", score="coding", coding_model=coding_run[1], workers=0)
+    assert scores_only.threshold is None and scores_only.score([dead_leaves(1, 64, seed=3)[0]])[0]["coding"]
 
 
 def test_calibrate_and_infer_with_the_coding_score(coding_run, tiny_model, tmp_path):
