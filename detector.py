@@ -106,7 +106,7 @@ def onnxruntime_session(path):
 
 def openvino_session(path):
     """The same with OpenVINO: in fp32 as the other runtimes (on a CPU with AMX it would pick bf16 by itself),
-    with the latency hint (one stream, every core on one batch: measured 1.9x its throughput hint here)."""
+    with the latency hint (one stream, every core on one batch: about twice its throughput hint on 2 cores)."""
     import openvino
     from openvino.frontend import FrontEndManager
 
