@@ -89,8 +89,7 @@ def bench_variant(config, device, variant, args, gflops):
 def bench_exported(config, device, args, gflops, runtime):
     """Inference images/s of export.py's graph (preprocessing, model and scores) run on the CPU by ONNX Runtime
     ('onnx') or OpenVINO ('openvino'), as --runtime runs it."""
-    from detector import onnxruntime_session, openvino_session
-    from export import export_graph
+    from export import export_graph, onnxruntime_session, openvino_session
 
     with tempfile.TemporaryDirectory() as tmp:
         export_graph(ResidualAutoencoder(config).eval(), f"{tmp}/model.onnx", opset=18)

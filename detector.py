@@ -38,7 +38,7 @@ import thresholds as thresholds_file
 from coding import CodingModel, tiles_of
 from data import ImageReadError, box_reduce, iter_image_files, pil_to_rgb, preprocess, read_image, to_uint8
 from fakes import png_bits
-from model import AutoencoderConfig, ResidualAutoencoder, config_from_dict, load_model, squared_error
+from model import ResidualAutoencoder, load_model, squared_error
 from utils import UserError, autocast, gather, pick_device, precision_name, weights_fingerprint
 
 AE_SCORES = ("mse", "local", "complexity")  # the autoencoder's
@@ -79,8 +79,8 @@ def score_batch(model, x, png=None, keep_maps=False):
     """x: uint8 [B, 3, S, S] (preprocessed on the model's device: the copy moves bytes, a quarter of float32's)
     or float [B, 3, S, S] from preprocess -> dict score -> float64 numpy [B] (complexity only when PNG bits
     are given), plus 'maps' ([B, S, S] pixel error), 'recon' and 'input' (float) if keep_maps.
-    model: a torch autoencoder, or an OnnxAutoencoder (uint8 input only)."""
-    if isinstance(model, OnnxAutoencoder):
+    model: a torch autoencoder, or export.OnnxAutoencoder (uint8 input only)."""
+    if not isinstance(model, torch.nn.Module):  # an exported graph (export.py) in its runtime
         recon, pixel, mse, local = model(x)
         x = preprocess(x, model.config.image_size) if keep_maps else x
     else:
@@ -96,80 +96,8 @@ def score_batch(model, x, png=None, keep_maps=False):
     return out
 
 
-def onnxruntime_session(path):
-    """(metadata, run: uint8 numpy [B, 3, H, W] -> the graph's outputs) with ONNX Runtime's CPU provider."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.get_modelmeta().custom_metadata_map, lambda x: session.run(None, {"images": x})
-
-
-def openvino_session(path):
-    """The same with OpenVINO: in fp32 as the other runtimes (on a CPU with AMX it would pick bf16 by itself),
-    with the latency hint (one stream, every core on one batch: about twice its throughput hint on 2 cores)."""
-    import openvino
-    from openvino.frontend import FrontEndManager
-
-    onnx_reader = FrontEndManager().load_by_framework("onnx")  # only: other readers log noise on a bad file
-    model = onnx_reader.convert(onnx_reader.load(str(path)))
-    core = openvino.Core()
-    info = model.get_rt_info()  # the ONNX metadata_props are its "framework" entries
-    meta = {k: v.astype(str) for k, v in info["framework"].items()} if "framework" in info else {}
-    request = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-                                 ).create_infer_request()
-    return meta, lambda x: list(request.infer({0: x}).values())
-
-
-class OnnxAutoencoder:
-    """An exported scoring graph (export.py) run on the CPU by ONNX Runtime ('onnx') or OpenVINO ('openvino'),
-    standing in for the autoencoder: uint8 [B, 3, H, W] -> the same (recon, pixel error, mse, local) as
-    reconstruction_scores. Its metadata gives the config, the weights fingerprint and the thresholds file."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, path, runtime="onnx"):
-        package = "onnxruntime" if runtime == "onnx" else "openvino"
-        if not Path(path).is_file():
-            raise UserError(f"{path}: not a regular file" if Path(path).exists() else
-                            f"ONNX model not found: {path} (write one with export.py)")
-        try:
-            meta, self.run = (onnxruntime_session if runtime == "onnx" else openvino_session)(path)
-        except ImportError:
-            raise UserError(f"--runtime {runtime} needs {package}: pip install -r requirements-export.txt") from None
-        except Exception as e:  # each runtime raises its own exception types for a missing or malformed file
-            raise UserError(f"cannot load ONNX model {path} with {package}: {str(e).strip().splitlines()[0][:200]}") from None
-        if "config" not in meta or "weights_fingerprint" not in meta:
-            raise UserError(f"{path} was not written by export.py: its metadata has no model config and fingerprint")
-        try:
-            self.config, self.fingerprint = config_from_dict(AutoencoderConfig, json.loads(meta["config"])), meta["weights_fingerprint"]
-            self.thresholds = (thresholds_file.validate(json.loads(meta["thresholds"]), f"{path} (its thresholds)")
-                               if meta.get("thresholds") else None)
-        except ValueError as e:
-            raise UserError(f"{path}: its metadata is not what export.py writes ({e})") from None
-        self.check(path)
-
-    def check(self, path):
-        """Scores two grey images once: a graph that does not take uint8 [B, 3, S, S] or does not return export.py's
-        four outputs, at the size and with the finite float scores its metadata promises, is refused at load."""
-        s = self.config.image_size
-        try:
-            out = self.run(np.full((2, 3, s, s), 128, dtype=np.uint8))
-        except Exception as e:  # each runtime raises its own exception types
-            raise UserError(f"{path}: its graph does not take uint8 [B, 3, {s}, {s}] images "
-                            f"({str(e).strip().splitlines()[0][:160]})") from None
-        shapes = [(2, 3, s, s), (2, s, s), (2,), (2,)]
-        if len(out) != 4 or any(o.shape != shape or o.dtype != np.float32 for o, shape in zip(out, shapes)) \
-                or not all(np.isfinite(o).all() for o in out):
-            raise UserError(f"{path}: its graph does not return export.py's recon, error_map, mse and local "
-                            f"(finite float32 of shapes {shapes} for a batch of 2)")
-
-    def __call__(self, images):
-        recon, pixel, mse, local = self.run(np.ascontiguousarray(images.cpu().numpy()))
-        return tuple(map(torch.from_numpy, (recon, pixel, mse, local)))
-
-
 def model_device(model):
-    return model.device if isinstance(model, OnnxAutoencoder) else next(model.parameters()).device
+    return next(model.parameters()).device if isinstance(model, torch.nn.Module) else model.device
 
 
 def coding_scores(coding, tiles, counts):
@@ -288,6 +216,8 @@ def load_models(checkpoint, coding_checkpoint, device, runtime="torch"):
     if runtime != "torch":
         if device.type != "cpu":
             raise UserError(f"--runtime {runtime} runs on the CPU: add --device cpu, or use --runtime torch on the GPU")
+        from export import OnnxAutoencoder  # here: export.py imports this module
+
         return OnnxAutoencoder(checkpoint, runtime), coding and prepare_model(coding, device)
     model = load_model(checkpoint, device)
     if not isinstance(model, ResidualAutoencoder):

@@ -13,7 +13,8 @@ data.preprocess does (antialiased resize to the model's size, rounded to 8 bits,
 Its metadata (ONNX metadata_props) holds the thresholds file (--thresholds, else the one beside the checkpoint;
 none if neither exists), the model config, the preprocessing, the weights' fingerprint and the repo version, so
 the file alone reproduces the verdicts and p-values. The complexity score's PNG coding and the coding score are
-not in the graph: the runtime computes them as the torch path does.
+not in the graph: the runtime computes them as the torch path does. OnnxAutoencoder, below, is that runtime: it runs
+the file with ONNX Runtime or OpenVINO for inference_example.py, calibrate.py and Detector (--runtime onnx|openvino).
 
 After writing, the export is verified: ONNX Runtime's scores on --verify-images (default: scikit-image's real
 photos when installed, else synthetic images), fed as inference_example.py --runtime onnx feeds them (resized to
@@ -35,14 +36,88 @@ import torch
 
 import thresholds as thresholds_file
 from data import PREPROCESSING, ImageReadError, dead_leaves, iter_image_files, preprocess, read_image, to_uint8
-from detector import OnnxAutoencoder, prepare_model, reconstruction_scores, score_batch
-from model import ResidualAutoencoder, load_model
+from detector import prepare_model, reconstruction_scores, score_batch
+from model import AutoencoderConfig, ResidualAutoencoder, config_from_dict, load_model
 from utils import ArgumentParser, UserError, atomic_write, check_writable, number, run_cli, weights_fingerprint
 
 ROOT = Path(__file__).resolve().parent
 OUTPUTS = ["recon", "error_map", "mse", "local"]
 
 
+# ---- running it: --runtime onnx | openvino
+def onnxruntime_session(path):
+    """(metadata, run: uint8 numpy [B, 3, H, W] -> the graph's outputs) with ONNX Runtime's CPU provider."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.get_modelmeta().custom_metadata_map, lambda x: session.run(None, {"images": x})
+
+
+def openvino_session(path):
+    """The same with OpenVINO: in fp32 as the other runtimes (on a CPU with AMX it would pick bf16 by itself),
+    with the latency hint (one stream, every core on one batch: about twice its throughput hint on 2 cores)."""
+    import openvino
+    from openvino.frontend import FrontEndManager
+
+    onnx_reader = FrontEndManager().load_by_framework("onnx")  # only: other readers log noise on a bad file
+    model = onnx_reader.convert(onnx_reader.load(str(path)))
+    core = openvino.Core()
+    info = model.get_rt_info()  # the ONNX metadata_props are its "framework" entries
+    meta = {k: v.astype(str) for k, v in info["framework"].items()} if "framework" in info else {}
+    request = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+                                 ).create_infer_request()
+    return meta, lambda x: list(request.infer({0: x}).values())
+
+
+class OnnxAutoencoder:
+    """An exported scoring graph (export.py) run on the CPU by ONNX Runtime ('onnx') or OpenVINO ('openvino'),
+    standing in for the autoencoder: uint8 [B, 3, H, W] -> the same (recon, pixel error, mse, local) as
+    reconstruction_scores. Its metadata gives the config, the weights fingerprint and the thresholds file."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, path, runtime="onnx"):
+        package = "onnxruntime" if runtime == "onnx" else "openvino"
+        if not Path(path).is_file():
+            raise UserError(f"{path}: not a regular file" if Path(path).exists() else
+                            f"ONNX model not found: {path} (write one with export.py)")
+        try:
+            meta, self.run = (onnxruntime_session if runtime == "onnx" else openvino_session)(path)
+        except ImportError:
+            raise UserError(f"--runtime {runtime} needs {package}: pip install -r requirements-export.txt") from None
+        except Exception as e:  # each runtime raises its own exception types for a missing or malformed file
+            raise UserError(f"cannot load ONNX model {path} with {package}: {str(e).strip().splitlines()[0][:200]}") from None
+        if "config" not in meta or "weights_fingerprint" not in meta:
+            raise UserError(f"{path} was not written by export.py: its metadata has no model config and fingerprint")
+        try:
+            self.config, self.fingerprint = config_from_dict(AutoencoderConfig, json.loads(meta["config"])), meta["weights_fingerprint"]
+            self.thresholds = (thresholds_file.validate(json.loads(meta["thresholds"]), f"{path} (its thresholds)")
+                               if meta.get("thresholds") else None)
+        except ValueError as e:
+            raise UserError(f"{path}: its metadata is not what export.py writes ({e})") from None
+        self.check(path)
+
+    def check(self, path):
+        """Scores two grey images once: a graph that does not take uint8 [B, 3, S, S] or does not return export.py's
+        four outputs, at the size and with the finite float scores its metadata promises, is refused at load."""
+        s = self.config.image_size
+        try:
+            out = self.run(np.full((2, 3, s, s), 128, dtype=np.uint8))
+        except Exception as e:  # each runtime raises its own exception types
+            raise UserError(f"{path}: its graph does not take uint8 [B, 3, {s}, {s}] images "
+                            f"({str(e).strip().splitlines()[0][:160]})") from None
+        shapes = [(2, 3, s, s), (2, s, s), (2,), (2,)]
+        if len(out) != 4 or any(o.shape != shape or o.dtype != np.float32 for o, shape in zip(out, shapes)) \
+                or not all(np.isfinite(o).all() for o in out):
+            raise UserError(f"{path}: its graph does not return export.py's recon, error_map, mse and local "
+                            f"(finite float32 of shapes {shapes} for a batch of 2)")
+
+    def __call__(self, images):
+        recon, pixel, mse, local = self.run(np.ascontiguousarray(images.cpu().numpy()))
+        return tuple(map(torch.from_numpy, (recon, pixel, mse, local)))
+
+
+# ---- writing it
 class ScoringGraph(torch.nn.Module):
     """What the ONNX file computes: preprocessing, the autoencoder and the scores, in one graph."""
 

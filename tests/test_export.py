@@ -15,7 +15,8 @@ import calibrate
 import export
 import inference_example
 from data import dead_leaves, preprocess, to_uint8
-from detector import Detector, OnnxAutoencoder, score_batch
+from detector import Detector, score_batch
+from export import OnnxAutoencoder
 from model import ResidualAutoencoder
 from utils import run_cli, weights_fingerprint
 from tests.conftest import TINY, run_script, save_checkpoint
