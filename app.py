@@ -7,6 +7,7 @@ and the error map). Built with Gradio; a Hugging Face Space runs it as it stands
     python app.py                   # then open http://127.0.0.1:7860
     python app.py --checkpoint runs/cifar10/model_best_checkpoint.ckpt --thresholds runs/cifar10/thresholds_calibrated.json
     python app.py --checkpoint CKPT --coding-model runs/coding/model_best_checkpoint.ckpt --host 0.0.0.0 --port 8080
+    python app.py --checkpoint model.onnx --runtime openvino      # export.py's file, on the CPU
 
 Images are decoded and scored exactly as inference_example.py does it (Detector.score_paths on the uploaded file).
 The score measures how unlike the training and calibration images an image is: it is not a reliable detector of
@@ -21,7 +22,7 @@ import traceback
 from pathlib import Path
 
 import thresholds as thresholds_file
-from detector import SCORES, Detector
+from detector import RUNTIMES, SCORES, Detector
 from utils import ArgumentParser, UserError, number, run_cli
 
 DEMO_CHECKPOINT = Path("demo_output/model/model_best_checkpoint.ckpt")  # what `python demo.py` writes
@@ -71,7 +72,12 @@ def parse_args(argv=None):
     add("--port", type=number(int, 1, 65535), default=None,
         help="port (default: $GRADIO_SERVER_PORT, else the first free one from 7860)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
-    return p.parse_args(argv)
+    add("--runtime", choices=RUNTIMES, default="torch", help="onnx / openvino: --checkpoint is export.py's .onnx file, "
+        "run on the CPU; without --thresholds, the calibration beside it, else the one exported inside it")
+    args = p.parse_args(argv)
+    if args.runtime != "torch" and args.device == "cuda":
+        p.error(f"--runtime {args.runtime} runs on the CPU: use --device cpu, or --runtime torch on the GPU")
+    return args
 
 
 def model_files(args):
@@ -81,6 +87,8 @@ def model_files(args):
         if missing:
             raise UserError(f"{' and '.join(missing)} not found: run `python demo.py` first, or pass --checkpoint")
         return args.checkpoint, args.thresholds or str(DEMO_THRESHOLDS)
+    if args.runtime != "torch":  # the Detector finds the calibration beside the .onnx, else the exported one
+        return args.checkpoint, args.thresholds
     return args.checkpoint, args.thresholds or thresholds_file.find(args.checkpoint)
 
 
@@ -88,10 +96,10 @@ class Detectors:
     """One Detector per (score, threshold) choice, made on first use. Every verdict and p-value comes from the
     Detector API, exactly as inference_example.py gets them; all of them share the first one's weights."""
 
-    def __init__(self, checkpoint, thresholds, coding_model=None, device="auto"):
+    def __init__(self, checkpoint, thresholds, coding_model=None, device="auto", runtime="torch"):
         # workers=0: a few uploads per request decode faster in this process than in freshly started workers
         self.kwargs = dict(checkpoint=checkpoint, thresholds=thresholds, coding_model=coding_model, device=device,
-                           workers=0)
+                           workers=0, runtime=runtime)
         self.cache = {}
         self.first = self.get("mse", "balanced")  # a bad checkpoint or thresholds file fails here, in one line
         self.scores = [s for s in SCORES if self.usable(s)]
@@ -164,7 +172,7 @@ def score_uploads(detectors, paths, score, threshold):
     return f'{STYLE}<div class="results">{more}{"".join(cards)}</div>'
 
 
-def build_app(detectors, checkpoint, thresholds):
+def build_app(detectors, checkpoint):
     """The page: uploads, score and threshold choices, the files in use, what the score means, the results."""
     import gradio as gr  # here: the rest of the module (and its --help) works without gradio
 
@@ -174,7 +182,7 @@ def build_app(detectors, checkpoint, thresholds):
         gr.Markdown("# Residual autoencoder: how unlike the real images is this one?\n"
                     "An anomaly score, not a deepfake detector: it is not reliable on modern generated images "
                     "(see *What it cannot detect* below).")
-        gr.Markdown(f"Checkpoint: `{checkpoint}`  \nThresholds file: `{thresholds or 'none'}`"
+        gr.Markdown(f"Checkpoint: `{checkpoint}`  \nThresholds: `{detectors.first.thresholds_source or 'none'}`"
                     + "".join(f"  \n**Warning:** {w}" for w in detectors.first.warnings))
         with gr.Row():
             files = gr.File(label="images (one or more)", file_count="multiple", type="filepath", elem_id="uploads")
@@ -194,7 +202,7 @@ def build_app(detectors, checkpoint, thresholds):
 def main(argv=None):
     args = parse_args(argv)
     checkpoint, thresholds = model_files(args)
-    detectors = Detectors(checkpoint, thresholds, args.coding_model, args.device)
+    detectors = Detectors(checkpoint, thresholds, args.coding_model, args.device, args.runtime)
     for w in detectors.first.warnings:
         print(f"warning: {w}", file=sys.stderr, flush=True)
     try:
@@ -203,7 +211,7 @@ def main(argv=None):
         raise UserError("gradio is not installed: pip install -r requirements-app.txt") from None
     except ValueError as e:  # gradio reads its GRADIO_* environment variables on import
         raise UserError(f"gradio cannot start: {e}") from None
-    demo = build_app(detectors, checkpoint, thresholds)
+    demo = build_app(detectors, checkpoint)
     try:
         demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE)
     except OSError as e:  # a port in use, an address this machine does not have

@@ -278,7 +278,10 @@ class Detector:
                 "threshold": self.threshold, "error": row.get("error"), **{s: row.get(s) for s in BASE_SCORES}}
 
     def _finish(self, rows):
-        """Adds score, p-value and verdict to the scored rows (in place)."""
+        """Adds score, p-value and verdict to the scored rows (in place); a non-finite score is an error, not a verdict."""
+        for r in rows:
+            if "error" not in r and not all(math.isfinite(r[s]) for s in BASE_SCORES if r.get(s) is not None):
+                r["error"] = "the model gave a non-finite score (NaN or inf): its weights or its runtime are broken"
         good = [r for r in rows if "error" not in r]
         name, p = self.score_name, None
         if good and (name == "combined" or name in self.calibration):

@@ -192,6 +192,8 @@ def read_source(source):
     path = Path(source)
     if path.is_dir() or path.suffix == ".safetensors" and path.is_file():
         return read_hub_folder(path) if path.is_dir() else read_hub_folder(path.parent, path.name)
+    if path.suffix == ".onnx" and path.is_file():  # export.py's graph: only the exported runtimes read it
+        raise UserError(f"{path} is an exported ONNX graph: score it with --runtime onnx or --runtime openvino")
     if path.is_file():
         ckpt = load_checkpoint_dict(path)
         weights = next((ckpt[k] for k in ("model", "model_state_dict", "state_dict") if isinstance(ckpt.get(k), dict)),

@@ -136,6 +136,22 @@ def test_calibrate_with_the_onnx_runtime_writes_the_same_thresholds(env):
         assert ours["reconstruction_thresholds"]["thresholds"][name]["value"] == pytest.approx(entry["value"], rel=1e-5)
 
 
+def test_an_onnx_file_without_runtime_says_which_runtime_reads_it(env, capsys):
+    assert inference_example.main([str(env["photos"]), "--checkpoint", str(env["onnx"])]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "score it with --runtime onnx or --runtime openvino" in err, err
+
+
+def test_the_page_scores_uploads_with_an_exported_runtime(env):
+    import app
+
+    detectors = app.Detectors(str(env["onnx"]), None, runtime="onnx")
+    assert detectors.first.thresholds_source.startswith("exported inside")
+    page = app.score_uploads(detectors, [str(env["photos"] / "chelsea.jpg")], "mse", "balanced")
+    expected = Detector(env["ckpt"], env["thresholds"]).score([str(env["photos"] / "chelsea.jpg")])[0]["verdict"]
+    assert f'data-verdict="{expected}"' in page and "data:image/png;base64," in page
+
+
 @pytest.mark.parametrize("runtime", ["onnx", "openvino"])
 @pytest.mark.parametrize("case", ["not onnx", "no metadata", "missing", "cuda", "three outputs", "other size"])
 def test_bad_onnx_inputs_are_one_line(env, tmp_path, capsys, case, runtime):

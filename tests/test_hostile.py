@@ -269,3 +269,19 @@ def test_a_folder_1100_levels_deep_is_listed(tmp_path):
         while deep != str(tmp_path):
             os.rmdir(deep)
             deep = os.path.dirname(deep)
+
+
+def test_weights_that_give_nan_are_an_error_row_never_a_verdict(tmp_path, capsys):
+    import inference_example
+
+    torch.manual_seed(0)
+    model = ResidualAutoencoder(TINY)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    broken = save_checkpoint(model, tmp_path / "nan.ckpt")
+    image(tmp_path / "a.png")
+    status = inference_example.main([str(tmp_path / "a.png"), "--checkpoint", str(broken), "--threshold", "0.01",
+                                     "--workers", "0", "--output", str(tmp_path / "out.csv")])
+    rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+    assert status == 1 and rows[0]["verdict"] == "UNREADABLE" and "non-finite score" in rows[0]["error"]
+    assert "UNREADABLE: the model gave a non-finite score" in capsys.readouterr().out
