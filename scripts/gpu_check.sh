@@ -38,8 +38,8 @@ out = Path(sys.argv[1])
 ckpt = out / "train_no-compile" / "model_best_checkpoint.ckpt"
 torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
 torch.backends.cuda.matmul.allow_tf32 = False
-x = preprocess(dead_leaves(512, 32, seed=7).cuda(), 128)
 eager = load_model(ckpt, "cuda")
+x = preprocess(dead_leaves(512, 32, seed=7).cuda(), eager.config.image_size)
 with torch.no_grad():
     reference = eager.reconstruction_error(x, reduction="none").double().cpu().numpy()
 fast = score_batch(prepare_model(load_model(ckpt, "cuda"), torch.device("cuda")), x)["mse"]
