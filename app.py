@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 
 import thresholds as thresholds_file
-from detector import RUNTIMES, SCORES, Detector
+from detector import SCORES, Detector, add_device_flags, check_device_flags
 from utils import ArgumentParser, UserError, number, run_cli
 
 DEMO_CHECKPOINT = Path("demo_output/model/model_best_checkpoint.ckpt")  # what `python demo.py` writes
@@ -71,13 +71,8 @@ def parse_args(argv=None):
         "0.0.0.0 serves the local network)")
     add("--port", type=number(int, 1, 65535), default=None,
         help="port (default: $GRADIO_SERVER_PORT, else the first free one from 7860)")
-    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
-    add("--runtime", choices=RUNTIMES, default="torch", help="onnx / openvino: --checkpoint is export.py's .onnx file, "
-        "run on the CPU; without --thresholds, the calibration beside it, else the one exported inside it")
-    args = p.parse_args(argv)
-    if args.runtime != "torch" and args.device == "cuda":
-        p.error(f"--runtime {args.runtime} runs on the CPU: use --device cpu, or --runtime torch on the GPU")
-    return args
+    add_device_flags(add)  # --runtime onnx / openvino without --thresholds: the file beside the .onnx, else its own
+    return check_device_flags(p, p.parse_args(argv))
 
 
 def model_files(args):

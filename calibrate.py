@@ -32,7 +32,7 @@ import fakes
 import metrics
 import thresholds
 from data import PREPROCESSING, ImageReadError, load_cifar10, load_image_folder, read_image
-from detector import BASE_SCORES, RUNTIMES, load_models, model_device, score_files, score_images
+from detector import BASE_SCORES, add_device_flags, check_device_flags, load_models, model_device, score_files, score_images
 from thresholds import FPR_LEVELS, TWO_SIDED
 from utils import (ArgumentParser, UserError, atomic_write, check_writable, number, pick_device, precision_name, run_cli,
                    weights_fingerprint)
@@ -65,11 +65,10 @@ def parse_args(argv=None):
     add("--scores-out", default=None, help="CSV of every scored image (set, index or path, split, scores)")
     add("--batch-size", type=number(int, 1), default=128, help="images per forward pass")
     add("--workers", type=number(int, 0), default=None, help="decode processes for folders (default: min(4, CPUs))")
-    add("--device", default="auto", help="auto | cpu | cuda (auto: cpu for --runtime onnx / openvino)")
-    add("--runtime", choices=RUNTIMES, default="torch", help="onnx / openvino: --checkpoint is export.py's .onnx file")
+    add_device_flags(add)
     add("--bootstrap", type=number(int, 0), default=200, help="bootstrap resamples for AUROC intervals, 0 = off")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    return p.parse_args(argv)
+    return check_device_flags(p, p.parse_args(argv))
 
 
 # ---- scoring every set
@@ -299,7 +298,7 @@ def main(argv=None):
     plots_dir = Path(args.plots_dir) if args.plots_dir else output.parent
     for path in [output, plots_dir / "roc_curve.png"] + ([Path(args.scores_out)] if args.scores_out else []):
         check_writable(path)  # fail before an hour of scoring, not after
-    device = pick_device("cpu" if args.runtime != "torch" and args.device == "auto" else args.device)
+    device = pick_device(args.device)
     model, coding = load_models(args.checkpoint, args.coding_model, device, args.runtime)
     real, real_paths, real_source, sets, sources, skipped, samples = collect(model, coding, args)
     for name, items in skipped.items():

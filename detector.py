@@ -207,6 +207,22 @@ def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with
 
 
 # ---- the API
+def add_device_flags(add):
+    """--device and --runtime, as every script that scores takes them (check them with check_device_flags)."""
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available (cpu for onnx / openvino)")
+    add("--runtime", choices=RUNTIMES, default="torch", help="onnx / openvino: --checkpoint is export.py's .onnx file, "
+        "run by ONNX Runtime / OpenVINO on the CPU")
+
+
+def check_device_flags(parser, args):
+    """The exported runtimes run on the CPU: auto means cpu there, and cuda is a usage error."""
+    if args.runtime != "torch":
+        if args.device == "cuda":
+            parser.error(f"--runtime {args.runtime} runs on the CPU: use --device cpu, or --runtime torch on the GPU")
+        args.device = "cpu"
+    return args
+
+
 def load_models(checkpoint, coding_checkpoint, device, runtime="torch"):
     """(autoencoder, coding model or None), each checked to be the kind its flag asks for, ready to score.
     runtime 'onnx' or 'openvino': the autoencoder is an exported graph (export.py) run on the CPU."""

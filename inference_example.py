@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 import metrics
 import thresholds
-from detector import RUNTIMES, SCORES, Detector, ResultWriter
+from detector import SCORES, Detector, ResultWriter, add_device_flags, check_device_flags
 from utils import ArgumentParser, UserError, gather, number, run_cli, setup_distributed
 
 
@@ -48,14 +48,8 @@ def parse_args(argv=None):
     add("--heatmaps", default=None, metavar="DIR", help="write one PNG per image: input, reconstruction, error map")
     add("--batch-size", type=number(int, 1), default=None, help="images per forward pass (default: 32 on CPU, 256 on CUDA)")
     add("--workers", type=number(int, 0), default=None, help="decoding processes per rank (default: min(4, CPU count))")
-    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available (cpu for onnx)")
-    add("--runtime", choices=RUNTIMES, default="torch", help="onnx / openvino: --checkpoint is export.py's .onnx file, "
-        "run by ONNX Runtime / OpenVINO on the CPU")
-    args = p.parse_args(argv)
-    if args.runtime != "torch" and args.device == "cuda":
-        p.error(f"--runtime {args.runtime} runs on the CPU: use --device cpu, or --runtime torch on the GPU")
-    args.device = "cpu" if args.runtime != "torch" else args.device
-    return args
+    add_device_flags(add)
+    return check_device_flags(p, p.parse_args(argv))
 
 
 def result_line(row, score_name):
