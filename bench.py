@@ -25,7 +25,6 @@ from data import preprocess, read_image, to_uint8
 from detector import score_files
 from fakes import png_bits
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, squared_error, summarize
-from scripts.card_recipe import card_recipe
 from train import PRESETS
 from utils import ArgumentParser, number, peak_memory_gb, pick_device, run_cli, write_json
 
@@ -133,6 +132,8 @@ def bench_folder(config, device, args, folder):
             data_path[f"{fmt}_reduced_input_change_grey_levels"] = moved  # mean |difference| of the model's input
     u8 = to_uint8(preprocess(read_image(paths[0], min_size=size), size)).repeat(32, 1, 1, 1)  # [32, 3, S, S]
     data_path["png_coding_images_per_s"] = rate(32, lambda: png_bits(u8), device, 3, 1)
+    from scripts.card_recipe import card_recipe  # here: its torchvision import costs every start 2 s
+
     model = ResidualAutoencoder(config).to(device).eval()  # one timed pass each: the card's recipe, then score_files
     bs = min(args.batch_size, 32)
     [*card_recipe(model, paths[:bs], bs, device)]  # warm-up, untimed

@@ -27,7 +27,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import plots
 from data import batches, dead_leaves, load_cifar10, load_image_folder, split_indices
 from coding import CodingConfig, CodingModel
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model, model_from_weights
@@ -342,6 +341,8 @@ def train(cfg, resume=False, overwrite=False, typed=()):
     fingerprints = gather(weights_fingerprint(model))  # one per rank: equal if DDP kept them in step
     if rank == 0:
         best.save_pretrained(out_dir / "release")
+        import plots  # here: matplotlib costs every start (--help, a bad flag) a second otherwise
+
         plots.loss_curve(history, out_dir / "loss_curve.png")
         top = min(history, key=lambda h: h["val_loss"])
         write_json(out_dir / "results.json", dict(
