@@ -20,13 +20,10 @@ and its reconstruction r, with D = 3 * S * S values (docs/method.md derives them
               (thresholds.combined_pvalue). Lower = more fake.
 """
 
-import csv
-import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +36,7 @@ from coding import CodingModel, tiles_of
 from data import ImageReadError, box_reduce, iter_image_files, pil_to_rgb, preprocess, read_image, to_uint8
 from fakes import png_bits
 from model import ResidualAutoencoder, load_model, squared_error
-from utils import UserError, autocast, gather, pick_device, precision_name, weights_fingerprint
+from utils import UserError, autocast, pick_device, precision_name, weights_fingerprint
 
 AE_SCORES = ("mse", "local", "complexity")  # the autoencoder's
 BASE_SCORES = AE_SCORES + ("coding",)
@@ -339,63 +336,3 @@ class Detector:
         paths = [i for i in inputs if isinstance(i, (str, os.PathLike))]
         images = [i for i in inputs if not isinstance(i, (str, os.PathLike))]
         return (list(self.score_paths(paths)) if paths else []) + (self.score_tensors(images) if images else [])
-
-
-# ---- result files
-def csv_cell(value):
-    """None -> empty; text that starts like a formula gets a leading ' so spreadsheets show it as text (OWASP)."""
-    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
-        return "'" + value
-    return "" if value is None else value
-
-
-class ResultWriter:
-    """Streams result rows to .csv, .json (a list) or .jsonl, flushing each one: memory stays flat. The rows go
-    to `path`.partial, renamed to `path` when the run completes: `path` is whole or absent, and an interrupted
-    run leaves every row so far in the .partial file. Under torchrun each rank writes a JSON Lines part and
-    rank 0 merges them into `path` on a complete close (a collective call)."""
-
-    COLUMNS = ["path", "score_name", "score", "p_value", "verdict", "threshold", "error", *BASE_SCORES]
-
-    def __init__(self, path, rank=0, world=1):
-        if Path(path).suffix.lower() not in (".csv", ".json", ".jsonl"):
-            raise UserError(f"--output {path}: the extension must be one of .csv, .json, .jsonl")
-        self.path, self.rank, self.world, self.n = str(path), rank, world, 0
-        self.partial, self.fmt = ((f"{path}.rank{rank}.part", ".jsonl") if world > 1 else
-                                  (f"{path}.partial", Path(path).suffix.lower()))
-        Path(self.partial).parent.mkdir(parents=True, exist_ok=True)
-        # backslashreplace only touches file names that are not valid UTF-8 (surrogate escapes)
-        self.f = open(self.partial, "w", encoding="utf-8", errors="backslashreplace", newline="")
-        if self.fmt == ".csv":
-            self.csv = csv.DictWriter(self.f, fieldnames=self.COLUMNS)
-            self.csv.writeheader()
-        elif self.fmt == ".json":
-            self.f.write("[")
-
-    def write(self, row):
-        if self.fmt == ".csv":
-            self.csv.writerow({k: csv_cell(v) for k, v in row.items()})
-        else:
-            line = json.dumps(row, ensure_ascii=False)
-            self.f.write(("," if self.n else "") + "\n  " + line if self.fmt == ".json" else line + "\n")
-        self.n += 1
-        self.f.flush()
-
-    def close(self, complete=True):
-        """complete=False (an interrupted or failed run): the rows so far stay in the .partial file(s), valid."""
-        if self.fmt == ".json":
-            self.f.write("\n]\n" if self.n else "]\n")
-        self.f.close()
-        if complete and self.world == 1:
-            os.replace(self.partial, self.path)
-        elif complete:
-            gather(None)  # a barrier: every part is complete
-            if self.rank == 0:
-                merged = ResultWriter(self.path)
-                for rank in range(self.world):
-                    with open(f"{self.path}.rank{rank}.part", encoding="utf-8") as part:
-                        for line in part:
-                            merged.write(json.loads(line))
-                    os.remove(part.name)
-                merged.close()
-            gather(None)  # no rank exits before the merged file exists

@@ -220,11 +220,10 @@ def no_space(*args, **kwargs):
 
 
 def test_a_full_disk_during_inference_is_one_line(ckpt, tmp_path, monkeypatch, capsys):
-    import detector
     import inference_example
 
     image(tmp_path / "a.png")
-    monkeypatch.setattr(detector.ResultWriter, "write", no_space)
+    monkeypatch.setattr(inference_example.ResultWriter, "write", no_space)
     status = inference_example.main([str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "--threshold", "0.5",
                                      "--output", str(tmp_path / "r.csv"), "--workers", "0"])
     err = capsys.readouterr().err.strip().splitlines()
