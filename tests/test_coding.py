@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import inference_example
 import metrics
 from coding import (MAX_TILES_PER_SIDE, CodingConfig, CodingModel, logistic_entropy_bits, logistic_log_prob, tile_origins,
                     tiles_of)
@@ -158,7 +159,7 @@ def test_coding_verdicts_need_a_coding_calibration(coding_run, tiny_model, tmp_p
     assert scores_only.threshold is None and scores_only.score([dead_leaves(1, 64, seed=3)[0]])[0]["coding"]
 
 
-def test_calibrate_and_infer_with_the_coding_score(coding_run, tiny_model, tmp_path):
+def test_calibrate_and_infer_with_the_coding_score(coding_run, tiny_model, tmp_path, capsys):
     root, coding_ckpt, _ = coding_run
     ae = tmp_path / "ae.ckpt"
     torch.save({"model": tiny_model.state_dict(), "config": tiny_model.config.__dict__}, ae)
@@ -183,16 +184,19 @@ def test_calibrate_and_infer_with_the_coding_score(coding_run, tiny_model, tmp_p
     noise.mkdir()
     for i in range(25):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(noise / f"n{i}.png")
+
+    def infer(folder, *flags):  # in this process: calibrate.py above went through the real command line
+        status = inference_example.main([str(folder), "--checkpoint", str(ae), "--device", "cpu", "--workers", "0",
+                                         *map(str, flags)])
+        return status, capsys.readouterr()
+
     for score in ("coding", "combined"):
-        proc = run_script("inference_example.py", noise, "--checkpoint", ae, "--coding-model", coding_ckpt,
-                          "--thresholds", out, "--score", score, "--device", "cpu", "--workers", "0")
-        assert proc.stdout.count("\tFAKE") == 25
-        assert proc.stderr.count("do not look like the calibration images") == 1  # the domain check, once
-    proc = run_script("inference_example.py", real, "--checkpoint", ae, "--coding-model", coding_ckpt,
-                      "--thresholds", out, "--score", "coding", "--device", "cpu", "--workers", "0")
-    assert "do not look like" not in proc.stderr and proc.stdout.count("\tREAL") > 200  # like its calibration set
-    proc = run_script("inference_example.py", real, "--checkpoint", ae, "--thresholds", out, "--score", "combined",
-                      "--device", "cpu", check=False)
-    assert proc.returncode == 2 and "needs the coding model (--coding-model" in proc.stderr
-    proc = run_script("inference_example.py", real, "--checkpoint", coding_ckpt, "--device", "cpu", check=False)
-    assert proc.returncode == 2 and "holds a coding model" in proc.stderr
+        status, got = infer(noise, "--coding-model", coding_ckpt, "--thresholds", out, "--score", score)
+        assert status == 0 and got.out.count("\tFAKE") == 25
+        assert got.err.count("do not look like the calibration images") == 1  # the domain check, once
+    status, got = infer(real, "--coding-model", coding_ckpt, "--thresholds", out, "--score", "coding")
+    assert "do not look like" not in got.err and got.out.count("\tREAL") > 200  # like its calibration set
+    status, got = infer(real, "--thresholds", out, "--score", "combined")
+    assert status == 2 and "needs the coding model (--coding-model" in got.err
+    status = inference_example.main([str(real), "--checkpoint", str(coding_ckpt), "--device", "cpu"])
+    assert status == 2 and "holds a coding model" in capsys.readouterr().err
