@@ -123,11 +123,13 @@ def _walk(top, report):
     seen, stack = set(), [top]
     while stack:
         d = stack.pop()
-        if (real := os.path.realpath(d)) in seen:
-            report(d, "directory symlink loop (already visited), skipped")
-            continue
-        seen.add(real)
         try:
+            # a directory is known by (device, inode): one stat, where realpath costs one per level of the path
+            st = os.stat(d)
+            if (st.st_dev, st.st_ino) in seen:
+                report(d, "directory symlink loop (already visited), skipped")
+                continue
+            seen.add((st.st_dev, st.st_ino))
             with os.scandir(d) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
         except OSError as e:
