@@ -9,10 +9,14 @@ images flagged at the balanced level (they are held out from calibration: a fals
 Scores decided by a p-value (coding, combined) are ranked by it (1 - p); mse by its value. With
 --fake-jpeg-quality Q, each set is scored a second time with its fakes re-saved as JPEG at quality Q: real photos
 carry JPEG traces and generators' PNG outputs do not, and a score must not merely detect that.
+
+With --leave-one-photo-out, the p-value scores are also ranked against the set's own real images, leaving out those
+of the image's source photo (pairs.csv): calibration on images like these, which tells a score that cannot see
+the fakes from one that sees them but was calibrated on other photos.
 """
 
+import csv
 import io
-
 import sys
 from pathlib import Path
 
@@ -37,6 +41,8 @@ def parse_args(argv=None):
     add("--scores", default="mse,coding,combined", help="comma-separated scores to report")
     add("--fake-jpeg-quality", type=number(int, 1, 95), default=None,
         help="also score every set with its fakes re-saved as JPEG at this quality")
+    add("--leave-one-photo-out", action="store_true", help="also calibrate the p-value scores on the set's real "
+        "images of its other source photos (needs SET/pairs.csv)")
     add("--bootstrap", type=number(int, 1), default=1000, help="resamples for the AUROC intervals")
     add("--output", default=None, help="also write every figure to this JSON file")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
@@ -68,6 +74,21 @@ def set_scores(det, folder, fake_quality=None):
     return rows
 
 
+def leave_one_photo_out(cal, rows, folder, score):
+    """{"real": p, "fake": p}: each image's p-value against the real images of the set's other source photos."""
+    with open(Path(folder) / "pairs.csv", newline="") as f:
+        photo_of = {row["stem"]: row["source_photo"] for row in csv.DictReader(f)}
+    photos = {part: np.array([photo_of[Path(r["path"]).stem] for r in got]) for part, got in rows.items()}
+    values = {part: {k: np.array([r[k] for r in got]) for k in cal} for part, got in rows.items()}
+    p = {part: np.empty(len(got)) for part, got in rows.items()}
+    for photo in np.unique(photos["real"]):
+        others = {k: np.sort(v[photos["real"] != photo]) for k, v in values["real"].items()}
+        for part in rows:
+            mine = photos[part] == photo
+            p[part][mine] = thresholds.score_pvalues(others, {k: v[mine] for k, v in values[part].items()}, score)
+    return p
+
+
 def evaluate(args):
     cfg = thresholds.read(args.thresholds)
     cal, names = thresholds.calibration(cfg), [s.strip() for s in args.scores.split(",") if s.strip()]
@@ -96,6 +117,10 @@ def evaluate(args):
             ci = metrics.bootstrap_ci(metrics.auroc, ranked["real"], ranked["fake"], n_boot=args.bootstrap)
             row[s] = {"auroc": metrics.auroc(ranked["real"], ranked["fake"]), "auroc_ci95": list(ci),
                       "real_flagged": float(flagged["real"].mean()), "fake_flagged": float(flagged["fake"].mean())}
+            if args.leave_one_photo_out and quality is None and s in thresholds.P_VALUE_SCORES:
+                p = leave_one_photo_out(cal, rows, folder, s)
+                row[s].update(auroc_leave_one_photo_out=metrics.auroc(1 - p["real"], 1 - p["fake"]),
+                              real_flagged_leave_one_photo_out=float((p["real"] <= levels[s]).mean()))
     return results, names
 
 
@@ -108,6 +133,15 @@ def print_table(results, names):
                             for s in names)
         flagged = " | ".join(f"{row[s]['real_flagged']:.0%}" for s in names)
         print(f"| {name} | {row['n_fake']} | {aurocs} | {flagged} |")
+    loo = [s for s in names if any("auroc_leave_one_photo_out" in row[s] for row in results.values())]
+    if loo:
+        print("\nCalibrated on the real images of the set's other source photos (--leave-one-photo-out):")
+        print(f"| set | {' | '.join(f'{s} AUROC | real flagged ({s}, {LEVEL})' for s in loo)} |")
+        print("|---" * (1 + 2 * len(loo)) + "|")
+        for name, row in results.items():
+            if "auroc_leave_one_photo_out" in row[loo[0]]:
+                print(f"| {name} | " + " | ".join(f"{row[s]['auroc_leave_one_photo_out']:.3f} | "
+                                                f"{row[s]['real_flagged_leave_one_photo_out']:.0%}" for s in loo) + " |")
 
 
 def main(argv=None):

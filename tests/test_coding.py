@@ -200,3 +200,53 @@ def test_calibrate_and_infer_with_the_coding_score(coding_run, tiny_model, tmp_p
     assert status == 2 and "needs the coding model (--coding-model" in got.err
     status = inference_example.main([str(real), "--checkpoint", str(coding_ckpt), "--device", "cpu"])
     assert status == 2 and "holds a coding model" in capsys.readouterr().err
+
+
+# ---- evaluate.py on a matched set: SET/real, SET/fake and SET/pairs.csv
+def write_set(folder, real, fake, per_photo):
+    """Images [N, 3, S, S] as SET/real and SET/fake PNGs under the same stems, per_photo crops per source photo."""
+    for part, images in (("real", real), ("fake", fake)):
+        (folder / part).mkdir(parents=True)
+        for i, image in enumerate(images):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / part / f"photo{i // per_photo}_c{i % per_photo}.png")
+    stems = [f"photo{i // per_photo}_c{i % per_photo}" for i in range(len(real))]
+    (folder / "pairs.csv").write_text("stem,source_photo\n" + "".join(f"{s},{s.split('_c')[0]}.jpg\n" for s in stems))
+
+
+def test_leave_one_photo_out_calibrates_on_the_other_photos_only(tmp_path):
+    import evaluate
+
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "pairs.csv").write_text("stem,source_photo\n" + "".join(
+        f"{p}_c{k},{p}.jpg\n" for p in ("a", "b") for k in range(20)))
+    rows = {part: [{"path": f"set/{part}/{p}_c{k}.png", "coding": value} for p, value in (("a", 0.0), ("b", 10.0))
+                   for k in range(20)] for part in ("real", "fake")}
+    p = evaluate.leave_one_photo_out({"coding": None}, rows, tmp_path / "set", "coding")
+    # each image is judged against the 20 crops of the other photo only: all of them lie on one side of it
+    assert np.allclose(p["real"], 2 / 21) and np.allclose(p["fake"], 2 / 21)
+
+
+def test_evaluate_cli_on_a_matched_set(coding_run, tiny_model, tmp_path):
+    import calibrate
+
+    ae = save_checkpoint(tiny_model, tmp_path / "ae.ckpt")
+    real = dead_leaves(40, 64, seed=31)
+    noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (40, 3, 64, 64), dtype=np.uint8))
+    write_set(tmp_path / "sr_noise", real, noise, per_photo=8)
+    cal_dir = tmp_path / "cal"
+    cal_dir.mkdir()
+    for i, image in enumerate(dead_leaves(130, 64, seed=32)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(cal_dir / f"c{i:03d}.png")
+    out = tmp_path / "thr.json"
+    assert calibrate.main(["--checkpoint", str(ae), "--coding-model", str(coding_run[1]), "--real-dir", str(cal_dir),
+                           "--num-noise", "50", "--hard-fakes", "none", "--num-benign", "0", "--bootstrap", "0",
+                           "--holdout-fraction", "0.2", "--output", str(out), "--no-progress", "--workers", "0",
+                           "--device", "cpu"]) is None
+    proc = run_script("evaluate.py", tmp_path / "sr_noise", "--checkpoint", ae, "--coding-model", coding_run[1],
+                      "--thresholds", out, "--leave-one-photo-out", "--bootstrap", "50", "--output", tmp_path / "e.json",
+                      "--device", "cpu")
+    row = json.loads((tmp_path / "e.json").read_text())["sets"]["sr_noise"]
+    assert row["n_real"] == row["n_fake"] == 40 and set(row) >= {"mse", "coding", "combined"}
+    assert row["coding"]["auroc"] > 0.9 and row["coding"]["auroc_leave_one_photo_out"] > 0.9  # noise costs far more
+    assert 0 <= row["coding"]["real_flagged_leave_one_photo_out"] <= 1 and "auroc_leave_one_photo_out" not in row["mse"]
+    assert "| sr_noise | 40 |" in proc.stdout and "--leave-one-photo-out" in proc.stdout
