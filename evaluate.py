@@ -25,6 +25,7 @@ from PIL import Image
 
 import metrics
 import thresholds
+from data import iter_image_files
 from detector import Detector
 from utils import ArgumentParser, UserError, number, run_cli, write_json
 
@@ -74,10 +75,22 @@ def set_scores(det, folder, fake_quality=None):
     return rows
 
 
-def leave_one_photo_out(cal, rows, folder, score):
+def read_pairs(folder):
+    """stem -> source photo, from SET/pairs.csv, checked before any scoring to name every image in the set."""
+    path = Path(folder) / "pairs.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            photo_of = {row["stem"]: row["source_photo"] for row in csv.DictReader(f)}
+    except (OSError, UnicodeDecodeError, KeyError, csv.Error) as e:
+        raise UserError(f"--leave-one-photo-out needs {path} with stem and source_photo columns ({e})") from None
+    stems = {Path(p).stem for part in ("real", "fake") for p in iter_image_files(str(Path(folder) / part))}
+    if missing := sorted(stems - photo_of.keys()):
+        raise UserError(f"{path} names no source photo for {missing[0]} ({len(missing)} image(s) in all)")
+    return photo_of
+
+
+def leave_one_photo_out(cal, rows, photo_of, score):
     """{"real": p, "fake": p}: each image's p-value against the real images of the set's other source photos."""
-    with open(Path(folder) / "pairs.csv", newline="") as f:
-        photo_of = {row["stem"]: row["source_photo"] for row in csv.DictReader(f)}
     photos = {part: np.array([photo_of[Path(r["path"]).stem] for r in got]) for part, got in rows.items()}
     values = {part: {k: np.array([r[k] for r in got]) for k in cal} for part, got in rows.items()}
     p = {part: np.empty(len(got)) for part, got in rows.items()}
@@ -94,6 +107,7 @@ def evaluate(args):
     cal, names = thresholds.calibration(cfg), [s.strip() for s in args.scores.split(",") if s.strip()]
     if not args.coding_model:
         names = [s for s in names if s != "coding"]
+    pairs = {folder: read_pairs(folder) for folder in args.sets} if args.leave_one_photo_out else {}
     det = Detector(args.checkpoint, args.thresholds, device=args.device, score="combined", coding_model=args.coding_model)
     for w in det.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -118,7 +132,7 @@ def evaluate(args):
             row[s] = {"auroc": metrics.auroc(ranked["real"], ranked["fake"]), "auroc_ci95": list(ci),
                       "real_flagged": float(flagged["real"].mean()), "fake_flagged": float(flagged["fake"].mean())}
             if args.leave_one_photo_out and quality is None and s in thresholds.P_VALUE_SCORES:
-                p = leave_one_photo_out(cal, rows, folder, s)
+                p = leave_one_photo_out(cal, rows, pairs[folder], s)
                 row[s].update(auroc_leave_one_photo_out=metrics.auroc(1 - p["real"], 1 - p["fake"]),
                               real_flagged_leave_one_photo_out=float((p["real"] <= levels[s]).mean()))
     return results, names

@@ -17,7 +17,7 @@ from detector import Detector, image_tiles
 from fakes import benign_versions
 from model import load_model
 from tests.conftest import run_script, save_checkpoint
-from utils import UserError
+from utils import UserError, run_cli
 
 
 def exact_entropy_bits(mean, scale):
@@ -221,7 +221,7 @@ def test_leave_one_photo_out_calibrates_on_the_other_photos_only(tmp_path):
         f"{p}_c{k},{p}.jpg\n" for p in ("a", "b") for k in range(20)))
     rows = {part: [{"path": f"set/{part}/{p}_c{k}.png", "coding": value} for p, value in (("a", 0.0), ("b", 10.0))
                    for k in range(20)] for part in ("real", "fake")}
-    p = evaluate.leave_one_photo_out({"coding": None}, rows, tmp_path / "set", "coding")
+    p = evaluate.leave_one_photo_out({"coding": None}, rows, evaluate.read_pairs(tmp_path / "set"), "coding")
     # each image is judged against the 20 crops of the other photo only: all of them lie on one side of it
     assert np.allclose(p["real"], 2 / 21) and np.allclose(p["fake"], 2 / 21)
 
@@ -250,3 +250,19 @@ def test_evaluate_cli_on_a_matched_set(coding_run, tiny_model, tmp_path):
     assert row["coding"]["auroc"] > 0.9 and row["coding"]["auroc_leave_one_photo_out"] > 0.9  # noise costs far more
     assert 0 <= row["coding"]["real_flagged_leave_one_photo_out"] <= 1 and "auroc_leave_one_photo_out" not in row["mse"]
     assert "| sr_noise | 40 |" in proc.stdout and "--leave-one-photo-out" in proc.stdout
+
+
+def test_leave_one_photo_out_without_pairs_is_one_line_before_any_scoring(tmp_path, capsys):
+    import evaluate
+
+    write_set(tmp_path / "set", dead_leaves(4, 32, seed=1), dead_leaves(4, 32, seed=2), per_photo=2)
+    (tmp_path / "set" / "pairs.csv").write_text("stem,source_photo\nphoto0_c0,photo0.jpg\n")
+    argv = [str(tmp_path / "set"), "--checkpoint", "missing.ckpt", "--thresholds", "thresholds_calibrated.json",
+            "--leave-one-photo-out"]
+    for case in ("three stems missing", "no pairs.csv"):
+        if case == "no pairs.csv":
+            (tmp_path / "set" / "pairs.csv").unlink()
+        with pytest.raises(SystemExit) as stop:
+            run_cli(evaluate.main, argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(err) == 1 and "pairs.csv" in err[0], (case, err)  # before the checkpoint
