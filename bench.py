@@ -12,6 +12,7 @@ coding); folder inference (a mixed JPEG / PNG / WebP folder) against the card's 
 megapixel it scores, and its share of inference time). Medians over --repeats, after warm-up runs."""
 
 from dataclasses import asdict, fields
+import os
 import platform
 import statistics
 import tempfile
@@ -85,14 +86,15 @@ def bench_variant(config, device, variant, args, gflops):
     return row  # the model goes out of scope here; the caller empties the CUDA cache
 
 
-def bench_exported(config, device, args, gflops, runtime):
+def bench_exported(config, device, args, gflops, runtime, folder):
     """Inference images/s of export.py's graph (preprocessing, model and scores) run on the CPU by ONNX Runtime
-    ('onnx') or OpenVINO ('openvino'), as --runtime runs it."""
+    ('onnx') or OpenVINO ('openvino'), as --runtime runs it. The graph is exported into `folder` once for both."""
     from export import export_graph, onnxruntime_session, openvino_session
 
-    with tempfile.TemporaryDirectory() as tmp:
-        export_graph(ResidualAutoencoder(config).eval(), f"{tmp}/model.onnx", opset=18)
-        run = (onnxruntime_session if runtime == "onnx" else openvino_session)(f"{tmp}/model.onnx")[1]
+    path = f"{folder}/model.onnx"
+    if not os.path.exists(path):
+        export_graph(ResidualAutoencoder(config).eval(), path, opset=18)
+    run = (onnxruntime_session if runtime == "onnx" else openvino_session)(path)[1]
     size = config.image_size
     x = torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8).numpy()  # what the runtime is fed
     images_per_s = rate(args.batch_size, lambda: run(x), device, args.repeats, args.warmup)
@@ -218,14 +220,16 @@ def main(argv=None):
     variants = [v.strip() for v in args.variants.split(",")]
     # no fast bf16 on our CPUs; the exported graph's runtimes are CPU runtimes here
     skip = ("bf16",) if device.type == "cpu" else ("onnx", "openvino")
-    for variant in [v for v in variants if v not in skip]:
-        try:
-            result["variants"].append(bench_exported(config, device, args, gflops, variant) if variant in ("onnx", "openvino")
-                                      else bench_variant(config, device, variant, args, gflops))
-        except Exception as e:  # a variant that cannot run here (e.g. compile without a compiler) is reported, not fatal
-            result["variants"].append({"variant": variant, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
-        torch.cuda.empty_cache()  # the variant's model is gone; a no-op without CUDA
-        peaks.append(matmul_tflops(device, args))
+    with tempfile.TemporaryDirectory() as export_folder:
+        for variant in [v for v in variants if v not in skip]:
+            try:
+                exported = variant in ("onnx", "openvino")
+                result["variants"].append(bench_exported(config, device, args, gflops, variant, export_folder) if exported
+                                          else bench_variant(config, device, variant, args, gflops))
+            except Exception as e:  # a variant that cannot run here (e.g. compile without a compiler) is reported, not fatal
+                result["variants"].append({"variant": variant, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+            torch.cuda.empty_cache()  # the variant's model is gone; a no-op without CUDA
+            peaks.append(matmul_tflops(device, args))
     result["peak_tflops"] = max(peaks)  # the best of the readings: utilisation never rests on a slow one
     ok = [r for r in result["variants"] if "error" not in r]
     for row in ok:
