@@ -135,9 +135,14 @@ def _walk(top, report):
         except OSError as e:
             report(d, f"cannot list directory: {e.strerror or e}")
             continue
-        dirs = [e for e in entries if e.is_dir()]  # follows symlinks
-        yield from (e.path for e in entries if not e.is_dir() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS)
-        stack.extend(e.path for e in reversed(dirs))  # popped in name order
+        dirs, files = [], []
+        for e in entries:
+            try:
+                (dirs if e.is_dir() else files).append(e.path)  # is_dir follows symlinks
+            except OSError as err:  # a symlink that leads back to itself (ELOOP) cannot be followed at all
+                report(e.path, f"cannot follow: {err.strerror or err}")
+        yield from (f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+        stack.extend(reversed(dirs))  # popped in name order
 
 
 # ---- data sets, each returned as one uint8 tensor [N, 3, H, W]

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -268,6 +269,17 @@ def test_a_folder_1100_levels_deep_is_listed(tmp_path):
         while deep != str(tmp_path):
             os.rmdir(deep)
             deep = os.path.dirname(deep)
+
+
+def test_a_symlink_loop_in_a_folder_is_a_row_and_the_rest_is_scored(ckpt, tmp_path):
+    image(tmp_path / "a.png")
+    os.symlink("loop", tmp_path / "loop")  # points at itself: following it fails with ELOOP
+    proc = run_script("inference_example.py", tmp_path, "--checkpoint", ckpt, "--threshold", "0.5", "--workers", "1",
+                      "--output", tmp_path.parent / f"{tmp_path.name}.csv", check=False, env=ONE_THREAD)
+    assert proc.returncode == 1, proc.stderr  # some input unreadable: every other image still gets its verdict
+    with open(tmp_path.parent / f"{tmp_path.name}.csv", newline="", encoding="utf-8") as f:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+    assert rows["a.png"]["verdict"] in ("REAL", "FAKE") and "Too many levels" in rows["loop"]["error"]
 
 
 def test_weights_that_give_nan_are_an_error_row_never_a_verdict(tmp_path, capsys):
