@@ -104,7 +104,9 @@ def validate(cfg, path):
     for score, values in obj(calibration.get("scores", {}), "calibration_scores.scores").items():
         if not (isinstance(values, list) and all(number(v) for v in values)) or values != sorted(values):
             raise UserError(f"{path}: calibration_scores.scores.{score} must be a sorted list of finite numbers")
-    obj(cfg.get("binding", {}), "binding")
+    for key, value in obj(cfg.get("binding", {}), "binding").items():
+        if key in ("weights_fingerprint", "precision", "coding_fingerprint") and not isinstance(value, str | None):
+            raise UserError(f"{path}: binding.{key} must be a string, got {value!r}")
     return cfg
 
 
@@ -132,6 +134,8 @@ def threshold(cfg, score, choice):
         value, label = float(names[choice]["value"]), f"{choice} = {names[choice]['value']:.6g}"
     if not math.isfinite(value) or combined and not 0 < value < 1:  # nan would call everything REAL
         raise UserError(f"threshold must be a finite number{' in (0, 1)' if combined else ''}, got {choice!r}")
+    if score == "mse" and value < 0:  # an error is never negative: everything would be FAKE
+        raise UserError(f"an mse threshold cannot be negative, got {choice!r}")
     return value, f"p <= {value:g}" if combined else label
 
 
@@ -162,15 +166,16 @@ def binding_warnings(cfg, fingerprint, precision, coding_fingerprint=None):
     """Why this file's thresholds may not apply to the loaded weights (empty when they do)."""
     bound, calibrated_in, coding_bound = (cfg.get("binding", {}).get(key)
                                           for key in ("weights_fingerprint", "precision", "coding_fingerprint"))
-    if coding_bound and coding_fingerprint and coding_bound != coding_fingerprint:
-        return [f"the thresholds file was calibrated with another coding model (fingerprint {coding_bound[:12]}..., "
-                f"this one is {coding_fingerprint[:12]}...): its coding p-values do not apply; run calibrate.py"]
-    if calibrated_in and calibrated_in != precision:
-        return [f"the thresholds were calibrated in {calibrated_in}, this run scores in {precision}: "
-                f"scores shift slightly; calibrate on this device for exact thresholds"]
+    warnings = []  # each reason: a milder one (precision) must not hide a graver one (other weights)
     if bound != fingerprint:  # bound is None in a file that records no fingerprint
-        return ["the thresholds file records no checkpoint fingerprint (e.g. the card's published values): "
-                "its thresholds were not calibrated for these weights; run calibrate.py" if bound is None else
-                f"the thresholds file was calibrated for other weights (fingerprint {str(bound)[:12]}..., these "
-                f"are {fingerprint[:12]}...): its thresholds and p-values do not apply; run calibrate.py"]
-    return []
+        warnings.append("the thresholds file records no checkpoint fingerprint (e.g. the card's published values): "
+                        "its thresholds were not calibrated for these weights; run calibrate.py" if bound is None else
+                        f"the thresholds file was calibrated for other weights (fingerprint {bound[:12]}..., these "
+                        f"are {fingerprint[:12]}...): its thresholds and p-values do not apply; run calibrate.py")
+    if coding_bound and coding_fingerprint and coding_bound != coding_fingerprint:
+        warnings.append(f"the thresholds file was calibrated with another coding model (fingerprint {coding_bound[:12]}"
+                        f"..., this one is {coding_fingerprint[:12]}...): its coding p-values do not apply; run calibrate.py")
+    if calibrated_in and calibrated_in != precision:
+        warnings.append(f"the thresholds were calibrated in {calibrated_in}, this run scores in {precision}: "
+                        f"scores shift slightly; calibrate on this device for exact thresholds")
+    return warnings

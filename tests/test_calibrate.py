@@ -160,6 +160,10 @@ def test_thresholds_from_another_precision_warn(tiny_ckpt, real_dir, tmp_path):
     (out / "bf16.json").write_text(json.dumps(cfg))
     warnings = Detector(tiny_ckpt, thresholds=out / "bf16.json", device="cpu").warnings
     assert len(warnings) == 1 and "calibrated in bf16" in warnings[0]
+    cfg["binding"]["weights_fingerprint"] = "0" * 64  # and other weights: the graver reason is never hidden
+    (out / "other.json").write_text(json.dumps(cfg))
+    warnings = Detector(tiny_ckpt, thresholds=out / "other.json", device="cpu").warnings
+    assert len(warnings) == 2 and "other weights" in warnings[0] and "calibrated in bf16" in warnings[1]
 
 
 def test_default_output_for_a_hub_id_never_touches_the_card_file():

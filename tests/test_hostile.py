@@ -116,6 +116,23 @@ def test_bad_thresholds_values_are_one_line(ckpt, tmp_path, content, fragment):
     assert proc.returncode == 2 and fragment in one_error_line(proc)
 
 
+def test_a_binding_that_is_not_a_string_is_one_line(ckpt, tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"reconstruction_thresholds": {"thresholds": {"balanced": {"value": 0.1}}},
+                                "binding": {"coding_fingerprint": 5}}))
+    image(tmp_path / "a.png")
+    proc = run_script("inference_example.py", tmp_path / "a.png", "--checkpoint", ckpt, "--thresholds", path,
+                      check=False, env=ONE_THREAD)
+    assert proc.returncode == 2 and "binding.coding_fingerprint must be a string" in one_error_line(proc)
+
+
+def test_a_negative_mse_threshold_is_one_line(ckpt, tmp_path):
+    image(tmp_path / "a.png")
+    proc = run_script("inference_example.py", tmp_path / "a.png", "--checkpoint", ckpt, "--threshold", "-5",
+                      check=False, env=ONE_THREAD)
+    assert proc.returncode == 2 and "cannot be negative" in one_error_line(proc)  # it would call everything FAKE
+
+
 def test_thresholds_from_a_device_file_are_refused(ckpt, tmp_path):
     image(tmp_path / "a.png")
     proc = run_script("inference_example.py", tmp_path / "a.png", "--checkpoint", ckpt, "--thresholds", "/dev/zero",
