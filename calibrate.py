@@ -34,8 +34,8 @@ import thresholds
 from data import PREPROCESSING, ImageReadError, load_cifar10, load_image_folder, read_image
 from detector import BASE_SCORES, add_device_flags, check_device_flags, load_models, model_device, score_files, score_images
 from thresholds import FPR_LEVELS, TWO_SIDED
-from utils import (ArgumentParser, UserError, atomic_write, check_writable, number, pick_device, precision_name, run_cli,
-                   weights_fingerprint)
+from utils import (SEED, ArgumentParser, UserError, atomic_write, check_not_an_input, check_writable, csv_cell, number,
+                   pick_device, precision_name, printable, run_cli, weights_fingerprint)
 
 CONVENTION = ("fake = positive class, real = negative; higher score = more fake (for combined, lower p-value); "
               "AUROC / AUPR computed on held-out real images vs each fake set; AUPR-In takes real as positive; "
@@ -57,9 +57,9 @@ def parse_args(argv=None):
     add("--num-hard", type=number(int, 0), default=1000, help="images per built-in hard set")
     add("--num-benign", type=number(int, 0), default=100,
         help="held-out real photos re-saved as JPEG, downscaled and sharpened, to measure false positives; 0 = off")
-    add("--optimal-against", default="noise", help="fake set that the 'optimal' threshold separates")
+    add("--optimal-against", default=None, help="fake set that the 'optimal' threshold separates (default: noise, if made)")
     add("--holdout-fraction", type=number(float, 0, 1), default=0.5, help="real images held out to measure FPR")
-    add("--seed", type=int, default=0, help="seed of the real split and the built-in fakes")
+    add("--seed", type=SEED, default=0, help="seed of the real split and the built-in fakes")
     add("--output", default=None, help="thresholds JSON (default: thresholds_calibrated.json beside the checkpoint)")
     add("--plots-dir", default=None, help="where the three PNGs go (default: the --output folder)")
     add("--scores-out", default=None, help="CSV of every scored image (set, index or path, split, scores)")
@@ -68,7 +68,22 @@ def parse_args(argv=None):
     add_device_flags(add)
     add("--bootstrap", type=number(int, 0), default=200, help="bootstrap resamples for AUROC intervals, 0 = off")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    return check_device_flags(p, p.parse_args(argv))
+    args = check_device_flags(p, p.parse_args(argv))
+    # every set's name is its key in the report and in --scores-out: two sets of one name would merge silently
+    args.hard = [n.strip() for n in args.hard_fakes.split(",") if n.strip() not in ("", "none")]
+    args.fake_dirs, names = [], ["real", *(["noise"] if args.num_noise else []), *args.hard]
+    for spec in args.fake_dir:
+        name, sep, folder = spec.partition("=")
+        name, folder = (name, folder) if sep else (Path(spec.rstrip("/")).name or "fakes", spec)
+        if name in names:
+            p.error(f"--fake-dir {spec}: the set name {name!r} is taken (the real set, a built-in set or another "
+                    f"--fake-dir); name it with NAME=DIR")
+        names.append(name)
+        args.fake_dirs.append((name, folder))
+    if args.optimal_against not in (None, *names[1:]):
+        p.error(f"--optimal-against {args.optimal_against!r} is not one of the fake sets: {', '.join(names[1:])}")
+    args.optimal_against = args.optimal_against or "noise"
+    return args
 
 
 # ---- scoring every set
@@ -129,8 +144,7 @@ def collect(model, coding, args):
         real, real_paths = score_set(model, None, real_u8.to(device), args, "real (CIFAR-10 test)"), None
         real_source = f"CIFAR-10 test set, {real_u8.shape[0]:,} images"
     samples = {"real": real_u8[:4]} if real_u8 is not None else {}  # for reconstruction_comparison.png
-    hard = [n.strip() for n in args.hard_fakes.split(",") if n.strip() not in ("", "none")]
-    for name in (["noise"] if args.num_noise else []) + hard:
+    for name in (["noise"] if args.num_noise else []) + args.hard:
         try:
             images = fakes.make_fake_sets([name], real=real_u8, n=args.num_noise if name == "noise" else args.num_hard,
                                           size=size, seed=args.seed)[name]
@@ -139,9 +153,7 @@ def collect(model, coding, args):
         sets[name] = score_set(model, coding, images.to(device), args, name)
         sources[name] = f"{images.shape[0]:,} images: {fakes.DESCRIPTIONS[name]}"
         samples[name] = images[:1]
-    for spec in args.fake_dir:
-        name, sep, folder = spec.partition("=")
-        name, folder = (name, folder) if sep else (Path(spec.rstrip("/")).name or "fakes", spec)
+    for name, folder in args.fake_dirs:
         sets[name], paths, skipped[name] = score_folder(model, coding, [folder], args, name)
         sources[name] = f"{len(paths):,} images from {folder}"
     if not sets:
@@ -284,8 +296,8 @@ def print_summary(report, output):
 
 def write_scores_csv(path, real, real_paths, result, sets):
     split = np.where(np.isin(np.arange(len(real["mse"])), result["cal_idx"]), "calibration", "heldout")
-    rows = [[name, i, real_paths[i] if name == "real" and real_paths else "", split[i] if name == "real" else "fake",
-             *(repr(float(values[s][i])) for s in real)]
+    rows = [[csv_cell(name), i, csv_cell(real_paths[i]) if name == "real" and real_paths else "",
+             split[i] if name == "real" else "fake", *(repr(float(values[s][i])) for s in real)]
             for name, values in {"real": real, **sets}.items() for i in range(len(values["mse"]))]
     text = io.StringIO()  # csv's own \r\n line ends, written as bytes: no newline translation
     csv.writer(text).writerows([["set", "index", "path", "split", *real], *rows])
@@ -297,13 +309,14 @@ def main(argv=None):
     output = Path(args.output) if args.output else thresholds.beside(args.checkpoint)
     plots_dir = Path(args.plots_dir) if args.plots_dir else output.parent
     for path in [output, plots_dir / "roc_curve.png"] + ([Path(args.scores_out)] if args.scores_out else []):
+        check_not_an_input(path, [args.checkpoint, args.coding_model, *args.real_dir])
         check_writable(path)  # fail before an hour of scoring, not after
     device = pick_device(args.device)
     model, coding = load_models(args.checkpoint, args.coding_model, device, args.runtime)
     real, real_paths, real_source, sets, sources, skipped, samples = collect(model, coding, args)
     for name, items in skipped.items():
         if items:
-            print(f"skipped {len(items)} unreadable {name} file(s), e.g. {items[0]}", file=sys.stderr)
+            print(f"skipped {len(items)} unreadable {printable(name)} file(s), e.g. {printable(items[0])}", file=sys.stderr)
     split = split_real(len(real["mse"]), args.holdout_fraction, args.seed)
     # benign copies of held-out photos only: the calibration part must not see them
     benign = score_benign(model, coding, [real_paths[i] for i in split[1][:args.num_benign]], args) if real_paths else {}

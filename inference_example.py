@@ -30,7 +30,8 @@ import torch.distributed as dist
 import metrics
 import thresholds
 from detector import BASE_SCORES, SCORES, Detector, add_device_flags, check_device_flags
-from utils import ArgumentParser, UserError, gather, number, run_cli, setup_distributed
+from utils import (ArgumentParser, UserError, check_not_an_input, csv_cell, gather, number, printable, run_cli,
+                   setup_distributed)
 
 
 DOMAIN_ALARM = 1e-3  # a KS p-value this small over a folder: its images are not like the calibration images
@@ -55,21 +56,13 @@ def parse_args(argv=None):
 
 
 def result_line(row, score_name):
-    # control characters escaped: a file name must not be able to forge or split a result line
-    path = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in row["path"])
+    path = printable(row["path"])
     if "error" in row:
         return f"{path}\tUNREADABLE: {row['error']}"
     if score_name == "combined":  # the score is itself a p-value
         return f"{path}\tcombined p={row['score']:.6g}\t{row['verdict']}"
     p = f"\tp={row['p_value']:.6g}" if row.get("p_value") is not None else ""
     return f"{path}\t{score_name}={row['score']:.6g}{p}\t{row['verdict']}"
-
-
-def csv_cell(value):
-    """None -> empty; text that starts like a formula gets a leading ' so spreadsheets show it as text (OWASP)."""
-    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
-        return "'" + value
-    return "" if value is None else value
 
 
 class ResultWriter:
@@ -142,6 +135,8 @@ def detect(args, rank, world, device):
                 maps.mkdir(parents=True, exist_ok=True)
             except OSError as e:  # a file of that name, say
                 raise UserError(f"--heatmaps {args.heatmaps}: cannot make the folder ({e.strerror or e})") from None
+        if args.output:  # the results file replaces its path at the end: never the weights, thresholds or an image
+            check_not_an_input(args.output, [args.checkpoint, path, args.coding_model, *args.paths])
         try:
             writer = ResultWriter(args.output, rank, world) if args.output else None
         except OSError as e:

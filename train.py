@@ -31,7 +31,7 @@ from data import batches, dead_leaves, load_cifar10, load_image_folder, split_in
 from coding import CodingConfig, CodingModel
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model, model_from_weights
 from utils import (ArgumentParser, UserError, all_reduce_sum, atomic_write, autocast, gather, load_checkpoint_dict,
-                   lock_folder, number, peak_memory_gb, precision_name, run_cli, setup_distributed, unlock_folder,
+                   lock_folder, number, SEED, peak_memory_gb, precision_name, run_cli, setup_distributed, unlock_folder,
                    weights_fingerprint, write_json)
 
 BEST_NAME = "model_best_checkpoint.ckpt"  # the card's file name
@@ -66,7 +66,7 @@ class TrainConfig:
                                    type=number(int, 0))
     synthetic_images: int = setting(12000, "dead-leaves images for --dataset synthetic", type=number(int, 1))
     synthetic_size: int = setting(32, "their native size, as CIFAR's 32x32", type=number(int, 1))
-    seed: int = setting(0, "weights init, data split and batch order")
+    seed: int = setting(0, "weights init, data split and batch order", type=SEED)
     compile: bool = setting(False, "torch.compile the model")
     image_size: int = setting(128, "model input size")
     channels: tuple = setting(AutoencoderConfig.channels, "channels per stage (coding: per level), comma-separated")
@@ -124,7 +124,27 @@ def parse_args(argv=None):
         raise UserError(f"{', '.join(map(flag, unsafe))}: cannot change with --resume, which continues the saved "
                         f"run as it was; only {', '.join(map(flag, RESUMABLE))} can")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise UserError(f"--out-dir {cfg.out_dir} is a file, not a folder")
     return cfg, args.resume, args.overwrite, set(typed) & set(RESUMABLE)
+
+
+def saved_settings(saved, path):
+    """The TrainConfig a checkpoint saved, each value checked as its flag would be: the file may be edited or old."""
+    try:
+        cfg = TrainConfig(**saved)
+        for f in fields(TrainConfig):
+            value = getattr(cfg, f.name)
+            try:
+                if (check := f.metadata.get("type")) and not isinstance(value, tuple):
+                    check(str(value))
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"{f.name}: {e}") from None
+            if value not in f.metadata.get("choices", [value]):
+                raise ValueError(f"{f.name}: {value!r} is not one of {f.metadata['choices']}")
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: its saved settings are not ones train.py can resume ({e})") from None
+    return cfg
 
 
 def load_datasets(cfg, device):
@@ -234,7 +254,7 @@ def build(cfg, device, resume, overwrite, typed):
         if missing := keys - set(ckpt):
             raise UserError(f"{last}: not a resume checkpoint (missing {sorted(missing)})")
         # out_dir is where the checkpoint is now, even if the run was moved there
-        cfg = replace(TrainConfig(**ckpt["train_config"]), **{k: getattr(cfg, k) for k in {*typed, "out_dir"}})
+        cfg = replace(saved_settings(ckpt["train_config"], last), **{k: getattr(cfg, k) for k in {*typed, "out_dir"}})
     elif last.exists() and not overwrite:
         raise UserError(f"{cfg.out_dir} already holds a run ({LAST_NAME}); pass --resume to continue it, "
                         f"--overwrite to replace it, or another --out-dir")
@@ -253,16 +273,19 @@ def build(cfg, device, resume, overwrite, typed):
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
     if not resume:
         return cfg, model, opt, sched, 1, math.inf, []
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    for group in opt.param_groups:  # lr only if typed: the schedule may have lowered it
-        group.update({k: getattr(cfg, k) for k in ("lr", "weight_decay") if k in typed})
-    sched.factor, sched.patience = cfg.lr_factor, cfg.lr_patience  # never changed by the schedule itself
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if "cuda" in ckpt["rng"] and device.type == "cuda":  # this process's GPU only: the GPU count may differ now
-        state = ckpt["rng"]["cuda"]
-        torch.cuda.set_rng_state(state if torch.is_tensor(state) else state[0], device)
-    return cfg, model, opt, sched, ckpt["epoch"] + 1, ckpt["best_val_loss"], list(ckpt.get("history", []))
+    try:  # states that do not fit this model, optimizer or RNG: an edited file, or another run's
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        for group in opt.param_groups:  # lr only if typed: the schedule may have lowered it
+            group.update({k: getattr(cfg, k) for k in ("lr", "weight_decay") if k in typed})
+        sched.factor, sched.patience = cfg.lr_factor, cfg.lr_patience  # never changed by the schedule itself
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if "cuda" in ckpt["rng"] and device.type == "cuda":  # this process's GPU only: the GPU count may differ now
+            state = ckpt["rng"]["cuda"]
+            torch.cuda.set_rng_state(state if torch.is_tensor(state) else state[0], device)
+        return cfg, model, opt, sched, ckpt["epoch"] + 1, float(ckpt["best_val_loss"]), list(ckpt.get("history", []))
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        raise UserError(f"{last}: cannot resume from it: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def save_checkpoints(out_dir, model, opt, sched, cfg, history, best_val, improved):

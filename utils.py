@@ -59,6 +59,21 @@ def number(kind=int, low=None, high=None):
     return parse
 
 
+SEED = number(int, 0, 2**63 - 1)  # what torch.manual_seed and numpy both take
+
+
+def printable(text):
+    """text with control characters escaped: a file name must not be able to forge or split a printed line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in str(text))
+
+
+def csv_cell(value):
+    """None -> empty; text that starts like a formula gets a leading ' so spreadsheets show it as text (OWASP)."""
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + value
+    return "" if value is None else value
+
+
 def run_cli(main, argv=None):
     """Calls main(argv): a UserError becomes one line on stderr and exit status 2, Ctrl-C exit 130."""
     try:
@@ -89,6 +104,13 @@ def atomic_write(path, write_fn):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_not_an_input(path, reads):
+    """A one-line UserError if the output `path` is one of the files the run reads (its weights, say)."""
+    for read in reads:
+        if read and os.path.isfile(read) and os.path.isfile(path) and os.path.samefile(read, path):
+            raise UserError(f"cannot write {path}: it is {read}, which this run reads; choose another output path")
 
 
 def check_writable(path):

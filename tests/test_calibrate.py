@@ -128,6 +128,25 @@ def test_fake_dir_is_reported_by_name(tiny_ckpt, real_dir, tmp_path):
     assert len([r for r in rows if r["set"] == "sd14"]) == 30
 
 
+def test_hostile_set_and_file_names_neither_inject_nor_forge(tiny_ckpt, real_dir, tmp_path):
+    fakes_dir = tmp_path / "generated"
+    fakes_dir.mkdir()
+    for i in range(5):
+        Image.new("RGB", (40, 40), (i * 8, 100, 200)).save(fakes_dir / f"f{i}.png")
+    (fakes_dir / "zz\nFORGED: all fakes detected\n.png").write_bytes(b"")  # unreadable: named in the skip line
+    _, _, rows, proc = calibrate_folder(tiny_ckpt, real_dir, tmp_path, "--fake-dir", f"@SUM(1+1)={fakes_dir}",
+                                        "--hard-fakes", "none", "--num-noise", "0")
+    assert {r["set"] for r in rows} == {"real", "'@SUM(1+1)"}  # shown as text by a spreadsheet, not computed
+    assert not any(line.startswith("FORGED") for line in proc.stderr.splitlines()), proc.stderr
+
+
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tiny_ckpt, real_dir, tmp_path):
+    before = tiny_ckpt.read_bytes()
+    proc = run_script("calibrate.py", "--checkpoint", tiny_ckpt, "--real-dir", real_dir, "--output", tiny_ckpt,
+                      check=False)
+    assert proc.returncode == 2 and "which this run reads" in proc.stderr and tiny_ckpt.read_bytes() == before
+
+
 @pytest.mark.parametrize("case", ["empty_real", "unwritable", "bad_checkpoint", "too_few_real"])
 def test_bad_input_gives_one_line_and_exit_2(case, tiny_ckpt, tmp_path):
     real = tmp_path / "real"

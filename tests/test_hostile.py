@@ -89,6 +89,11 @@ def test_a_fifo_never_blocks_the_run(ckpt, tmp_path):
     ("inference_example.py", ["x.png", "--checkpoint", "c", "--workers", "-1"], "--workers: -1 is outside"),
     ("calibrate.py", ["--batch-size", "0"], "--batch-size: 0 is outside"),
     ("calibrate.py", ["--holdout-fraction", "2"], "--holdout-fraction: 2 is outside"),
+    ("calibrate.py", ["--seed", "-5"], "--seed: -5 is outside"),
+    ("train.py", ["--seed", str(2**70)], f"--seed: {2**70} is outside"),
+    ("calibrate.py", ["--fake-dir", "real=x"], "the set name 'real' is taken"),
+    ("calibrate.py", ["--fake-dir", "a/x", "--fake-dir", "b/x"], "the set name 'x' is taken"),
+    ("calibrate.py", ["--optimal-against", "bogus"], "'bogus' is not one of the fake sets"),
 ])
 def test_impossible_flags_are_one_line_and_touch_nothing(tmp_path, capsys, script, flags, fragment):
     out = tmp_path / "out"
@@ -131,6 +136,16 @@ def test_a_negative_mse_threshold_is_one_line(ckpt, tmp_path):
     proc = run_script("inference_example.py", tmp_path / "a.png", "--checkpoint", ckpt, "--threshold", "-5",
                       check=False, env=ONE_THREAD)
     assert proc.returncode == 2 and "cannot be negative" in one_error_line(proc)  # it would call everything FAKE
+
+
+def test_results_never_replace_the_thresholds_they_use(ckpt, tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"reconstruction_thresholds": {"thresholds": {"balanced": {"value": 0.1}}}}))
+    before = path.read_bytes()
+    image(tmp_path / "a.png")
+    proc = run_script("inference_example.py", tmp_path / "a.png", "--checkpoint", ckpt, "--thresholds", path,
+                      "--output", path, check=False, env=ONE_THREAD)
+    assert proc.returncode == 2 and "which this run reads" in one_error_line(proc) and path.read_bytes() == before
 
 
 def test_thresholds_from_a_device_file_are_refused(ckpt, tmp_path):

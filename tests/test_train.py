@@ -7,7 +7,7 @@ from PIL import Image
 import train
 from model import load_checkpoint_dict, load_model
 from tests.conftest import run_script
-from utils import weights_fingerprint
+from utils import run_cli, weights_fingerprint
 
 # a tiny network on tiny synthetic images: each epoch takes a fraction of a second on CPU
 # --device cpu: the exact-resume and gloo tests are CPU guarantees, and must hold on a CUDA box too
@@ -104,6 +104,31 @@ def test_corrupt_resume_checkpoint_is_a_one_line_error(tmp_path):
     proc = run_script("train.py", "--resume", "--out-dir", out, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not a readable PyTorch checkpoint" in proc.stderr
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda c: c["train_config"].update(batch_size=0), "batch_size"),  # would divide by zero an epoch later
+    (lambda c: c["train_config"].update(extra=1), "saved settings"),
+    (lambda c: c.update(epoch="3"), "cannot resume"),
+    (lambda c: c["rng"].update(torch=torch.zeros(3)), "cannot resume"),
+    (lambda c: c["optimizer"]["param_groups"].append(c["optimizer"]["param_groups"][0]), "cannot resume"),
+])
+def test_a_resume_checkpoint_that_does_not_fit_is_one_line(tmp_path, capsys, edit, fragment):
+    out = tmp_path / "run"
+    train.main(TINY + ["--epochs", "1", "--out-dir", str(out), "--device", "cpu"])
+    ckpt = torch.load(out / "last_checkpoint.ckpt", weights_only=True)
+    edit(ckpt)  # as an edited file, or one another version of the code wrote
+    torch.save(ckpt, out / "last_checkpoint.ckpt")
+    with pytest.raises(SystemExit) as stop:
+        run_cli(train.main, ["--resume", "--epochs", "2", "--out-dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+
+
+def test_out_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("x")
+    proc = run_script("train.py", *TINY, "--out-dir", tmp_path / "f", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: --out-dir {tmp_path / 'f'} is a file, not a folder"
 
 
 def test_fresh_run_refuses_to_overwrite_a_previous_one(tmp_path, capsys):
