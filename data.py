@@ -50,8 +50,11 @@ def pil_to_rgb(img):
     """Any PIL mode (grayscale, palette, RGBA, CMYK, 16-bit, float) -> 8-bit RGB."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "I;16N", "F"):
         # 16/32-bit or float grayscale: scale its full range to 8 bits instead of clipping at 255
-        a = np.asarray(img, dtype=np.float64)
-        top = 1.0 if img.mode == "F" else 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        if img.mode == "F":  # float: [0, 1] by convention, but PIL's own convert("F") keeps the 0-255 levels
+            top = 1.0 if a.max() <= 1 else 255.0
+        else:
+            top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         img = Image.fromarray((a / top * 255).round().clip(0, 255).astype(np.uint8), mode="L")
     return img if img.mode == "RGB" else img.convert("RGB")
 

@@ -255,11 +255,16 @@ def make_kinds(folder):
     deep = np.array([[0, 100 * 257, 65535]] * 2, dtype=np.uint16)
     Image.fromarray(deep).save(folder / "gray16.png")
     checks["gray16.png"] = lambda t: t[0, 0].tolist() == [0, 100, 255] and (t[0] == t[2]).all()
+    # float TIFFs: in [0, 1], and with PIL's own 0-255 levels; both are the same grey image, not saturated white
+    Image.fromarray(np.asarray(gray, dtype=np.float32) / 255).save(folder / "float01.tiff")  # mode F
+    gray.convert("F").save(folder / "float255.tiff")
+    for name in ("float01.tiff", "float255.tiff"):
+        checks[name] = lambda t: np.array_equal(t[1].numpy(), np.asarray(gray)) and (t[0] == t[2]).all()
     return checks
 
 
 KINDS = ["photo.jpg", "photo.png", "photo.webp", "photo.bmp", "animated.gif", "pages.tiff", "exif_rotated.jpg",
-         "gray_L.png", "palette_P.png", "rgba.png", "cmyk.jpg", "gray16.png"]
+         "gray_L.png", "palette_P.png", "rgba.png", "cmyk.jpg", "gray16.png", "float01.tiff", "float255.tiff"]
 
 
 @pytest.fixture(scope="module")
