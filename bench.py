@@ -27,7 +27,7 @@ from detector import score_files
 from fakes import png_bits
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, squared_error, summarize
 from train import PRESETS
-from utils import ArgumentParser, number, peak_memory_gb, pick_device, run_cli, write_json
+from utils import ArgumentParser, check_writable, number, peak_memory_gb, pick_device, run_cli, write_json
 
 # dense (no sparsity) datasheet bf16 peaks, TFLOP/s, first match of the device name wins: the PCIe and NVL
 # boards run at lower clocks and power than the SXM ones
@@ -178,21 +178,29 @@ def print_report(r):
             print(f"{section:<10} {key:<40} {value if isinstance(value, str) else f'{value:10.2f}'}")
 
 
+VARIANTS = ("eager", "channels_last", "bf16", "compile", "onnx", "openvino")
+
+
 def main(argv=None):
     p = ArgumentParser(__doc__)
     add = p.add_argument
-    add("--device", default="auto", help="auto | cpu | cuda")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     add("--preset", choices=sorted(PRESETS), default="card", help="model config of train.py's preset")
     add("--batch-size", type=number(int, 1), default=None, help="32 on CPU, 1024 on CUDA if not given")
     add("--repeats", type=number(int, 1), default=5, help="timed repeats per figure; the median is reported")
     add("--warmup", type=number(int, 0), default=2, help="untimed runs first")
-    add("--variants", default="eager,channels_last,bf16,compile,onnx,openvino", help="comma-separated subset (bf16: "
+    add("--variants", default=",".join(VARIANTS), help="comma-separated subset (bf16: "
         "CUDA only; onnx, openvino: CPU only, need requirements-export.txt)")
     add("--skip-train", action="store_true", help="inference only")
     add("--folder-images", type=number(int, 0), default=128, help="multi-megapixel JPEGs for the folder benchmarks, 0 = skip")
     add("--threads", type=number(int, 1), default=None, help="torch threads; torch's choice if not given")
     add("--json", default=None, help="also write every figure to this file")
     args = p.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",")]
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        p.error(f"--variants: unknown {', '.join(unknown)}; choose from {','.join(VARIANTS)}")
+    if args.json:
+        check_writable(args.json)  # now, not after minutes of timing
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = pick_device(args.device)
     torch.set_flush_denormal(True)  # denormals (tiny gradients) slow CPU math many-fold
@@ -217,7 +225,6 @@ def main(argv=None):
     if args.folder_images:
         with tempfile.TemporaryDirectory() as tmp:
             result["data_path"], result["folder"] = bench_folder(config, device, args, tmp)
-    variants = [v.strip() for v in args.variants.split(",")]
     # no fast bf16 on our CPUs; the exported graph's runtimes are CPU runtimes here
     skip = ("bf16",) if device.type == "cpu" else ("onnx", "openvino")
     with tempfile.TemporaryDirectory() as export_folder:

@@ -94,6 +94,9 @@ def test_a_fifo_never_blocks_the_run(ckpt, tmp_path):
     ("calibrate.py", ["--fake-dir", "real=x"], "the set name 'real' is taken"),
     ("calibrate.py", ["--fake-dir", "a/x", "--fake-dir", "b/x"], "the set name 'x' is taken"),
     ("calibrate.py", ["--optimal-against", "bogus"], "'bogus' is not one of the fake sets"),
+    ("bench.py", ["--variants", "eager,bogus"], "--variants: unknown bogus"),
+    ("bench.py", ["--device", "foo"], "invalid choice: 'foo'"),
+    ("bench.py", ["--json", "/tmp"], "cannot write /tmp: is a directory"),  # before minutes of timing, not after
 ])
 def test_impossible_flags_are_one_line_and_touch_nothing(tmp_path, capsys, script, flags, fragment):
     out = tmp_path / "out"
