@@ -19,6 +19,8 @@ and written); 2 usage or configuration error (one line on stderr).
 """
 
 import csv
+import fnmatch
+import glob
 import json
 import os
 import sys
@@ -117,6 +119,15 @@ class ResultWriter:
             gather(None)  # no rank exits before the merged file exists
 
 
+def lists_into(path, folder):
+    """Would listing `path` (a folder, or a glob pattern) reach an image written into `folder`?"""
+    if glob.has_magic(path) and not os.path.lexists(path):
+        # the pattern against an image there and each folder above it (fnmatch's * also spans '/': errs on the safe side)
+        probe = folder / "image.png"
+        return any(fnmatch.fnmatch(str(q), os.path.abspath(path)) for q in [probe, *probe.parents])
+    return os.path.isdir(path) and folder.is_relative_to(Path(path).resolve())
+
+
 def detect(args, rank, world, device):
     error = None
     try:  # everything that can fail on a bad flag or file, before any image is scored
@@ -128,9 +139,8 @@ def detect(args, rank, world, device):
         if args.heatmaps:
             maps = Path(args.heatmaps).resolve()
             for p in args.paths:
-                if os.path.isdir(p) and maps.is_relative_to(Path(p).resolve()):
-                    # folders are listed lazily: the heatmaps written so far would be scored as inputs
-                    raise UserError(f"--heatmaps {args.heatmaps} lies inside the input folder {p}; choose one outside it")
+                if lists_into(p, maps):  # inputs are listed lazily: the heatmaps written so far would be scored
+                    raise UserError(f"--heatmaps {args.heatmaps} lies inside the input {p}; choose a folder outside it")
             try:
                 maps.mkdir(parents=True, exist_ok=True)
             except OSError as e:  # a file of that name, say

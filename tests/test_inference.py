@@ -464,7 +464,10 @@ def test_exit_2_usage_errors_in_process(env, capsys, tmp_path):
              ([env["root"] / "good", "--threshold", "nan"], "finite"),
              ([env["root"] / "good", "--thresholds", tmp_path / "nope.json"], "thresholds file not found"),
              ([env["root"] / "good", "--score", "combined", "--threshold", "optimal"], "p-value level"),
-             ([env["root"] / "good", "--heatmaps", env["root"] / "good" / "maps"], "inside the input folder")]
+             ([env["root"] / "good", "--heatmaps", env["root"] / "good" / "maps"], "inside the input"),
+             # a pattern that lists the heatmaps' folder, or one above it
+             ([f"{env['root']}/goo*", "--heatmaps", env["root"] / "good" / "maps"], "inside the input"),
+             ([f"{env['root']}/good/*.png", "--heatmaps", env["root"] / "good" / "maps"], "inside the input")]
     if not torch.cuda.is_available():
         cases.append(([env["root"] / "good", "--device", "cuda"], "no CUDA device"))
     for args, fragment in cases:
