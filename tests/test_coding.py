@@ -266,3 +266,134 @@ def test_leave_one_photo_out_without_pairs_is_one_line_before_any_scoring(tmp_pa
             run_cli(evaluate.main, argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert stop.value.code == 2 and len(err) == 1 and "pairs.csv" in err[0], (case, err)  # before the checkpoint
+
+
+# ---- evaluate.py against hostile sets: FIFOs, unreadable files, forged names, clashing names, bad --output
+@pytest.fixture(scope="module")
+def eval_models(tmp_path_factory):
+    """A tiny autoencoder and thresholds that calibrate.py wrote for it (mse and combined, no coding model): enough
+    to run evaluate.py end to end in seconds."""
+    import calibrate
+    from model import ResidualAutoencoder
+    from tests.conftest import TINY
+
+    root = tmp_path_factory.mktemp("eval_models")
+    torch.manual_seed(0)
+    ae = save_checkpoint(ResidualAutoencoder(TINY).eval(), root / "ae.ckpt")
+    (root / "cal").mkdir()
+    for i, image in enumerate(dead_leaves(130, 32, seed=32)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / "cal" / f"c{i:03d}.png")
+    calibrate.main(["--checkpoint", str(ae), "--real-dir", str(root / "cal"), "--num-noise", "10", "--hard-fakes", "none",
+                    "--num-benign", "0", "--bootstrap", "0", "--holdout-fraction", "0.2", "--output", str(root / "thr.json"),
+                    "--no-progress", "--workers", "0", "--device", "cpu"])
+    return ae, root / "thr.json"
+
+
+def evaluate_up_front(capsys, *argv):
+    """evaluate.py's exit status and stderr lines, with a checkpoint that does not exist: a refusal that comes
+    before any model is loaded names the problem, not the checkpoint."""
+    import evaluate
+
+    with pytest.raises(SystemExit) as stop:
+        run_cli(evaluate.main, [*map(str, argv), "--checkpoint", "missing.ckpt", "--thresholds", "thresholds_calibrated.json"])
+    return stop.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_evaluate_refuses_a_fifo_pairs_csv_without_hanging(tmp_path):
+    import os
+
+    write_set(tmp_path / "set", dead_leaves(4, 32, seed=1), dead_leaves(4, 32, seed=2), per_photo=2)
+    (tmp_path / "set" / "pairs.csv").unlink()
+    os.mkfifo(tmp_path / "set" / "pairs.csv")  # no writer: a blocking open waits forever
+    proc = run_script("evaluate.py", tmp_path / "set", "--checkpoint", "missing.ckpt", "--thresholds",
+                      "thresholds_calibrated.json", "--leave-one-photo-out", check=False, timeout=60)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "pairs.csv" in err[0] and "not a regular file" in err[0], err
+
+
+def test_evaluate_jpeg_fakes_skip_unreadable_files_without_hanging(eval_models, tmp_path):
+    import os
+
+    ae, thr = eval_models
+    write_set(tmp_path / "set", dead_leaves(4, 32, seed=1), dead_leaves(4, 32, seed=2), per_photo=2)
+    fake = tmp_path / "set" / "fake"
+    os.mkfifo(fake / "fifo.png")
+    (fake / "README.txt").write_text("not an image")
+    (fake / "sub").mkdir()
+    (fake / "empty.png").write_bytes(b"")
+    proc = run_script("evaluate.py", tmp_path / "set", "--checkpoint", ae, "--thresholds", thr, "--scores", "mse",
+                      "--fake-jpeg-quality", "80", "--bootstrap", "5", "--device", "cpu", "--output", tmp_path / "e.json",
+                      check=False, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr  # 1: some inputs were unreadable
+    sets = json.loads((tmp_path / "e.json").read_text())["sets"]
+    # the JPEG run scores the very files the plain run scores, and skips the same unreadable ones, with the same words
+    assert [(row["n_fake"], row["n_unreadable"]) for row in sets.values()] == [(4, 2), (4, 2)], sets
+    assert proc.stderr.count("skipped 2 unreadable") == 2, proc.stderr
+
+
+def test_leave_one_photo_out_scores_a_fake_without_real_crops_against_all_of_them(tmp_path):
+    import evaluate
+    import thresholds
+
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "pairs.csv").write_text("stem,source_photo\n" + "".join(
+        f"{p}_c{k},{p}.jpg\n" for p in ("a", "b", "c") for k in range(20)))
+    rows = {"real": [{"path": f"set/real/{p}_c{k}.png", "coding": v} for p, v in (("a", 0.0), ("b", 10.0)) for k in range(20)],
+            "fake": [{"path": f"set/fake/{p}_c{k}.png", "coding": v} for p, v in (("a", 0.0), ("b", 10.0), ("c", 7.0))
+                     for k in range(20)]}
+    p = evaluate.leave_one_photo_out({"coding": None}, rows, evaluate.read_pairs(tmp_path / "set"), "coding")
+    # photo c has no real crop: every real crop is one of another photo's, so all 40 are its calibration set
+    want = thresholds.score_pvalues({"coding": np.array([0.0] * 20 + [10.0] * 20)}, {"coding": np.array([7.0])}, "coding")
+    assert np.allclose(p["fake"][40:], want[0]) and np.allclose(p["fake"][:40], 2 / 21) and np.allclose(p["real"], 2 / 21)
+
+
+def test_leave_one_photo_out_with_a_photo_without_fakes(tmp_path):
+    import evaluate
+
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "pairs.csv").write_text("stem,source_photo\n" + "".join(
+        f"{p}_c{k},{p}.jpg\n" for p in ("a", "b") for k in range(20)))
+    rows = {"real": [{"path": f"set/real/{p}_c{k}.png", "coding": v} for p, v in (("a", 0.0), ("b", 10.0)) for k in range(20)],
+            "fake": [{"path": f"set/fake/a_c{k}.png", "coding": 0.0} for k in range(20)]}  # none of photo b
+    p = evaluate.leave_one_photo_out({"coding": None}, rows, evaluate.read_pairs(tmp_path / "set"), "coding")
+    assert np.allclose(p["real"], 2 / 21) and np.allclose(p["fake"], 2 / 21)
+
+
+def test_leave_one_photo_out_needs_real_crops_of_two_photos(tmp_path, capsys):
+    import evaluate
+
+    write_set(tmp_path / "set", dead_leaves(4, 32, seed=1), dead_leaves(4, 32, seed=2), per_photo=4)  # one photo
+    status, err = evaluate_up_front(capsys, tmp_path / "set", "--leave-one-photo-out")
+    assert status == 2 and len(err) == 1 and "at least two source photos" in err[0], err  # before the checkpoint
+    rows = {part: [{"path": f"set/{part}/photo0_c{k}.png", "coding": 1.0} for k in range(4)] for part in ("real", "fake")}
+    with pytest.raises(UserError, match="at least two source photos"):  # its other real crops were unreadable, say
+        evaluate.leave_one_photo_out({"coding": None}, rows, evaluate.read_pairs(tmp_path / "set"), "coding")
+
+
+def test_evaluate_refuses_two_sets_of_one_name(tmp_path, capsys):
+    for parent in ("a", "b"):
+        write_set(tmp_path / parent / "x", dead_leaves(2, 32, seed=1), dead_leaves(2, 32, seed=2), per_photo=1)
+    status, err = evaluate_up_front(capsys, tmp_path / "a" / "x", tmp_path / "b" / "x")
+    assert status == 2 and len(err) == 1 and "same name" in err[0], err
+
+
+def test_evaluate_checks_output_before_any_scoring(tmp_path, capsys):
+    write_set(tmp_path / "set", dead_leaves(2, 32, seed=1), dead_leaves(2, 32, seed=2), per_photo=1)
+    # a folder; a path under a regular file; a file the run reads (the thresholds)
+    for output in (tmp_path, tmp_path / "set" / "pairs.csv" / "x.json", "thresholds_calibrated.json"):
+        status, err = evaluate_up_front(capsys, tmp_path / "set", "--output", output)
+        assert status == 2 and len(err) == 1 and f"cannot write {output}" in err[0], err
+
+
+def test_evaluate_escapes_file_names_and_exits_1_on_unreadable_inputs(eval_models, tmp_path, capsys):
+    import evaluate
+
+    ae, thr = eval_models
+    write_set(tmp_path / "set", dead_leaves(4, 32, seed=1), dead_leaves(4, 32, seed=2), per_photo=2)
+    (tmp_path / "set" / "fake" / "zz\nFORGED: all 10 fakes detected\n.png").write_bytes(b"")
+    status = run_cli(evaluate.main, [str(tmp_path / "set"), "--checkpoint", str(ae), "--thresholds", str(thr),
+                                     "--scores", "mse", "--bootstrap", "5", "--device", "cpu"])
+    got = capsys.readouterr()
+    lines = (got.out + got.err).splitlines()
+    assert status == 1 and not any(line.startswith("FORGED") for line in lines), lines
+    assert any("unreadable" in line and "zz\\nFORGED" in line for line in lines), lines
