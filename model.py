@@ -224,8 +224,14 @@ def model_from_weights(state_dict, stored_config, source, config=None):
     except (TypeError, ValueError) as e:
         raise UserError(f"{source}: bad model config ({e})") from None
     model = net(config)
+    state_dict, expected = clean_state_dict(state_dict), model.state_dict()
+    # load_state_dict would cast integers into float weights without a word: quantized or damaged, never these weights
+    if wrong := next((k for k, v in state_dict.items() if torch.is_tensor(v) and k in expected
+                      and expected[k].is_floating_point() and not v.is_floating_point()), None):
+        raise UserError(f"{source}: weights do not fit the architecture: {wrong} holds {state_dict[wrong].dtype} "
+                        f"where floating-point weights belong")
     try:
-        model.load_state_dict(clean_state_dict(state_dict), strict=True)
+        model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:  # torch names every missing, unexpected, mis-shaped or non-tensor entry
         details = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip())
         raise UserError(f"{source}: weights do not fit the architecture: {details[:600]}") from None

@@ -265,6 +265,17 @@ def test_non_tensor_values_in_a_state_dict_are_named(tiny_model, tmp_path):
         load_model(path)
 
 
+def test_integer_weights_are_named_not_cast(tiny_model, tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    sd["head.weight"] = sd["head.weight"].to(torch.int8)  # a quantized or damaged file: every weight would be 0 or +-1
+    save_file(sd, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(asdict(tiny_model.config)))
+    with pytest.raises(UserError, match=r"weights do not fit the architecture: head\.weight holds torch\.int8"):
+        load_model(tmp_path)
+
+
 def test_model_py_cli_prints_summary_and_writes_config(tmp_path):
     out = subprocess.run([sys.executable, "model.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "parameters: 34,757,507" in out
