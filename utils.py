@@ -44,6 +44,14 @@ class ArgumentParser(argparse.ArgumentParser):
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extra = super().parse_known_args(args, namespace)
+        for action in self._actions:  # `--output ""` would otherwise mean "no output" without a word
+            value = getattr(parsed, action.dest, None)
+            if action.option_strings and ("" in value if isinstance(value, list) else value == ""):
+                self.error(f"{action.option_strings[0]}: an empty value (give one, or leave the flag out)")
+        return parsed, extra
+
 
 def number(kind=int, low=None, high=None):
     """An argparse type: a finite `kind` in [low, high], checked when the flag is read."""

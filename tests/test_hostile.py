@@ -97,6 +97,8 @@ def test_a_fifo_never_blocks_the_run(ckpt, tmp_path):
     ("bench.py", ["--variants", "eager,bogus"], "--variants: unknown bogus"),
     ("bench.py", ["--device", "foo"], "invalid choice: 'foo'"),
     ("bench.py", ["--json", "/tmp"], "cannot write /tmp: is a directory"),  # before minutes of timing, not after
+    ("inference_example.py", ["x.png", "--checkpoint", "c", "--output", ""], "--output: an empty value"),
+    ("calibrate.py", ["--real-dir", ""], "--real-dir: an empty value"),
 ])
 def test_impossible_flags_are_one_line_and_touch_nothing(tmp_path, capsys, script, flags, fragment):
     out = tmp_path / "out"
