@@ -178,7 +178,7 @@ def build_app(detectors, checkpoint):
                     "An anomaly score, not a deepfake detector: it is not reliable on modern generated images "
                     "(see *What it cannot detect* below).")
         gr.Markdown(f"Checkpoint: `{checkpoint}`  \nThresholds: `{detectors.first.thresholds_source or 'none'}`"
-                    + "".join(f"  \n**Warning:** {w}" for w in detectors.first.warnings))
+                    + "".join(f"  \n**Warning:** {html.escape(w)}" for w in detectors.first.warnings))
         with gr.Row():
             files = gr.File(label="images (one or more)", file_count="multiple", type="filepath", elem_id="uploads")
             with gr.Column():

@@ -93,24 +93,26 @@ class OnnxAutoencoder:
             self.config, self.fingerprint = config_from_dict(AutoencoderConfig, json.loads(meta["config"])), meta["weights_fingerprint"]
             self.thresholds = (thresholds_file.validate(json.loads(meta["thresholds"]), f"{path} (its thresholds)")
                                if meta.get("thresholds") else None)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep to parse
             raise UserError(f"{path}: its metadata is not what export.py writes ({e})") from None
         self.check(path)
 
     def check(self, path):
-        """Scores two grey images once: a graph that does not take uint8 [B, 3, S, S] or does not return export.py's
-        four outputs, at the size and with the finite float scores its metadata promises, is refused at load."""
+        """Scores batches of one and three grey images: a graph that does not take uint8 [B, 3, S, S] for any B, or
+        does not return export.py's four outputs, at the size and with the finite float scores its metadata
+        promises, is refused at load."""
         s = self.config.image_size
-        try:
-            out = self.run(np.full((2, 3, s, s), 128, dtype=np.uint8))
-        except Exception as e:  # each runtime raises its own exception types
-            raise UserError(f"{path}: its graph does not take uint8 [B, 3, {s}, {s}] images "
-                            f"({str(e).strip().splitlines()[0][:160]})") from None
-        shapes = [(2, 3, s, s), (2, s, s), (2,), (2,)]
-        if len(out) != 4 or any(o.shape != shape or o.dtype != np.float32 for o, shape in zip(out, shapes)) \
-                or not all(np.isfinite(o).all() for o in out):
-            raise UserError(f"{path}: its graph does not return export.py's recon, error_map, mse and local "
-                            f"(finite float32 of shapes {shapes} for a batch of 2)")
+        for b in (1, 3):  # two batch sizes: a graph fixed to one would fail later, on a folder's last batch
+            try:
+                out = self.run(np.full((b, 3, s, s), 128, dtype=np.uint8))
+            except Exception as e:  # each runtime raises its own exception types
+                raise UserError(f"{path}: its graph does not take uint8 [B, 3, {s}, {s}] images "
+                                f"({str(e).strip().splitlines()[0][:160]})") from None
+            shapes = [(b, 3, s, s), (b, s, s), (b,), (b,)]
+            if len(out) != 4 or any(o.shape != shape or o.dtype != np.float32 for o, shape in zip(out, shapes)) \
+                    or not all(np.isfinite(o).all() for o in out):
+                raise UserError(f"{path}: its graph does not return export.py's recon, error_map, mse and local "
+                                f"(finite float32 of shapes {shapes} for a batch of {b})")
 
     def __call__(self, images):
         recon, pixel, mse, local = self.run(np.ascontiguousarray(images.cpu().numpy()))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 import metrics
-from utils import UserError, write_json
+from utils import UserError, printable, write_json
 
 THRESHOLDS_NAME = "thresholds_calibrated.json"
 REPO_THRESHOLDS = Path(__file__).resolve().parent / THRESHOLDS_NAME  # the card's published values
@@ -66,7 +66,7 @@ def read(path):
         if file.stat().st_size > MAX_BYTES:
             raise UserError(f"{path}: {file.stat().st_size:,} bytes is too large for a thresholds file")
         cfg = json.loads(file.read_text(encoding="utf-8"))  # NaN / Infinity load as floats; validate() rejects them
-    except ValueError as e:  # not JSON, or not UTF-8 (a UnicodeDecodeError is a ValueError)
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8 (a ValueError), or nested too deep to parse
         raise UserError(f"{path}: not valid JSON ({e})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
@@ -178,4 +178,4 @@ def binding_warnings(cfg, fingerprint, precision, coding_fingerprint=None):
     if calibrated_in and calibrated_in != precision:
         warnings.append(f"the thresholds were calibrated in {calibrated_in}, this run scores in {precision}: "
                         f"scores shift slightly; calibrate on this device for exact thresholds")
-    return warnings
+    return [printable(w) for w in warnings]  # the values come from a file: they must not forge a printed line

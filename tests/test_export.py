@@ -153,7 +153,8 @@ def test_the_page_scores_uploads_with_an_exported_runtime(env):
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "openvino"])
-@pytest.mark.parametrize("case", ["not onnx", "no metadata", "missing", "cuda", "three outputs", "other size"])
+@pytest.mark.parametrize("case", ["not onnx", "no metadata", "missing", "cuda", "three outputs", "other size",
+                                  "batch of two only", "metadata nested too deep"])
 def test_bad_onnx_inputs_are_one_line(env, tmp_path, capsys, case, runtime):
     path = tmp_path / "model.onnx"
     if case == "not onnx":
@@ -164,6 +165,21 @@ def test_bad_onnx_inputs_are_one_line(env, tmp_path, capsys, case, runtime):
         onnx.save(graph, str(path))
     elif case == "cuda":
         path = env["onnx"]
+    elif case == "batch of two only":  # right outputs for a batch of 2, and only for that
+        meta = {p.key: p.value for p in onnx.load(str(env["onnx"])).metadata_props}
+        s, h = TINY.image_size, onnx.helper
+        const = [h.make_node("Constant", [], [n], value=onnx.numpy_helper.from_array(np.full(shape, 0.1, np.float32), n))
+                 for n, shape in (("recon", (2, 3, s, s)), ("error_map", (2, s, s)), ("mse", (2,)), ("local", (2,)))]
+        graph = h.make_graph(const, "fixed", [h.make_tensor_value_info("images", onnx.TensorProto.UINT8, ["B", 3, s, s])],
+                             [h.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None) for n in const])
+        model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+        model.ir_version = 9
+        h.set_model_props(model, meta)
+        onnx.save(model, str(path))
+    elif case == "metadata nested too deep":  # json.loads raises RecursionError, which is no ValueError
+        graph = onnx.load(str(env["onnx"]))
+        next(p for p in graph.metadata_props if p.key == "thresholds").value = "[" * 100000 + "]" * 100000
+        onnx.save(graph, str(path))
     elif case != "missing":  # a graph whose outputs, or whose size, differ from what its metadata promises
         graph = onnx.load(str(env["onnx"]))
         if case == "three outputs":
@@ -181,7 +197,8 @@ def test_bad_onnx_inputs_are_one_line(env, tmp_path, capsys, case, runtime):
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert {"not onnx": "cannot load ONNX model", "no metadata": "not written by export.py", "missing": "not found",
             "cuda": f"--runtime {runtime} runs on the CPU", "three outputs": "does not return export.py's",
-            "other size": "does not return export.py's"}[case] in err
+            "other size": "does not return export.py's", "batch of two only": "does not return export.py's",
+            "metadata nested too deep": "its metadata is not what export.py writes"}[case] in err
 
 
 def test_export_refuses_bad_flags_and_writes_nothing_when_verification_fails(env, tmp_path, monkeypatch, capsys):

@@ -153,6 +153,26 @@ def test_results_never_replace_the_thresholds_they_use(ckpt, tmp_path):
     assert proc.returncode == 2 and "which this run reads" in one_error_line(proc) and path.read_bytes() == before
 
 
+def test_thresholds_nested_too_deep_are_one_line(ckpt, tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 50000 + "]" * 50000)  # json.loads raises RecursionError, which is no ValueError
+    image(tmp_path / "a.png")
+    proc = run_script("inference_example.py", tmp_path / "a.png", "--checkpoint", ckpt, "--thresholds", path,
+                      check=False, env=ONE_THREAD)
+    assert proc.returncode == 2 and "not valid JSON" in one_error_line(proc)
+
+
+def test_a_thresholds_file_cannot_forge_lines_through_its_warnings(ckpt, tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"reconstruction_thresholds": {"thresholds": {"balanced": {"value": 0.1}}},
+                                "binding": {"precision": "\x1b[2J\nerror: FORGED", "weights_fingerprint": "x\ny"}}))
+    image(tmp_path / "a.png")
+    proc = run_script("inference_example.py", tmp_path / "a.png", "--checkpoint", ckpt, "--thresholds", path,
+                      env=ONE_THREAD)
+    assert "\x1b" not in proc.stderr and not any(line.startswith("error:") for line in proc.stderr.splitlines())
+    assert [line.split(":")[0] for line in proc.stderr.splitlines()] == ["warning", "warning"], proc.stderr
+
+
 def test_thresholds_from_a_device_file_are_refused(ckpt, tmp_path):
     image(tmp_path / "a.png")
     proc = run_script("inference_example.py", tmp_path / "a.png", "--checkpoint", ckpt, "--thresholds", "/dev/zero",
