@@ -20,6 +20,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 PREPROCESSING = ("uint8 RGB -> float / 255 -> bilinear resize to image_size x image_size "
                  "(antialiased, as PIL's Resize) -> rounded to 8 bits (as PIL's Resize) -> (x - 0.5) / 0.5, giving [-1, 1]")
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # larger images are refused as decompression bombs
+MAX_SIDE = 65_535  # JPEG's and WebP's limit: a longer side is a line of pixels that costs seconds to no purpose
 
 
 def preprocess(images, size=128):
@@ -76,6 +77,8 @@ def read_image(path, min_size=None):
             with Image.open(f) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise ImageReadError(f"decompression bomb: {img.width}x{img.height} pixels exceeds {MAX_IMAGE_PIXELS:,}")
+                if max(img.size) > MAX_SIDE:
+                    raise ImageReadError(f"{img.width}x{img.height} pixels: a side longer than {MAX_SIDE:,}")
                 # libjpeg fills a JPEG that ends early with grey and says nothing; every 8x8 block costs at least
                 # a bit, so fewer bits than blocks means the file cannot hold what it declares
                 if img.format == "JPEG" and os.fstat(f.fileno()).st_size * 8 < img.width * img.height / 64:

@@ -310,6 +310,14 @@ def test_a_full_disk_during_calibration_writes_no_thresholds(ckpt, tmp_path, mon
     assert not (out / "t.json").exists()  # no thresholds without the rest of what calibration writes
 
 
+def test_a_line_of_pixels_is_refused_before_it_is_decoded(tmp_path):
+    from data import ImageReadError, read_image
+
+    Image.new("RGB", (70_000, 1), (200, 10, 10)).save(tmp_path / "thin.png")  # 89M x 1 took seconds and gigabytes
+    with pytest.raises(ImageReadError, match="a side longer than 65,535"):
+        read_image(tmp_path / "thin.png", min_size=128)
+
+
 def test_a_folder_1100_levels_deep_is_listed(tmp_path):
     from data import iter_image_files
 
