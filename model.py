@@ -205,7 +205,7 @@ def read_source(source):
     looks_local = path.suffix in (".ckpt", ".pt", ".pth", ".safetensors") or Path(path.parts[0]).exists()
     if str(source).count("/") == 1 and not str(source).startswith((".", "/")) and not looks_local:
         return read_hub_folder(download_from_hub(str(source)))
-    raise UserError(f"checkpoint not found: {source}")
+    raise UserError(f"{source}: not a regular file" if path.exists() else f"checkpoint not found: {source}")
 
 
 def load_model(source, device="cpu", config=None):

@@ -173,11 +173,14 @@ def test_a_thresholds_file_cannot_forge_lines_through_its_warnings(ckpt, tmp_pat
     assert [line.split(":")[0] for line in proc.stderr.splitlines()] == ["warning", "warning"], proc.stderr
 
 
-def test_thresholds_from_a_device_file_are_refused(ckpt, tmp_path):
+def test_thresholds_or_checkpoint_from_a_device_file_are_refused(ckpt, tmp_path):
     image(tmp_path / "a.png")
     proc = run_script("inference_example.py", tmp_path / "a.png", "--checkpoint", ckpt, "--thresholds", "/dev/zero",
                       check=False, env=ONE_THREAD, timeout=60)
     assert proc.returncode == 2 and "not a regular file" in one_error_line(proc)
+    proc = run_script("inference_example.py", tmp_path / "a.png", "--checkpoint", "/dev/zero", check=False,
+                      env=ONE_THREAD, timeout=60)
+    assert proc.returncode == 2 and "/dev/zero: not a regular file" in one_error_line(proc)  # not "not found"
 
 
 def test_ctrl_c_is_one_line_and_leaves_valid_output(ckpt, tmp_path):
