@@ -30,8 +30,8 @@ from tqdm import tqdm
 from data import batches, dead_leaves, load_cifar10, load_image_folder, split_indices
 from coding import CodingConfig, CodingModel
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model, model_from_weights
-from utils import (ArgumentParser, UserError, all_reduce_sum, atomic_write, autocast, gather, load_checkpoint_dict,
-                   lock_folder, number, SEED, peak_memory_gb, precision_name, run_cli, setup_distributed, unlock_folder,
+from utils import (SEED, ArgumentParser, UserError, all_reduce_sum, atomic_write, autocast, gather, load_checkpoint_dict,
+                   lock_folder, number, peak_memory_gb, precision_name, run_cli, setup_distributed, unlock_folder,
                    weights_fingerprint, write_json)
 
 BEST_NAME = "model_best_checkpoint.ckpt"  # the card's file name
@@ -133,17 +133,17 @@ def saved_settings(saved, path):
     """The TrainConfig a checkpoint saved, each value checked as its flag would be: the file may be edited or old."""
     try:
         cfg = TrainConfig(**saved)
-        for f in fields(TrainConfig):
-            value = getattr(cfg, f.name)
-            try:
-                if (check := f.metadata.get("type")) and not isinstance(value, tuple):
-                    check(str(value))
-            except argparse.ArgumentTypeError as e:
-                raise ValueError(f"{f.name}: {e}") from None
-            if value not in f.metadata.get("choices", [value]):
-                raise ValueError(f"{f.name}: {value!r} is not one of {f.metadata['choices']}")
-    except (TypeError, ValueError) as e:
+    except TypeError as e:  # a setting this train.py does not have
         raise UserError(f"{path}: its saved settings are not ones train.py can resume ({e})") from None
+    for f in fields(TrainConfig):
+        value, check = getattr(cfg, f.name), f.metadata.get("type")
+        try:
+            if check and not isinstance(value, tuple):
+                check(str(value))
+            if value not in f.metadata.get("choices", [value]):
+                raise ValueError(f"{value!r} is not one of {f.metadata['choices']}")
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise UserError(f"{path}: its saved settings are not ones train.py can resume ({f.name}: {e})") from None
     return cfg
 
 
