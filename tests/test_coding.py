@@ -226,22 +226,39 @@ def test_leave_one_photo_out_calibrates_on_the_other_photos_only(tmp_path):
     assert np.allclose(p["real"], 2 / 21) and np.allclose(p["fake"], 2 / 21)
 
 
-def test_evaluate_cli_on_a_matched_set(coding_run, tiny_model, tmp_path):
+def calibrate_tiny(ae, cal_dir, out, coding_model=None):
+    """thresholds that calibrate.py writes for `ae` (and the coding model) on the images in cal_dir, in seconds."""
     import calibrate
 
-    ae = save_checkpoint(tiny_model, tmp_path / "ae.ckpt")
+    assert calibrate.main(["--checkpoint", str(ae), *(["--coding-model", str(coding_model)] if coding_model else []),
+                           "--real-dir", str(cal_dir), "--num-noise", "50", "--hard-fakes", "none", "--num-benign", "0",
+                           "--bootstrap", "0", "--holdout-fraction", "0.2", "--output", str(out), "--no-progress",
+                           "--workers", "0", "--device", "cpu"]) is None
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_models(tmp_path_factory):
+    """(tiny autoencoder, its thresholds without a coding model, the calibration folder): evaluate.py end to end
+    in seconds."""
+    from model import ResidualAutoencoder
+    from tests.conftest import TINY
+
+    root = tmp_path_factory.mktemp("eval_models")
+    torch.manual_seed(0)
+    ae = save_checkpoint(ResidualAutoencoder(TINY).eval(), root / "ae.ckpt")
+    (root / "cal").mkdir()
+    for i, image in enumerate(dead_leaves(130, 64, seed=32)):  # 64: one coding tile each
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / "cal" / f"c{i:03d}.png")
+    return ae, calibrate_tiny(ae, root / "cal", root / "thr.json"), root / "cal"
+
+
+def test_evaluate_cli_on_a_matched_set(coding_run, eval_models, tmp_path):
+    ae, _, cal_dir = eval_models
     real = dead_leaves(40, 64, seed=31)
     noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (40, 3, 64, 64), dtype=np.uint8))
     write_set(tmp_path / "sr_noise", real, noise, per_photo=8)
-    cal_dir = tmp_path / "cal"
-    cal_dir.mkdir()
-    for i, image in enumerate(dead_leaves(130, 64, seed=32)):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(cal_dir / f"c{i:03d}.png")
-    out = tmp_path / "thr.json"
-    assert calibrate.main(["--checkpoint", str(ae), "--coding-model", str(coding_run[1]), "--real-dir", str(cal_dir),
-                           "--num-noise", "50", "--hard-fakes", "none", "--num-benign", "0", "--bootstrap", "0",
-                           "--holdout-fraction", "0.2", "--output", str(out), "--no-progress", "--workers", "0",
-                           "--device", "cpu"]) is None
+    out = calibrate_tiny(ae, cal_dir, tmp_path / "thr.json", coding_run[1])
     proc = run_script("evaluate.py", tmp_path / "sr_noise", "--checkpoint", ae, "--coding-model", coding_run[1],
                       "--thresholds", out, "--leave-one-photo-out", "--bootstrap", "50", "--output", tmp_path / "e.json",
                       "--device", "cpu")
@@ -269,26 +286,6 @@ def test_leave_one_photo_out_without_pairs_is_one_line_before_any_scoring(tmp_pa
 
 
 # ---- evaluate.py against hostile sets: FIFOs, unreadable files, forged names, clashing names, bad --output
-@pytest.fixture(scope="module")
-def eval_models(tmp_path_factory):
-    """A tiny autoencoder and thresholds that calibrate.py wrote for it (mse and combined, no coding model): enough
-    to run evaluate.py end to end in seconds."""
-    import calibrate
-    from model import ResidualAutoencoder
-    from tests.conftest import TINY
-
-    root = tmp_path_factory.mktemp("eval_models")
-    torch.manual_seed(0)
-    ae = save_checkpoint(ResidualAutoencoder(TINY).eval(), root / "ae.ckpt")
-    (root / "cal").mkdir()
-    for i, image in enumerate(dead_leaves(130, 32, seed=32)):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / "cal" / f"c{i:03d}.png")
-    calibrate.main(["--checkpoint", str(ae), "--real-dir", str(root / "cal"), "--num-noise", "10", "--hard-fakes", "none",
-                    "--num-benign", "0", "--bootstrap", "0", "--holdout-fraction", "0.2", "--output", str(root / "thr.json"),
-                    "--no-progress", "--workers", "0", "--device", "cpu"])
-    return ae, root / "thr.json"
-
-
 def evaluate_up_front(capsys, *argv):
     """evaluate.py's exit status and stderr lines, with a checkpoint that does not exist: a refusal that comes
     before any model is loaded names the problem, not the checkpoint."""
@@ -314,7 +311,7 @@ def test_evaluate_refuses_a_fifo_pairs_csv_without_hanging(tmp_path):
 def test_evaluate_jpeg_fakes_skip_unreadable_files_without_hanging(eval_models, tmp_path):
     import os
 
-    ae, thr = eval_models
+    ae, thr, _ = eval_models
     write_set(tmp_path / "set", dead_leaves(4, 32, seed=1), dead_leaves(4, 32, seed=2), per_photo=2)
     fake = tmp_path / "set" / "fake"
     os.mkfifo(fake / "fifo.png")
@@ -388,7 +385,7 @@ def test_evaluate_checks_output_before_any_scoring(tmp_path, capsys):
 def test_evaluate_escapes_file_names_and_exits_1_on_unreadable_inputs(eval_models, tmp_path, capsys):
     import evaluate
 
-    ae, thr = eval_models
+    ae, thr, _ = eval_models
     write_set(tmp_path / "set", dead_leaves(4, 32, seed=1), dead_leaves(4, 32, seed=2), per_photo=2)
     (tmp_path / "set" / "fake" / "zz\nFORGED: all 10 fakes detected\n.png").write_bytes(b"")
     status = run_cli(evaluate.main, [str(tmp_path / "set"), "--checkpoint", str(ae), "--thresholds", str(thr),
