@@ -5,6 +5,8 @@ reports how well each score separates real from each kind of fake.
     python calibrate.py --checkpoint runs/smoke/model_best_checkpoint.ckpt --real-dir photos/ \\
         --fake-dir cifake=CIFAKE/test/FAKE --output out/thresholds_calibrated.json --plots-dir out/
     python calibrate.py --checkpoint CKPT --coding-model runs/coding/model_best_checkpoint.ckpt --real-dir photos/
+    python calibrate.py --artifact-model runs/artifact/release --real-dir generated/pairs/calib/real \
+        --fake-dir generated/pairs/test/span_x4 --num-noise 0 --hard-fakes none    # the artifact detector alone
 
 Real images (CIFAR-10 test, or --real-dir) are split, seeded, into a calibration part that sets the thresholds
 and a held-out part that measures them. Thresholds: strict / balanced / sensitive are split-conformal at
@@ -45,8 +47,10 @@ CONVENTION = ("fake = positive class, real = negative; higher score = more fake 
 def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     add = p.add_argument
-    add("--checkpoint", default="runs/cifar10/model_best_checkpoint.ckpt", help="anything load_model accepts")
+    add("--checkpoint", default=None, help="the autoencoder, anything load_model accepts (default: "
+        "runs/cifar10/model_best_checkpoint.ckpt, unless --artifact-model is given alone)")
     add("--coding-model", default=None, help="a coding model (train.py --preset coding): adds the coding score")
+    add("--artifact-model", default=None, help="an artifact detector (train.py --preset artifact): adds its score")
     add("--data-dir", default="./data", help="CIFAR-10 folder, used when no --real-dir")
     add("--real-dir", action="append", default=[], help="real images (files, folders, globs; repeatable) instead of CIFAR-10 test")
     add("--max-real", type=number(int, 0), default=0, help="use at most this many real images, 0 = all")
@@ -83,15 +87,16 @@ def parse_args(argv=None):
     if args.optimal_against not in (None, *names[1:]):
         p.error(f"--optimal-against {args.optimal_against!r} is not one of the fake sets: {', '.join(names[1:])}")
     args.optimal_against = args.optimal_against or "noise"
+    args.checkpoint = args.checkpoint or (None if args.artifact_model else "runs/cifar10/model_best_checkpoint.ckpt")
     return args
 
 
 # ---- scoring every set
-def score_folder(model, coding, paths, args, label):
+def score_folder(model, extra, paths, args, label):
     """Scores image files exactly as inference does; returns (scores dict, paths, skipped files)."""
     rows, skipped = [], []
     with tqdm(desc=f"scoring {label}", unit="img", disable=not args.progress, leave=False) as bar:
-        for row in score_files(model, paths, args.batch_size, args.workers, coding=coding):
+        for row in score_files(model, paths, args.batch_size, args.workers, **extra):
             if "error" in row:
                 skipped.append(f"{row['path']}: {row['error']}")
                 continue
@@ -105,19 +110,19 @@ def score_folder(model, coding, paths, args, label):
     return {s: np.asarray([r[s] for r in rows]) for s in BASE_SCORES if s in rows[0]}, [r["path"] for r in rows], skipped
 
 
-def score_set(model, coding, images, args, label):
+def score_set(model, extra, images, args, label):
     with tqdm(total=len(images), desc=f"scoring {label}", unit="img", disable=not args.progress, leave=False) as bar:
-        return score_images(model, images, coding, batch_size=args.batch_size, progress=bar)
+        return score_images(model, images, batch_size=args.batch_size, progress=bar, **extra)
 
 
-def score_benign(model, coding, paths, args):
+def score_benign(model, extra, paths, args):
     """{name: scores} of benignly processed copies of real photos (fakes.benign_versions), at their original
     resolution; a copy too small for the coding score's tiles is left out of every score."""
     out = {name: [] for name in fakes.BENIGN}
     for i, path in enumerate(tqdm(paths, desc="scoring benign", disable=not args.progress, leave=False)):
         try:
             versions = fakes.benign_versions(read_image(path), seed=args.seed + i)
-            scores = score_images(model, list(versions.values()), coding, batch_size=len(versions))
+            scores = score_images(model, list(versions.values()), batch_size=len(versions), **extra)
         except (ImageReadError, ValueError):  # vanished since, or its half-size copy is too small to tile
             continue
         for j, name in enumerate(versions):
@@ -125,23 +130,25 @@ def score_benign(model, coding, paths, args):
     return {name: {s: np.array([r[s] for r in rows]) for s in rows[0]} for name, rows in out.items() if rows}
 
 
-def collect(model, coding, args):
+def collect(model, extra, args):
     """Real scores, paths and source, fake sets {name: scores} and sources, unreadable files skipped per set,
     and a few uint8 sample images per set for the pictures."""
     # the coding score tiles the built-in fakes too: make them at least one tile large
-    size, device = max(model.config.image_size, coding.config.image_size if coding else 0), model_device(model)
+    tilers = [m for m in extra.values() if m is not None]
+    size = max(m.config.image_size for m in [model, *tilers] if m is not None)
+    device = model_device(model if model is not None else tilers[0])
     skipped, sets, sources = {}, {}, {}
     if args.real_dir:
-        real, real_paths, skipped["real"] = score_folder(model, coding, args.real_dir, args, "real")
+        real, real_paths, skipped["real"] = score_folder(model, extra, args.real_dir, args, "real")
         # the derived fakes (blur, jpeg, splice) are edits of these images
         real_u8 = load_image_folder(real_paths[:args.num_hard], size)[0] if args.num_hard else None
         real_source = f"{len(real_paths):,} images from {', '.join(args.real_dir)}"
-    elif coding:
-        raise UserError("the coding score reads original pixels, and CIFAR-10's are 32x32 thumbnails: "
+    elif tilers:
+        raise UserError("the coding and artifact scores read original pixels, and CIFAR-10's are 32x32 thumbnails: "
                         "give real photos with --real-dir")
     else:
         real_u8 = load_cifar10(args.data_dir, train=False)[:args.max_real or None]
-        real, real_paths = score_set(model, None, real_u8.to(device), args, "real (CIFAR-10 test)"), None
+        real, real_paths = score_set(model, {}, real_u8.to(device), args, "real (CIFAR-10 test)"), None
         real_source = f"CIFAR-10 test set, {real_u8.shape[0]:,} images"
     samples = {"real": real_u8[:4]} if real_u8 is not None else {}  # for reconstruction_comparison.png
     for name in (["noise"] if args.num_noise else []) + args.hard:
@@ -150,11 +157,11 @@ def collect(model, coding, args):
                                           size=size, seed=args.seed)[name]
         except ValueError as e:
             raise UserError(f"--hard-fakes: {e}") from None
-        sets[name] = score_set(model, coding, images.to(device), args, name)
+        sets[name] = score_set(model, extra, images.to(device), args, name)
         sources[name] = f"{images.shape[0]:,} images: {fakes.DESCRIPTIONS[name]}"
         samples[name] = images[:1]
     for name, folder in args.fake_dirs:
-        sets[name], paths, skipped[name] = score_folder(model, coding, [folder], args, name)
+        sets[name], paths, skipped[name] = score_folder(model, extra, [folder], args, name)
         sources[name] = f"{len(paths):,} images from {folder}"
     if not sets:
         raise UserError("no fake sets: give --num-noise > 0, --hard-fakes or --fake-dir")
@@ -244,21 +251,24 @@ def analyse(real, sets, benign, split, args):
 
 
 # ---- report
-def build_report(model, coding, args, device, real, real_source, sets, sources, skipped, result):
+def build_report(model, extra, args, device, real, real_source, sets, sources, skipped, result):
     stats = {s: {n: metrics.summary_stats(v[s]) for n, v in {"real": real, **sets}.items()} for s in real}
-    ckpt = Path(args.checkpoint)
+    ckpt = Path(args.checkpoint or args.artifact_model)
     weights_file = ckpt / "model.safetensors" if ckpt.is_dir() else ckpt
-    coding_binding = dict(coding_model=args.coding_model, coding_fingerprint=weights_fingerprint(coding),
-                          coding_config=asdict(coding.config)) if coding else {}
+    extra_binding = {k: v for name, m in extra.items() if m is not None for k, v in {
+        f"{name}_model": getattr(args, f"{name}_model"), f"{name}_fingerprint": weights_fingerprint(m),
+        f"{name}_config": asdict(m.config)}.items()}
+    card = dict(statistics=stats["mse"], mean_error_ratio={n: s["mean"] / stats["mse"]["real"]["mean"]
+                                                           for n, s in stats["mse"].items() if n != "real"}) if model else {}
     return thresholds.build(
-        result["tables"], result["levels"], result["cal"], statistics=stats["mse"],
-        mean_error_ratio={n: s["mean"] / stats["mse"]["real"]["mean"] for n, s in stats["mse"].items() if n != "real"},
+        result["tables"], result["levels"], result["cal"], **card,
         score_statistics={s: stats[s] for s in real if s != "mse"},
         evaluation={"convention": CONVENTION, "scores": result["evaluation"]},
         binding={
             "checkpoint": str(args.checkpoint),
             "checkpoint_sha256": hashlib.sha256(weights_file.read_bytes()).hexdigest() if weights_file.is_file() else None,
-            "weights_fingerprint": weights_fingerprint(model), "model_config": asdict(model.config), **coding_binding,
+            "weights_fingerprint": model and weights_fingerprint(model), "model_config": model and asdict(model.config),
+            **extra_binding,
             "preprocessing": PREPROCESSING, "precision": precision_name(device), "device": str(device),
             "real": real_source,
             "real_split": {"seed": args.seed, "holdout_fraction": args.holdout_fraction,
@@ -276,10 +286,11 @@ def print_summary(report, output):
     print(f"{'score':<11}" + "".join(f"{n:>10}" for n in sets))
     for score, rows in ev.items():
         print(f"{score:<11}" + "".join(f"{rows[n]['auroc']:>10.3f}" for n in sets))
-    print("\nthresholds (mse: FAKE when error > value; coding, combined: FAKE when p <= value) and the share of real "
+    print("\nthresholds (mse, artifact: FAKE when score > value; coding, combined: FAKE when p <= value) and the share of real "
           "images flagged: held-out [95% interval], benignly processed")
     sections = report["score_thresholds"]
-    for kind, table in [("mse", report["reconstruction_thresholds"]["thresholds"]),
+    for kind, table in [*((("mse", report["reconstruction_thresholds"]["thresholds"]),) if "mse" in ev else ()),
+                        *((s, sections[s]["thresholds"]) for s in sections if s == "artifact"),
                         *((s, sections[s]["levels"]) for s in sections if "levels" in sections[s])]:
         for name, t in table.items():
             lo, hi = t["heldout_fpr_ci95"]
@@ -295,10 +306,10 @@ def print_summary(report, output):
 
 
 def write_scores_csv(path, real, real_paths, result, sets):
-    split = np.where(np.isin(np.arange(len(real["mse"])), result["cal_idx"]), "calibration", "heldout")
+    split = np.where(np.isin(np.arange(len(next(iter(real.values())))), result["cal_idx"]), "calibration", "heldout")
     rows = [[csv_cell(name), i, csv_cell(real_paths[i]) if name == "real" and real_paths else "",
              split[i] if name == "real" else "fake", *(repr(float(values[s][i])) for s in real)]
-            for name, values in {"real": real, **sets}.items() for i in range(len(values["mse"]))]
+            for name, values in {"real": real, **sets}.items() for i in range(len(next(iter(values.values()))))]
     text = io.StringIO()  # csv's own \r\n line ends, written as bytes: no newline translation
     csv.writer(text).writerows([["set", "index", "path", "split", *real], *rows])
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.getvalue().encode("utf-8")))
@@ -306,22 +317,23 @@ def write_scores_csv(path, real, real_paths, result, sets):
 
 def main(argv=None):
     args = parse_args(argv)
-    output = Path(args.output) if args.output else thresholds.beside(args.checkpoint)
+    output = Path(args.output) if args.output else thresholds.beside(args.checkpoint or args.artifact_model)
     plots_dir = Path(args.plots_dir) if args.plots_dir else output.parent
     for path in [output, plots_dir / "roc_curve.png"] + ([Path(args.scores_out)] if args.scores_out else []):
-        check_not_an_input(path, [args.checkpoint, args.coding_model, *args.real_dir])
+        check_not_an_input(path, [args.checkpoint, args.coding_model, args.artifact_model, *args.real_dir])
         check_writable(path)  # fail before an hour of scoring, not after
     device = pick_device(args.device)
-    model, coding = load_models(args.checkpoint, args.coding_model, device, args.runtime)
-    real, real_paths, real_source, sets, sources, skipped, samples = collect(model, coding, args)
+    model, coding, artifact = load_models(args.checkpoint, args.coding_model, device, args.runtime, args.artifact_model)
+    extra = dict(coding=coding, artifact=artifact)
+    real, real_paths, real_source, sets, sources, skipped, samples = collect(model, extra, args)
     for name, items in skipped.items():
         if items:
             print(f"skipped {len(items)} unreadable {printable(name)} file(s), e.g. {printable(items[0])}", file=sys.stderr)
-    split = split_real(len(real["mse"]), args.holdout_fraction, args.seed)
+    split = split_real(len(next(iter(real.values()))), args.holdout_fraction, args.seed)
     # benign copies of held-out photos only: the calibration part must not see them
-    benign = score_benign(model, coding, [real_paths[i] for i in split[1][:args.num_benign]], args) if real_paths else {}
+    benign = score_benign(model, extra, [real_paths[i] for i in split[1][:args.num_benign]], args) if real_paths else {}
     result = analyse(real, sets, benign, split, args)
-    report = build_report(model, coding, args, device, real, real_source, sets, sources, skipped, result)
+    report = build_report(model, extra, args, device, real, real_source, sets, sources, skipped, result)
     try:  # the thresholds file last: if any write fails (a full disk), no new thresholds without their evidence
         if args.scores_out:
             write_scores_csv(args.scores_out, real, real_paths, result, sets)

@@ -3,16 +3,18 @@ pixels into model inputs (so the same image gets the same score everywhere), the
 reader, and the data sets (CIFAR-10, a folder of images, synthetic dead leaves)."""
 
 import glob
+import io
 import os
 import socket
 import stat
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 from utils import UserError
 
@@ -231,6 +233,79 @@ def split_indices(n, val_fraction, seed):
 
 
 def batches(images, batch_size, size, device, perm=None):
-    """Yields preprocessed float batches from a uint8 tensor kept on `device`."""
+    """Yields preprocessed float batches from a uint8 tensor kept on `device`; from Labeled data, (batch, labels)."""
     for idx in (perm if perm is not None else torch.arange(images.shape[0], device=images.device)).split(batch_size):
-        yield preprocess(images[idx].to(device, non_blocking=True), size)
+        part = images[idx]
+        x = preprocess((part.images if isinstance(part, Labeled) else part).to(device, non_blocking=True), size)
+        yield (x, part.labels.to(device)) if isinstance(part, Labeled) else x
+
+
+# ---- aligned real / generated pairs, for the artifact detector
+@dataclass
+class Labeled:
+    """Samples with labels, indexed and moved like the uint8 tensors the other data sets are."""
+    images: torch.Tensor  # uint8 [N, 3, S, S]
+    labels: torch.Tensor  # float [N], 1 = generated
+
+    shape = property(lambda self: self.images.shape)
+    device = property(lambda self: self.images.device)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        return Labeled(self.images[idx], self.labels[idx])
+
+    def to(self, device):
+        return Labeled(self.images.to(device), self.labels.to(device))
+
+
+RESAMPLING = (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS)
+
+
+def resize(pil, factor, rng):
+    side = lambda n: max(8, round(n * factor))
+    return pil.resize((side(pil.width), side(pil.height)), RESAMPLING[rng.integers(len(RESAMPLING))])
+
+
+def augmented_tile(pil, size, rng, real):
+    """One training tile of a pair's image. Both classes get the same processing (resize, blur, JPEG) in the same
+    proportions, so that neither size nor format tells them apart; a real crop is also up- or down-sampled by plain
+    interpolation, so that "interpolated" is not what the model learns to call generated. uint8 [3, size, size]."""
+    if real and rng.random() < 0.3:
+        pil = resize(pil, 2 ** rng.uniform(-1, 1), rng)  # benign resampling, 0.5x to 2x: REAL
+    if rng.random() < 0.15:
+        pil = resize(pil, rng.uniform(0.5, 1.5), rng)
+    if rng.random() < 0.1:
+        pil = pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.0)))
+    if rng.random() < 0.5:
+        buf = io.BytesIO()
+        pil.save(buf, format="JPEG", quality=int(rng.integers(60, 101)))
+        pil = Image.open(buf).convert("RGB")
+    if min(pil.size) < size:
+        pil = pil.resize((max(size, pil.width), max(size, pil.height)), Image.Resampling.BICUBIC)
+    x, y = (int(rng.integers(0, n - size + 1)) for n in pil.size)
+    tile = torch.rot90(torch.from_numpy(np.array(pil.crop((x, y, x + size, y + size)))).permute(2, 0, 1),
+                       int(rng.integers(4)), dims=(1, 2))
+    return (tile.flip(2) if rng.random() < 0.5 else tile).contiguous()
+
+
+def load_pairs(data_dir, size, seed=0, fakes_per_image=2):
+    """data_dir/real/STEM.png and data_dir/GENERATOR/STEM.png (scripts/generated/make_pairs.py) -> (Labeled tiles,
+    the source photo of each (STEM up to its last '_c'), generator names). Each fake gives fakes_per_image augmented
+    tiles and each real as many as all its fakes together: the classes are balanced."""
+    root = Path(data_dir)
+    generators = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name != "real") if root.is_dir() else []
+    if not generators or not (root / "real").is_dir():
+        raise UserError(f"{data_dir}: expected real/ and one folder of fakes per generator (make_pairs.py)")
+    rng, tiles, labels, photos = np.random.default_rng(seed), [], [], []
+    for path in sorted((root / "real").glob("*.png")):
+        fakes = [root / g / path.name for g in generators if (root / g / path.name).is_file()]
+        for file, label, k in [(path, 0.0, fakes_per_image * len(fakes))] + [(f, 1.0, fakes_per_image) for f in fakes]:
+            pil = Image.fromarray(read_image(str(file)).permute(1, 2, 0).numpy())
+            tiles += [augmented_tile(pil, size, rng, real=not label) for _ in range(k)]
+            labels += [label] * k
+            photos += [path.stem.rsplit("_c", 1)[0]] * k
+    if not tiles:
+        raise UserError(f"{data_dir}: no pairs (real/*.png with a fake of the same name)")
+    return Labeled(torch.stack(tiles), torch.tensor(labels)), photos, generators

@@ -16,6 +16,8 @@ and its reconstruction r, with D = 3 * S * S values (docs/method.md derives them
 - coding:     with a coding model (coding.py, --coding-model): the gap between the actual and the expected
               coding cost of the ORIGINAL pixels, bits/dim, over at most 16 tiles; two-sided (both signs are
               evidence), so it decides by its p-value.
+- artifact:   with the detector of generator traces (model.ArtifactDetector, --artifact-model; one ships in
+              ARTIFACT_WEIGHTS): its mean logit over at most 16 tiles of the ORIGINAL pixels; needs no autoencoder.
 - combined:   the conformal p-values of the scores above against real calibration scores, Bonferroni-combined
               (thresholds.combined_pvalue). Lower = more fake.
 """
@@ -35,11 +37,12 @@ import thresholds as thresholds_file
 from coding import CodingModel, tiles_of
 from data import ImageReadError, box_reduce, iter_image_files, pil_to_rgb, preprocess, read_image, to_uint8
 from fakes import png_bits
-from model import ResidualAutoencoder, load_model, squared_error
+from model import ArtifactDetector, ResidualAutoencoder, load_model, squared_error
 from utils import UserError, autocast, pick_device, precision_name, weights_fingerprint
 
 AE_SCORES = ("mse", "local", "complexity")  # the autoencoder's
-BASE_SCORES = AE_SCORES + ("coding",)
+BASE_SCORES = AE_SCORES + ("coding", "artifact")
+ARTIFACT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifact_detector")  # the shipped one
 SCORES = BASE_SCORES + ("combined",)
 RUNTIMES = ("torch", "onnx", "openvino")  # the last two run export.py's graph on the CPU
 LOCAL_WINDOW = 16
@@ -97,10 +100,21 @@ def model_device(model):
     return next(model.parameters()).device if isinstance(model, torch.nn.Module) else model.device
 
 
-def coding_scores(coding, tiles, counts):
-    """Tiles of several images, uint8 [sum(counts), 3, t, t] -> float64 numpy [len(counts)]: each image's mean tile gap."""
-    gaps = coding.tile_gaps(tiles)  # [T], in fp32 on every device: the gap is a small difference of two costs
-    return np.array([part.mean().item() for part in gaps.split(list(counts))])
+@torch.no_grad()
+def tile_scores(model, tiles, counts):
+    """Tiles of several images, uint8 [sum(counts), 3, t, t] -> float64 numpy [len(counts)]: each image's mean tile
+    score, the coding model's gap or the artifact detector's logit (in fp32 on every device)."""
+    if isinstance(model, CodingModel):
+        per_tile = model.tile_gaps(tiles)  # [T]
+    else:
+        x = preprocess(tiles.to(model_device(model)), tiles.shape[-1]).contiguous(memory_format=torch.channels_last)
+        per_tile = model(x).double().cpu()  # [T]
+    return np.array([part.mean().item() for part in per_tile.split(list(counts))])
+
+
+def tile_models(coding, artifact):
+    """{score name: model} of the models that read tiles of original pixels."""
+    return {name: m for name, m in (("coding", coding), ("artifact", artifact)) if m is not None}
 
 
 def image_tiles(images, tile):
@@ -117,36 +131,40 @@ def reduced(image, size):
     return torch.from_numpy(np.array(pil)).permute(2, 0, 1)
 
 
-def score_images(model, images, coding=None, with_complexity=True, batch_size=32, progress=None):
+def score_images(model, images, coding=None, with_complexity=True, batch_size=32, progress=None, artifact=None):
     """Scores in-memory uint8 images, [N, 3, H, W] or a list of [3, H, W] of any sizes, each at the autoencoder's
-    input size and (with a coding model) on tiles of its original pixels; returns dict score -> float64 numpy [N]."""
-    parts, size = [], model.config.image_size
+    input size (model None: no autoencoder) and, with a coding model or an artifact detector, on tiles of its
+    original pixels; returns dict score -> float64 numpy [N]."""
+    parts, tilers = [], tile_models(coding, artifact)
     # PNG coding runs in a thread while the model scores the batch: zlib releases the GIL
     with ThreadPoolExecutor(max_workers=1) as pool:
         for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
-            x = torch.cat([to_uint8(preprocess(reduced(im.cpu(), size), size)) for im in batch])  # [B, 3, S, S]
-            png = pool.submit(png_bits, x) if with_complexity else None
-            parts.append(score_batch(model, x))
-            if coding is not None:
-                parts[-1]["coding"] = coding_scores(coding, *image_tiles(batch, coding.config.image_size))
-            if png is not None:
-                parts[-1]["complexity"] = complexity_score(parts[-1]["mse"], png.result(), x[0].numel())
+            batch, part = images[start:start + batch_size], {}
+            if model is not None:
+                size = model.config.image_size
+                x = torch.cat([to_uint8(preprocess(reduced(im.cpu(), size), size)) for im in batch])  # [B, 3, S, S]
+                png = pool.submit(png_bits, x) if with_complexity else None
+                part = score_batch(model, x)
+                if png is not None:
+                    part["complexity"] = complexity_score(part["mse"], png.result(), x[0].numel())
+            for name, m in tilers.items():
+                part[name] = tile_scores(m, *image_tiles(batch, m.config.image_size))
+            parts.append(part)
             if progress is not None:
-                progress.update(x.shape[0])
+                progress.update(len(batch))
     return {name: np.concatenate([p[name] for p in parts]) for name in (parts[0] if parts else ())}
 
 
 # ---- files: decoded in worker processes while the model runs
 class ImageFiles(IterableDataset):
-    """Lists `paths` lazily and yields (path, uint8 input [3, S, S], PNG bits or None, tiles [T, 3, t, t] or None, error),
-    or (path, None, None, None, error). Worker w of W on rank r of R takes every (W*R)-th file; one of them reports
-    listing errors. Tiles (tile > 0) are cut from a second, full-resolution decode: the autoencoder's input
-    comes from the same (JPEG draft) decode with or without them, so its scores never depend on the flag."""
+    """Lists `paths` lazily and yields (path, uint8 input [3, S, S] or None, PNG bits or None, {tile side: tiles
+    [T, 3, t, t]}, error), or (path, None, None, None, error). Worker w of W on rank r of R takes every (W*R)-th
+    file; one of them reports listing errors. Tiles are cut from a second, full-resolution decode: the autoencoder's
+    input (size > 0) comes from the same (JPEG draft) decode with or without them, so its scores never depend on them."""
 
-    def __init__(self, paths, size, rank=0, world=1, with_complexity=True, tile=0):
+    def __init__(self, paths, size, rank=0, world=1, with_complexity=True, tiles=()):
         self.paths, self.size, self.rank, self.world = list(map(str, paths)), size, rank, world
-        self.with_complexity, self.tile = with_complexity, tile
+        self.with_complexity, self.tiles = with_complexity and size > 0, tuple(tiles)
 
     def __iter__(self):
         info = get_worker_info()
@@ -161,9 +179,10 @@ class ImageFiles(IterableDataset):
             errors.clear()
             if i % shards == shard:
                 try:
-                    x = to_uint8(preprocess(read_image(path, min_size=self.size), self.size))  # [1, 3, S, S], exact
-                    tiles = tiles_of(read_image(path), self.tile) if self.tile else None
-                    yield path, x[0], (png_bits(x)[0] if self.with_complexity else None), tiles, None
+                    x = to_uint8(preprocess(read_image(path, min_size=self.size), self.size)) if self.size else None
+                    full = read_image(path) if self.tiles else None
+                    yield (path, x[0] if self.size else None, png_bits(x)[0] if self.with_complexity else None,
+                           {t: tiles_of(full, t) for t in self.tiles}, None)
                 except (ImageReadError, ValueError) as e:  # ValueError: too small to tile
                     yield path, None, None, None, str(e)
         yield from errors
@@ -172,25 +191,30 @@ class ImageFiles(IterableDataset):
 def collate(items):
     """In the worker: one input tensor per batch, not one per image (each is a shared-memory file descriptor,
     and batch x prefetch x workers of them ran out of descriptors).
-    -> ([(path, error)], uint8 x [G, 3, S, S], PNG bits [G], tiles [T, 3, t, t], tiles per image [G])"""
+    -> ([(path, error)], uint8 x [G, 3, S, S] or None, PNG bits [G] or None, {tile side: (tiles [T, 3, t, t],
+    tiles per image [G])})"""
     good = [it for it in items if it[4] is None]
-    x = torch.stack([it[1] for it in good]) if good else None
+    x = torch.stack([it[1] for it in good]) if good and good[0][1] is not None else None
     png = np.array([it[2] for it in good]) if good and good[0][2] is not None else None
-    tiles = torch.cat([it[3] for it in good]) if good and good[0][3] is not None else None
-    return [(it[0], it[4]) for it in items], x, png, tiles, [len(it[3]) for it in good if it[3] is not None]
+    tiles = {t: (torch.cat([it[3][t] for it in good]), [len(it[3][t]) for it in good]) for t in (good[0][3] if good else ())}
+    return [(it[0], it[4]) for it in items], x, png, tiles
 
 
 def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with_complexity=True, keep_maps=False,
-                coding=None):
-    """Yields one dict per input: its path and scores, or its error. Streams: memory stays flat."""
-    tile = coding.config.image_size if coding is not None else 0
-    loader = DataLoader(ImageFiles(paths, model.config.image_size, rank, world, with_complexity, tile), collate_fn=collate,
-                        batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1) if workers is None else workers,
-                        pin_memory=model_device(model).type == "cuda")  # the whole uint8 batch is pinned
-    for items, x, png, tiles, counts in loader:
+                coding=None, artifact=None):
+    """Yields one dict per input: its path and scores, or its error. Streams: memory stays flat.
+    model None: no autoencoder scores (then a coding model or an artifact detector gives them)."""
+    tilers = tile_models(coding, artifact)
+    files = ImageFiles(paths, model.config.image_size if model is not None else 0, rank, world, with_complexity,
+                       {m.config.image_size for m in tilers.values()})
+    device = model_device(model if model is not None else next(iter(tilers.values())))
+    loader = DataLoader(files, collate_fn=collate, batch_size=batch_size, pin_memory=device.type == "cuda",
+                        num_workers=min(4, os.cpu_count() or 1) if workers is None else workers)  # the batch is pinned
+    for items, x, png, tiles in loader:
         scores = score_batch(model, x, png, keep_maps=keep_maps) if x is not None else {}
-        if tiles is not None:
-            scores["coding"] = coding_scores(coding, tiles, counts)
+        for name, m in tilers.items():
+            if tiles:
+                scores[name] = tile_scores(m, *tiles[m.config.image_size])
         j = 0
         for path, error in items:
             if error is not None:
@@ -220,22 +244,27 @@ def check_device_flags(parser, args):
     return args
 
 
-def load_models(checkpoint, coding_checkpoint, device, runtime="torch"):
-    """(autoencoder, coding model or None), each checked to be the kind its flag asks for, ready to score.
-    runtime 'onnx' or 'openvino': the autoencoder is an exported graph (export.py) run on the CPU."""
-    coding = load_model(coding_checkpoint, device) if coding_checkpoint else None
-    if coding is not None and not isinstance(coding, CodingModel):
-        raise UserError(f"{coding_checkpoint} holds an autoencoder, not a coding model (train one with --preset coding)")
-    if runtime != "torch":
+def load_kind(source, kind, device):
+    """The model in `source`, checked to be of class `kind` (the flag named a model of that kind), ready to score."""
+    model = load_model(source, device)
+    if not isinstance(model, kind):
+        flags = {ResidualAutoencoder: "--checkpoint", CodingModel: "--coding-model", ArtifactDetector: "--artifact-model"}
+        raise UserError(f"{source} holds a {type(model).__name__}, not a {kind.__name__}: give it with {flags[type(model)]}")
+    return prepare_model(model, device)
+
+
+def load_models(checkpoint, coding_checkpoint, device, runtime="torch", artifact_checkpoint=None):
+    """(autoencoder or None, coding model or None, artifact detector or None), each checked to be the kind its flag
+    asks for. runtime 'onnx' or 'openvino': the autoencoder is an exported graph (export.py) run on the CPU."""
+    coding = coding_checkpoint and load_kind(coding_checkpoint, CodingModel, device)
+    artifact = artifact_checkpoint and load_kind(artifact_checkpoint, ArtifactDetector, device)
+    if checkpoint and runtime != "torch":
         if device.type != "cpu":
             raise UserError(f"--runtime {runtime} runs on the CPU: add --device cpu, or use --runtime torch on the GPU")
         from export import OnnxAutoencoder  # here: export.py imports this module
 
-        return OnnxAutoencoder(checkpoint, runtime), coding and prepare_model(coding, device)
-    model = load_model(checkpoint, device)
-    if not isinstance(model, ResidualAutoencoder):
-        raise UserError(f"{checkpoint} holds a coding model: give it with --coding-model, and an autoencoder as --checkpoint")
-    return prepare_model(model, device), coding and prepare_model(coding, device)
+        return OnnxAutoencoder(checkpoint, runtime), coding, artifact
+    return checkpoint and load_kind(checkpoint, ResidualAutoencoder, device), coding, artifact
 
 
 class Detector:
@@ -245,16 +274,24 @@ class Detector:
     threshold: a name in the thresholds file (strict / balanced / sensitive / optimal, default
     balanced) or a number; for 'coding' and 'combined' a p-value level (FAKE when p <= level), default 0.05.
     coding_model: a coding model (coding.py) for the 'coding' score; 'combined' then includes it.
+    artifact_model: an artifact detector (train.py --preset artifact) for the 'artifact' score; ARTIFACT_WEIGHTS when
+    the score is 'artifact' and none is given. checkpoint (the autoencoder) may then be None, and the thresholds
+    default to the file beside the artifact detector.
     runtime: 'torch', or 'onnx' / 'openvino' for a graph written by export.py (checkpoint = the .onnx file), run by
     ONNX Runtime / OpenVINO on the CPU; without a thresholds file it uses the thresholds exported inside it."""
 
     def __init__(self, checkpoint, thresholds=None, device="auto", score="mse", threshold=None,
-                 batch_size=None, workers=None, coding_model=None, runtime="torch"):
+                 batch_size=None, workers=None, coding_model=None, runtime="torch", artifact_model=None):
         if score not in SCORES:
             raise UserError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+        if not checkpoint and score != "artifact":
+            raise UserError(f"--score {score} needs the autoencoder: give --checkpoint")
+        artifact_model = artifact_model or (ARTIFACT_WEIGHTS if score == "artifact" else None)
         self.device = pick_device("cpu" if runtime != "torch" and device == "auto" else device)
-        self.model, self.coding = load_models(checkpoint, coding_model, self.device, runtime)
-        self.fingerprint = weights_fingerprint(self.model)
+        self.model, self.coding, self.artifact = load_models(checkpoint, coding_model, self.device, runtime, artifact_model)
+        self.fingerprint = weights_fingerprint(self.model) if self.model is not None else None
+        if not thresholds and not checkpoint and thresholds_file.beside(artifact_model).is_file():
+            thresholds = str(thresholds_file.beside(artifact_model))  # the detector's own calibration
         # small batches on a CPU keep decode and model overlapped; a GPU wants large ones
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
         self.score_name, self.workers = score, workers
@@ -267,9 +304,10 @@ class Detector:
                                            else (found and thresholds_file.read(found), found))
         self.thresholds = cfg
         self.calibration = {s: v for s, v in thresholds_file.calibration(cfg).items() if s in BASE_SCORES}
-        coding_fingerprint = weights_fingerprint(self.coding) if self.coding else None
+        fingerprints = {"coding": self.coding and weights_fingerprint(self.coding),
+                        "artifact": self.artifact and weights_fingerprint(self.artifact)}
         self.warnings = thresholds_file.binding_warnings(cfg, self.fingerprint, precision_name(self.device),
-                                                         coding_fingerprint) if cfg else []
+                                                         fingerprints) if cfg else []
         # PNG coding costs ~3 ms per image on a CPU core: only when the score uses it
         self.needs_complexity = score == "complexity" or (score == "combined" and "complexity" in self.calibration)
         if score == "combined" and not self.calibration:
@@ -277,6 +315,9 @@ class Detector:
         if (score == "coding" or score == "combined" and "coding" in self.calibration) and not self.coding:
             raise UserError(f"--score {score} needs the coding model (--coding-model; train one with "
                             f"train.py --preset coding)" + (": the thresholds file includes its score" * (score != "coding")))
+        if score == "combined" and "artifact" in self.calibration and not self.artifact:
+            raise UserError("--score combined needs the artifact detector (--artifact-model): the thresholds file "
+                            "includes its score")
         choice = "balanced" if threshold is None else threshold
         scores_only = cfg is None and threshold is None and score != "combined"  # nothing to decide with
         self.threshold, self.threshold_label = (None, None) if scores_only else thresholds_file.threshold(cfg, score, choice)
@@ -311,8 +352,8 @@ class Detector:
 
     def score_paths(self, paths, rank=0, world=1, keep_maps=False):
         """Yields one row per input file, streamed in batches; under torchrun each rank its share."""
-        rows = score_files(self.model, paths, self.batch_size, self.workers, rank, world,
-                           with_complexity=self.needs_complexity, keep_maps=keep_maps, coding=self.coding)
+        rows = score_files(self.model, paths, self.batch_size, self.workers, rank, world, with_complexity=self.needs_complexity,
+                           keep_maps=keep_maps and self.model is not None, coding=self.coding, artifact=self.artifact)
         while batch := list(islice(rows, self.batch_size)):
             yield from self._finish(batch)
 
@@ -323,7 +364,8 @@ class Detector:
         if not all(torch.is_tensor(im) and im.dtype == torch.uint8 and im.dim() == 3 and im.shape[0] == 3 for im in images):
             raise UserError("cannot score that: give paths, PIL images or uint8 [3, H, W] tensors")
         try:
-            scores = score_images(self.model, images, self.coding, self.needs_complexity, self.batch_size)
+            scores = score_images(self.model, images, self.coding, self.needs_complexity, self.batch_size,
+                                  artifact=self.artifact)
         except ValueError as e:  # an image too small to tile
             raise UserError(str(e)) from None
         return self._finish([{"path": f"<image {i}>", **{k: float(v[i]) for k, v in scores.items()}}

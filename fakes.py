@@ -127,16 +127,20 @@ def _tensor(pil):
 
 def benign_versions(image, seed=0):
     """uint8 [3, H, W] at its original resolution -> {name: processed copy}: re-saved as JPEG at a seeded quality
-    in 75..95, downscaled by 2 (Lanczos), lightly sharpened (unsharp mask, radius 1.5, 50%)."""
+    in 75..95, downscaled by 2 (Lanczos), lightly sharpened (unsharp mask, radius 1.5, 50%), upscaled by plain
+    interpolation (bicubic 2x, Lanczos 4x; images up to 1024 pixels on a side, which 4x keeps under 16 MP)."""
     quality = int(np.random.default_rng(seed).integers(75, 96))
     buf, pil = io.BytesIO(), _pil(image)
     pil.save(buf, format="JPEG", quality=quality)
     return {"jpeg75-95": _tensor(Image.open(buf)),
             "down2": _tensor(pil.resize((pil.width // 2, pil.height // 2), Image.Resampling.LANCZOS)),
-            "sharpen": _tensor(pil.filter(ImageFilter.UnsharpMask(radius=1.5, percent=50, threshold=0)))}
+            "sharpen": _tensor(pil.filter(ImageFilter.UnsharpMask(radius=1.5, percent=50, threshold=0))),
+            **({"up2-bicubic": _tensor(pil.resize((2 * pil.width, 2 * pil.height), Image.Resampling.BICUBIC)),
+                "up4-lanczos": _tensor(pil.resize((4 * pil.width, 4 * pil.height), Image.Resampling.LANCZOS))}
+               if max(pil.size) <= 1024 else {})}
 
 
-BENIGN = ("jpeg75-95", "down2", "sharpen")
+BENIGN = ("jpeg75-95", "down2", "sharpen", "up2-bicubic", "up4-lanczos")
 BENIGN_DESCRIPTION = "a held-out real photo, benignly processed (fakes.benign_versions): REAL"
 
 

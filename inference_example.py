@@ -1,6 +1,7 @@
 """Scores images as REAL or FAKE by their reconstruction error: one line per image, then
 a summary; optionally a CSV / JSON / JSON Lines file and per-image heatmaps.
 
+    python inference_example.py photos/ --score artifact      # the shipped detector of generator traces, no flags
     python inference_example.py photos/ img.jpg "scans/**/*.png" --checkpoint runs/cifar10/model_best_checkpoint.ckpt
     python inference_example.py photos/ --checkpoint CKPT --threshold strict --output results.csv
     python inference_example.py photos/ --checkpoint CKPT --score combined --heatmaps heatmaps/
@@ -43,7 +44,10 @@ def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     add = p.add_argument
     add("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
-    add("--checkpoint", required=True, help="train.py checkpoint, hub-layout folder or hub repo id")
+    add("--checkpoint", default=None, help="the autoencoder: train.py checkpoint, hub-layout folder or hub repo id "
+        "(needed by every score but artifact)")
+    add("--artifact-model", default=None, help="an artifact detector (train.py --preset artifact) for --score artifact "
+        "(default: the shipped artifact_detector/)")
     add("--coding-model", default=None, help="a coding model (train.py --preset coding), for --score coding")
     add("--thresholds", default=None, help="thresholds JSON (default: the one next to the checkpoint, else the repo's)")
     add("--threshold", default="balanced", help="strict | balanced | sensitive | optimal | a number; for "
@@ -131,11 +135,13 @@ def lists_into(path, folder):
 def detect(args, rank, world, device):
     error = None
     try:  # everything that can fail on a bad flag or file, before any image is scored
-        path = args.thresholds or (None if args.runtime != "torch" else thresholds.find(args.checkpoint))
+        path = args.thresholds or (thresholds.find(args.checkpoint) if args.runtime == "torch" and args.checkpoint else None)
         det = Detector(args.checkpoint, path, device=str(device), score=args.score, threshold=args.threshold,
                        batch_size=args.batch_size, workers=args.workers, coding_model=args.coding_model,
-                       runtime=args.runtime)
+                       runtime=args.runtime, artifact_model=args.artifact_model)
         path = path or det.thresholds_source
+        if args.heatmaps and det.model is None:
+            raise UserError("--heatmaps draws the autoencoder's error maps: give --checkpoint")
         if args.heatmaps:
             maps = Path(args.heatmaps).resolve()
             for p in args.paths:
@@ -146,7 +152,7 @@ def detect(args, rank, world, device):
             except OSError as e:  # a file of that name, say
                 raise UserError(f"--heatmaps {args.heatmaps}: cannot make the folder ({e.strerror or e})") from None
         if args.output:  # the results file replaces its path at the end: never the weights, thresholds or an image
-            check_not_an_input(args.output, [args.checkpoint, path, args.coding_model, *args.paths])
+            check_not_an_input(args.output, [args.checkpoint, path, args.coding_model, args.artifact_model, *args.paths])
         try:
             writer = ResultWriter(args.output, rank, world) if args.output else None
         except OSError as e:

@@ -158,6 +158,71 @@ class ResidualAutoencoder(nn.Module, PyTorchModelHubMixin, model_card_template=M
         save_safetensors(self, save_directory)
 
 
+ARTIFACT_CARD = """---
+{{ card_data }}
+---
+# Generator-trace detector
+A small CNN on the high-frequency residual of native pixels, trained on aligned real / generated pairs: its
+mean tile logit says whether a network made the image. See the repository's README for what it cannot see.
+"""
+
+
+@dataclass
+class ArtifactConfig:
+    kind: str = "artifact"  # tells load_model which network a config describes
+    image_size: int = 64  # training crop and scoring tile side, in original pixels
+    channels: tuple = (32, 64, 128)  # one stage each, the first at half the tile's resolution
+    blocks_per_stage: int = 1
+
+    def __post_init__(self):
+        self.channels = tuple(self.channels) if isinstance(self.channels, (list, tuple)) else ()
+        counts = (self.image_size, self.blocks_per_stage + 1, *self.channels)
+        if self.kind != "artifact" or not 1 <= len(self.channels) <= 6 or not all(type(v) is int and v >= 1 for v in counts):
+            raise ValueError(f"expected kind 'artifact', positive integers and 1 to 6 stages, got {asdict(self)}")
+        if self.image_size % 2 ** len(self.channels) or max(self.channels) > 1024 or self.blocks_per_stage > 64:
+            raise ValueError(f"image_size must be divisible by 2^stages, channels <= 1024, blocks <= 64: {asdict(self)}")
+
+    @classmethod
+    def from_dict(cls, d):
+        return config_from_dict(cls, d)
+
+
+def neighbour_residual(x):
+    """[B, 3, S, S] -> [B, 12, S/2, S/2]: each pixel minus the top-left pixel of its 2x2 block (x - up(down(x)),
+    nearest, after NPR, Tan et al. CVPR 2024), the four positions of a block as channels. Up-sampling layers
+    leave their traces in exactly these local correlations; the scene's content mostly cancels."""
+    residual = x - F.interpolate(x[:, :, ::2, ::2], scale_factor=2.0, mode="nearest")
+    return F.pixel_unshuffle(residual, 2)
+
+
+class ArtifactDetector(nn.Module, PyTorchModelHubMixin, model_card_template=ARTIFACT_CARD, library_name="pytorch",
+                       license="mit", tags=["image-forensics", "generated-image-detection"]):
+    """Tiles of native pixels, float [B, 3, S, S] from data.preprocess at their own size -> [B] logits
+    (> 0: generated). Fully convolutional up to a global mean, so it takes any even tile size."""
+
+    def __init__(self, config: ArtifactConfig = None):
+        super().__init__()
+        self.config = config = config or ArtifactConfig()
+        self._hub_mixin_config = config
+        c, n = config.channels, config.blocks_per_stage
+        self.stem = conv_bn_relu(nn.Conv2d(12, c[0], 3, padding=1, bias=False))
+        self.stages = nn.Sequential(*[nn.Sequential(
+            *([] if i == 0 else [conv_bn_relu(nn.Conv2d(c[i - 1], c[i], 3, stride=2, padding=1, bias=False))]),
+            *[ResidualBlock(c[i]) for _ in range(n)]) for i in range(len(c))])
+        self.head = nn.Linear(c[-1], 1)
+
+    def forward(self, x):
+        h = self.stages(self.stem(neighbour_residual(x.float() * 32)))  # x32: residuals of a few levels to O(1)
+        return self.head(h.mean(dim=(2, 3))).squeeze(1).float()  # [B]
+
+    def image_loss(self, logits, labels):
+        """[B] binary cross-entropy: the training loss (labels 1 = generated)."""
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+
+    def _save_pretrained(self, save_directory):
+        save_safetensors(self, save_directory)
+
+
 def save_safetensors(model, folder):
     # safetensors refuses non-contiguous (channels_last) tensors
     tensors = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(model.state_dict()).items()}
@@ -210,15 +275,16 @@ def read_source(source):
 
 def load_model(source, device="cpu", config=None):
     """The model in eval mode from a train.py checkpoint, hub folder, .safetensors file or hub id "user/name[@rev]":
-    the card's autoencoder, or the coding-cost model (coding.py) when its config says kind "coding"."""
+    the card's autoencoder, the coding-cost model (coding.py) or the artifact detector, as its config's kind says."""
     return model_from_weights(*read_source(source), source, config).to(device).eval()
 
 
 def model_from_weights(state_dict, stored_config, source, config=None):
     """These weights in a model, strictly; architecture from the stored config (`config`: bare state_dicts only)."""
     from coding import CodingConfig, CodingModel  # here: coding.py builds on this file's blocks
-    coding = isinstance(stored_config, dict) and stored_config.get("kind") == "coding"
-    net, net_config = (CodingModel, CodingConfig) if coding else (ResidualAutoencoder, AutoencoderConfig)
+    kind = stored_config.get("kind") if isinstance(stored_config, dict) else None
+    net, net_config = {"coding": (CodingModel, CodingConfig), "artifact": (ArtifactDetector, ArtifactConfig)}.get(
+        kind, (ResidualAutoencoder, AutoencoderConfig))
     try:
         config = net_config.from_dict(stored_config) if stored_config is not None else config or AutoencoderConfig()
     except (TypeError, ValueError) as e:

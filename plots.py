@@ -35,7 +35,24 @@ def draw(axes, x, recon, error_map, vmax=None):
 
 
 def calibration_plots(report, real, sets, result, model, samples, plots_dir):
-    """calibrate.py's pictures: error histograms with the mse thresholds, ROC curves per score, reconstructions."""
+    """calibrate.py's pictures: error histograms with the mse thresholds, ROC curves per score, reconstructions
+    (the first and last only with an autoencoder: model not None)."""
+    if model is not None:
+        mse_histogram(report, real, sets, plots_dir)
+    fig, axes = plt.subplots(1, len(result["roc"]), figsize=(4 * len(result["roc"]), 4), sharey=True, squeeze=False)
+    for ax, (score, (r, fs)) in zip(axes[0], result["roc"].items()):  # p-value scores as 1 - p: higher = more fake
+        for name, f in fs.items():
+            ax.plot(*metrics.roc_curve(r, f)[:2], label=f"{name} {metrics.auroc(r, f):.3f}")  # fpr, tpr
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
+        ax.set(title=f"score: {score}", xlabel="FPR (held-out real flagged)")
+        ax.legend(title="AUROC", fontsize=7, loc="lower right")
+    axes[0, 0].set_ylabel("TPR (fakes caught)")
+    save(fig, Path(plots_dir) / "roc_curve.png")
+    if samples and model is not None:
+        reconstructions(model, samples, plots_dir)
+
+
+def mse_histogram(report, real, sets, plots_dir):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     values = np.concatenate([real["mse"]] + [s["mse"] for s in sets.values()])
     lo = max(values[values > 0].min(), 1e-8)  # log bins: zero errors fall off the left edge
@@ -49,28 +66,22 @@ def calibration_plots(report, real, sets, result, model, samples, plots_dir):
            title="Reconstruction error: real vs fakes, with the mse thresholds")
     ax.legend(fontsize=7, ncol=2)
     save(fig, Path(plots_dir) / "threshold_calibration.png")
-    fig, axes = plt.subplots(1, len(result["roc"]), figsize=(4 * len(result["roc"]), 4), sharey=True)
-    for ax, (score, (r, fs)) in zip(axes, result["roc"].items()):  # p-value scores as 1 - p: higher = more fake
-        for name, f in fs.items():
-            ax.plot(*metrics.roc_curve(r, f)[:2], label=f"{name} {metrics.auroc(r, f):.3f}")  # fpr, tpr
-        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
-        ax.set(title=f"score: {score}", xlabel="FPR (held-out real flagged)")
-        ax.legend(title="AUROC", fontsize=7, loc="lower right")
-    axes[0].set_ylabel("TPR (fakes caught)")
-    save(fig, Path(plots_dir) / "roc_curve.png")
-    if samples:  # originals, reconstructions and error maps
-        x = torch.cat([to_uint8(preprocess(batch.cpu(), model.config.image_size)) for batch in samples.values()])
-        out = score_batch(model, x, keep_maps=True)  # any runtime; x: uint8 [N, 3, S, S]
-        x = out["input"]  # float, as the model saw it
-        fig, axes = plt.subplots(3, len(x), figsize=(1.9 * len(x), 6), squeeze=False)
-        for j, name in enumerate(name for name, batch in samples.items() for _ in batch):  # one column per image
-            im = draw(axes[:, j], x[j], out["recon"][j], out["maps"][j], vmax=float(out["maps"].max()))
-            axes[0, j].set_title(name, fontsize=9)
-            axes[2, j].set_xlabel(f"mse {out['mse'][j]:.4f}", fontsize=8)
-        for row, label in enumerate(["original", "reconstruction", "error map"]):
-            axes[row, 0].set_ylabel(label)
-        fig.colorbar(im, ax=axes[2, :].tolist(), shrink=0.8, label="squared error")
-        save(fig, Path(plots_dir) / "reconstruction_comparison.png")
+
+
+def reconstructions(model, samples, plots_dir):
+    """Originals, reconstructions and error maps of a few images per set."""
+    x = torch.cat([to_uint8(preprocess(batch.cpu(), model.config.image_size)) for batch in samples.values()])
+    out = score_batch(model, x, keep_maps=True)  # any runtime; x: uint8 [N, 3, S, S]
+    x = out["input"]  # float, as the model saw it
+    fig, axes = plt.subplots(3, len(x), figsize=(1.9 * len(x), 6), squeeze=False)
+    for j, name in enumerate(name for name, batch in samples.items() for _ in batch):  # one column per image
+        im = draw(axes[:, j], x[j], out["recon"][j], out["maps"][j], vmax=float(out["maps"].max()))
+        axes[0, j].set_title(name, fontsize=9)
+        axes[2, j].set_xlabel(f"mse {out['mse'][j]:.4f}", fontsize=8)
+    for row, label in enumerate(["original", "reconstruction", "error map"]):
+        axes[row, 0].set_ylabel(label)
+    fig.colorbar(im, ax=axes[2, :].tolist(), shrink=0.8, label="squared error")
+    save(fig, Path(plots_dir) / "reconstruction_comparison.png")
 
 
 def heatmap_name(path):

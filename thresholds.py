@@ -38,10 +38,11 @@ def find(checkpoint):
 def build(tables, levels, calibration, **sections):
     """The file's dict. tables: score -> {name: entry with 'value'} (FAKE when score > value); levels: score ->
     p-value levels (coding, combined); calibration: score -> real calibration scores; sections: anything else."""
+    card = {"reconstruction_thresholds": {
+        "score": "mse: per-image mean squared reconstruction error on inputs normalized to [-1, 1]",
+        "rule": "FAKE when error > value", "thresholds": tables["mse"]}} if "mse" in tables else {}
     return {
-        "reconstruction_thresholds": {
-            "score": "mse: per-image mean squared reconstruction error on inputs normalized to [-1, 1]",
-            "rule": "FAKE when error > value", "thresholds": tables["mse"]},
+        **card,
         "score_thresholds": {
             **{s: {"rule": "FAKE when score > value", "thresholds": t} for s, t in tables.items() if s != "mse"},
             **{s: {"rule": f"FAKE when {'two-sided ' * (s in TWO_SIDED)}{s} p-value <= value", "levels": t}
@@ -92,10 +93,13 @@ def validate(cfg, path):
                 raise UserError(f"{path}: {where}.{name}.value must be {'in (0, 1)' if levels else 'a finite number'}, "
                                 f"got {value!r}")
 
-    check_table(obj(obj(cfg, "the file").get("reconstruction_thresholds"), "reconstruction_thresholds").get("thresholds"),
-                "reconstruction_thresholds.thresholds")
-    if any(entry["value"] < 0 for entry in cfg["reconstruction_thresholds"]["thresholds"].values()):
-        raise UserError(f"{path}: reconstruction_thresholds.thresholds: an mse threshold cannot be negative")
+    # the card's mse table, which only the artifact detector's own file (no autoencoder) goes without
+    if "reconstruction_thresholds" in obj(cfg, "the file") or "artifact" not in obj(cfg.get("score_thresholds", {}),
+                                                                                   "score_thresholds"):
+        check_table(obj(cfg.get("reconstruction_thresholds"), "reconstruction_thresholds").get("thresholds"),
+                    "reconstruction_thresholds.thresholds")
+        if any(entry["value"] < 0 for entry in cfg["reconstruction_thresholds"]["thresholds"].values()):
+            raise UserError(f"{path}: reconstruction_thresholds.thresholds: an mse threshold cannot be negative")
     for score, entry in obj(cfg.get("score_thresholds", {}), "score_thresholds").items():
         if "thresholds" in obj(entry, f"score_thresholds.{score}"):
             check_table(entry["thresholds"], f"score_thresholds.{score}.thresholds")
@@ -105,14 +109,14 @@ def validate(cfg, path):
         if not (isinstance(values, list) and all(number(v) for v in values)) or values != sorted(values):
             raise UserError(f"{path}: calibration_scores.scores.{score} must be a sorted list of finite numbers")
     for key, value in obj(cfg.get("binding", {}), "binding").items():
-        if key in ("weights_fingerprint", "precision", "coding_fingerprint") and not isinstance(value, str | None):
+        if (key.endswith("fingerprint") or key == "precision") and not isinstance(value, str | None):
             raise UserError(f"{path}: binding.{key} must be a string, got {value!r}")
     return cfg
 
 
 def table(cfg, score):
     """The threshold table of a score: the card's place for mse, score_thresholds for the rest."""
-    section = cfg["reconstruction_thresholds"] if score == "mse" else cfg.get("score_thresholds", {}).get(score, {})
+    section = cfg.get("reconstruction_thresholds", {}) if score == "mse" else cfg.get("score_thresholds", {}).get(score, {})
     if not section.get("thresholds"):
         raise UserError(f"the thresholds file has no thresholds for score {score!r}; rerun calibrate.py, or use --score mse")
     return section["thresholds"]
@@ -162,19 +166,21 @@ def score_pvalues(cal, values, score):
     return combined_pvalue(cal, values) if score == "combined" else pvalues(cal[score], values[score], score)
 
 
-def binding_warnings(cfg, fingerprint, precision, coding_fingerprint=None):
-    """Why this file's thresholds may not apply to the loaded weights (empty when they do)."""
-    bound, calibrated_in, coding_bound = (cfg.get("binding", {}).get(key)
-                                          for key in ("weights_fingerprint", "precision", "coding_fingerprint"))
+def binding_warnings(cfg, fingerprint, precision, fingerprints=None):
+    """Why this file's thresholds may not apply to the loaded weights (empty when they do). fingerprint: the
+    autoencoder's (None: none loaded); fingerprints: {'coding' / 'artifact': that model's fingerprint or None}."""
+    bound, calibrated_in = (cfg.get("binding", {}).get(key) for key in ("weights_fingerprint", "precision"))
     warnings = []  # each reason: a milder one (precision) must not hide a graver one (other weights)
-    if bound != fingerprint:  # bound is None in a file that records no fingerprint
+    if fingerprint is not None and bound != fingerprint:  # bound is None in a file that records no fingerprint
         warnings.append("the thresholds file records no checkpoint fingerprint (e.g. the card's published values): "
                         "its thresholds were not calibrated for these weights; run calibrate.py" if bound is None else
                         f"the thresholds file was calibrated for other weights (fingerprint {bound[:12]}..., these "
                         f"are {fingerprint[:12]}...): its thresholds and p-values do not apply; run calibrate.py")
-    if coding_bound and coding_fingerprint and coding_bound != coding_fingerprint:
-        warnings.append(f"the thresholds file was calibrated with another coding model (fingerprint {coding_bound[:12]}"
-                        f"..., this one is {coding_fingerprint[:12]}...): its coding p-values do not apply; run calibrate.py")
+    for name, loaded in (fingerprints or {}).items():
+        if (other := cfg.get("binding", {}).get(f"{name}_fingerprint")) and loaded and other != loaded:
+            what = "coding model" if name == "coding" else "artifact detector"
+            warnings.append(f"the thresholds file was calibrated with another {what} (fingerprint {other[:12]}..., this "
+                            f"one is {loaded[:12]}...): its {name} thresholds and p-values do not apply; run calibrate.py")
     if calibrated_in and calibrated_in != precision:
         warnings.append(f"the thresholds were calibrated in {calibrated_in}, this run scores in {precision}: "
                         f"scores shift slightly; calibrate on this device for exact thresholds")

@@ -7,6 +7,7 @@ AdamW (lr 1e-3, wd 1e-5), MSE, ReduceLROnPlateau (0.5, patience 5), 100 epochs.
     python train.py --preset smoke --dataset synthetic --out-dir runs/smoke   # CPU, about a minute
     python train.py --dataset folder --data-dir ~/photos --init-from runs/cifar10/model_best_checkpoint.ckpt
     python train.py --preset coding --data-dir ~/photos --out-dir runs/coding   # the coding-cost model (coding.py)
+    python train.py --preset artifact --data-dir generated/pairs/train --out-dir runs/artifact   # generator traces
 
 Writes to --out-dir: model_best_checkpoint.ckpt (best validation loss), last_checkpoint.ckpt
 (everything to resume), metrics.jsonl, loss_curve.png, results.json (test MSE), release/ (hub layout).
@@ -27,9 +28,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import batches, dead_leaves, load_cifar10, load_image_folder, split_indices
+from data import batches, dead_leaves, load_cifar10, load_image_folder, load_pairs, split_indices
 from coding import CodingConfig, CodingModel
-from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model, model_from_weights
+from model import (ArtifactConfig, ArtifactDetector, AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model,
+                   model_from_weights)
 from utils import (SEED, ArgumentParser, UserError, all_reduce_sum, atomic_write, autocast, gather, load_checkpoint_dict,
                    lock_folder, number, peak_memory_gb, precision_name, run_cli, setup_distributed, unlock_folder,
                    weights_fingerprint, write_json)
@@ -45,10 +47,12 @@ def setting(default, help, **argparse_kwargs):
 
 @dataclass
 class TrainConfig:
-    model: str = setting("autoencoder", "the card's autoencoder, or the coding-cost model of real photos (coding.py)",
-                         choices=["autoencoder", "coding"])
-    dataset: str = setting("cifar10", "training images", choices=["cifar10", "folder", "synthetic"])
-    data_dir: str = setting("./data", "CIFAR-10 download folder, or the image tree for --dataset folder")
+    model: str = setting("autoencoder", "the card's autoencoder, the coding-cost model of real photos (coding.py), or "
+                                        "the detector of generator traces (model.ArtifactDetector)",
+                         choices=["autoencoder", "coding", "artifact"])
+    dataset: str = setting("cifar10", "training images (pairs: real/ and one folder per generator, make_pairs.py)",
+                           choices=["cifar10", "folder", "synthetic", "pairs"])
+    data_dir: str = setting("./data", "CIFAR-10 download folder, or the image tree for --dataset folder / pairs")
     out_dir: str = setting("runs/cifar10", "checkpoints, metrics, plot, results and release/ go here")
     epochs: int = setting(100, "train up to this epoch", type=number(int, 1))
     batch_size: int = setting(1024, "per process", type=number(int, 1))
@@ -85,7 +89,10 @@ PRESETS = {"card": {}, "smoke": dict(epochs=12, batch_size=32, image_size=32, ch
            # photos at native resolution: 64x64 crops, 3 pyramid levels; at most 4,096 training crops x 30 epochs
            # keeps it within ~15 minutes on a 2-core CPU whatever the folder's size
            "coding": dict(model="coding", dataset="folder", image_size=64, channels=(32, 32, 32), blocks_per_stage=2,
-                          batch_size=32, epochs=30, lr=2e-3, lr_patience=2, crops_per_image=128, max_images=4096)}
+                          batch_size=32, epochs=30, lr=2e-3, lr_patience=2, crops_per_image=128, max_images=4096),
+           # aligned real / generated pairs, 64x64 tiles of native pixels: about 10 minutes on a 2-core CPU
+           "artifact": dict(model="artifact", dataset="pairs", image_size=64, channels=(32, 64, 128), blocks_per_stage=1,
+                            batch_size=64, epochs=12, lr=2e-3, lr_patience=1, weight_decay=1e-4)}
 # what --resume lets a user change: none alters the data, the architecture or what the saved optimizer state means
 RESUMABLE = ("epochs", "lr", "weight_decay", "lr_factor", "lr_patience", "progress", "out_dir", "device")
 
@@ -154,6 +161,15 @@ def load_datasets(cfg, device):
         raise UserError("the coding model learns the finest scale of real photos, which downscaled images (CIFAR-10's "
                         "32x32 thumbnails, resized photos) do not have: train it on crops of a folder of photos "
                         "(--preset coding --data-dir DIR, or --dataset folder --crops-per-image N)")
+    if (cfg.model == "artifact") != (cfg.dataset == "pairs"):
+        raise UserError("the artifact detector trains on labelled pairs and only it does: use --preset artifact "
+                        "--data-dir PAIRS (real/ and one folder per generator, scripts/generated/make_pairs.py)")
+    if cfg.dataset == "pairs":  # val and test hold whole source photos: no scene is on both sides of a split
+        pool, photos, generators = load_pairs(cfg.data_dir, cfg.image_size, cfg.seed)
+        rest, test = split_by_photo(photos, cfg.test_fraction, cfg.seed + 1)
+        train, val = (rest[i] for i in split_by_photo([photos[i] for i in rest], cfg.val_fraction, cfg.seed))
+        pool, source = pool.to(device), f"{len(set(photos))} photos' pairs in {cfg.data_dir}, generators {', '.join(generators)}"
+        return pool[train], pool[val], pool[test], source
     if cfg.dataset == "cifar10":
         # one download per node: local rank 0 fetches and extracts, the other ranks wait, then read its files
         first = int(os.environ.get("LOCAL_RANK", 0)) == 0
@@ -185,6 +201,14 @@ def load_datasets(cfg, device):
     return train.to(device), val.to(device), test.to(device), source
 
 
+def split_by_photo(photos, fraction, seed):
+    """(kept, held) indices of samples: `fraction` of the distinct photos (seeded) are held out, all their samples."""
+    names = sorted(set(photos))
+    held = {names[i] for i in split_indices(len(names), fraction, seed)[1].tolist()}
+    is_held = torch.tensor([p in held for p in photos])
+    return (~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)
+
+
 def epoch_shard(n, batch_size, seed, epoch, rank, world, device):
     """Indices rank `rank` trains on in `epoch`: a fresh seeded permutation (identical on every
     rank, reproducible on resume), dealt round-robin and cut to the same whole number of
@@ -201,9 +225,10 @@ def evaluate(model, images, cfg, device, rank=0, world=1):
     shard = torch.arange(rank, images.shape[0], world, device=images.device)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of errors, count]
     for x in batches(images, cfg.batch_size, cfg.image_size, device, perm=shard):
+        x, target = x if isinstance(x, tuple) else (x, x)  # the artifact detector's target is its labels
         with autocast(device):
             x = x.contiguous(memory_format=torch.channels_last)
-            err = model.image_loss(model(x), x)  # [B]
+            err = model.image_loss(model(x), target)  # [B]
         total[0] += err.double().sum()
         total[1] += err.numel()  # a Python scalar: no host-to-device copy
     return (all_reduce_sum(total)[0] / total[1]).item()
@@ -217,10 +242,11 @@ def train_one_epoch(net, image_loss, opt, images, cfg, device, epoch, rank, worl
     bar = tqdm(total=len(shard) // cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                disable=not cfg.progress or rank != 0)
     for steps, x in enumerate(batches(images, cfg.batch_size, cfg.image_size, device, perm=shard), 1):
+        x, target = x if isinstance(x, tuple) else (x, x)  # the artifact detector's target is its labels
         x = x.contiguous(memory_format=torch.channels_last)  # [B, 3, S, S]
         with autocast(device):
-            out = net(x)  # the reconstruction [B, 3, S, S] (bf16 on CUDA), or the coding model's bits [B]
-        loss = image_loss(out, x).mean()  # in fp32: MSE, the card's loss, or bits per sub-pixel
+            out = net(x)  # the reconstruction [B, 3, S, S] (bf16 on CUDA), the coding model's bits [B], or logits [B]
+        loss = image_loss(out, target).mean()  # in fp32: MSE, the card's loss, bits per sub-pixel, or BCE
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -234,6 +260,9 @@ def train_one_epoch(net, image_loss, opt, images, cfg, device, epoch, rank, worl
 
 def new_model(cfg):
     try:
+        if cfg.model == "artifact":
+            return ArtifactDetector(ArtifactConfig(image_size=cfg.image_size, channels=cfg.channels,
+                                                   blocks_per_stage=cfg.blocks_per_stage))
         if cfg.model == "coding":
             return CodingModel(CodingConfig(image_size=cfg.image_size, channels=cfg.channels,
                                             blocks_per_stage=cfg.blocks_per_stage))
@@ -360,7 +389,7 @@ def train(cfg, resume=False, overwrite=False, typed=()):
         dist.barrier()  # rank 0 has written the best checkpoint
     best = load_model(out_dir / BEST_NAME, device)
     test_loss = evaluate(best, test_u8, cfg, device, rank, world)
-    loss_name = "bits_per_dim" if cfg.model == "coding" else "mse"
+    loss_name = {"coding": "bits_per_dim", "artifact": "bce"}.get(cfg.model, "mse")
     fingerprints = gather(weights_fingerprint(model))  # one per rank: equal if DDP kept them in step
     if rank == 0:
         best.save_pretrained(out_dir / "release")
@@ -373,7 +402,7 @@ def train(cfg, resume=False, overwrite=False, typed=()):
             first_val_loss=history[0]["val_loss"], epochs=len(history),
             train_time_min=round(sum(h["epoch_time_s"] for h in history) / 60, 3), world_size=world, device=str(device),
             final_weights_per_rank=fingerprints, best_weights=weights_fingerprint(best), config=asdict(cfg)))
-        log(f"test {'bits/dim' if cfg.model == 'coding' else 'MSE'} {test_loss:.6f} (best val {top['val_loss']:.6f} at epoch {top['epoch']}); "
+        log(f"test {loss_name} {test_loss:.6f} (best val {top['val_loss']:.6f} at epoch {top['epoch']}); "
             f"checkpoints, release/, metrics, loss curve and results.json are in {out_dir}")
     if dist.is_initialized():
         dist.destroy_process_group()
