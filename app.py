@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 
 import thresholds as thresholds_file
-from detector import SCORES, Detector, add_device_flags, check_device_flags
+from detector import ARTIFACT_WEIGHTS, SCORES, Detector, add_device_flags, check_device_flags
 from utils import ArgumentParser, UserError, number, run_cli
 
 DEMO_CHECKPOINT = Path("demo_output/model/model_best_checkpoint.ckpt")  # what `python demo.py` writes
@@ -46,7 +46,8 @@ README, "What it is, and what it is not".
 """
 
 SCORE_HELP = ("mse: the model card's; local: the worst 16x16 window; complexity: mse against PNG's cost (flags "
-              "smooth images); coding: the original pixels' coding cost; combined: the p-values of all of them")
+              "smooth images); coding: the original pixels' coding cost; artifact: the detector of generator traces "
+              "(shipped weights, its own thresholds); combined: the p-values of all of them")
 THRESHOLD_HELP = ("strict / balanced / sensitive: about 1% / 5% / 10% of real calibration images flagged "
                   "(for thresholds written by calibrate.py)")
 
@@ -67,6 +68,7 @@ def parse_args(argv=None):
     add("--thresholds", default=None, help="thresholds JSON (default: the demo's with the demo's checkpoint, else "
         "the one next to the checkpoint, else the repo's)")
     add("--coding-model", default=None, help="a coding model (train.py --preset coding), for the coding score")
+    add("--artifact-model", default=ARTIFACT_WEIGHTS, help="the artifact detector, with its thresholds beside it")
     add("--host", default=None, help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1; "
         "0.0.0.0 serves the local network)")
     add("--port", type=number(int, 1, 65535), default=None,
@@ -91,18 +93,22 @@ class Detectors:
     """One Detector per (score, threshold) choice, made on first use. Every verdict and p-value comes from the
     Detector API, exactly as inference_example.py gets them; all of them share the first one's weights."""
 
-    def __init__(self, checkpoint, thresholds, coding_model=None, device="auto", runtime="torch"):
+    def __init__(self, checkpoint, thresholds, coding_model=None, device="auto", runtime="torch",
+                 artifact_model=ARTIFACT_WEIGHTS):
         # workers=0: a few uploads per request decode faster in this process than in freshly started workers
         self.kwargs = dict(checkpoint=checkpoint, thresholds=thresholds, coding_model=coding_model, device=device,
                            workers=0, runtime=runtime)
+        # the artifact score needs no autoencoder, and decides with the thresholds beside its own weights
+        self.artifact_kwargs = dict(checkpoint=None, artifact_model=artifact_model, device=device, workers=0)
         self.cache = {}
         self.first = self.get("mse", "balanced")  # a bad checkpoint or thresholds file fails here, in one line
         self.scores = [s for s in SCORES if self.usable(s)]
 
     def get(self, score, threshold):
         if (score, threshold) not in self.cache:
-            det = Detector(score=score, threshold=threshold, **self.kwargs)
-            if self.cache:  # same files, same weights: keep one copy in memory
+            det = Detector(score=score, threshold=threshold,
+                           **(self.artifact_kwargs if score == "artifact" else self.kwargs))
+            if self.cache and score != "artifact":  # same files, same weights: keep one copy in memory
                 det.model, det.coding = self.first.model, self.first.coding
             self.cache[score, threshold] = det
         return self.cache[score, threshold]
@@ -144,11 +150,12 @@ def result_html(row, det):
     verdict, line = row["verdict"], decision(row, det)
     p_value = "no p-value (no calibration scores)" if row.get("p_value") is None else f"p-value {row['p_value']:.3g}"
     title = f"{verdict}  ({det.score_name} {row['score']:.6g})"  # the title inference_example.py --heatmaps gives
-    picture = base64.b64encode(heatmap_png(row, title)).decode()
+    picture = (f'<img alt="input, reconstruction and error map of {name}" src="data:image/png;base64,'
+               f'{base64.b64encode(heatmap_png(row, title)).decode()}">') if "map" in row else ""
     return (f'<div class="result" data-name="{name}" data-verdict="{verdict}"><b>{name}</b> '
             f'<span class="verdict {verdict}">{verdict}</span>'
             f'<p><span class="decision">{html.escape(line)}</span> &middot; <span class="p-value">{p_value}</span></p>'
-            f'<img alt="input, reconstruction and error map of {name}" src="data:image/png;base64,{picture}"></div>')
+            f'{picture}</div>')
 
 
 def score_uploads(detectors, paths, score, threshold):
@@ -197,7 +204,7 @@ def build_app(detectors, checkpoint):
 def main(argv=None):
     args = parse_args(argv)
     checkpoint, thresholds = model_files(args)
-    detectors = Detectors(checkpoint, thresholds, args.coding_model, args.device, args.runtime)
+    detectors = Detectors(checkpoint, thresholds, args.coding_model, args.device, args.runtime, args.artifact_model)
     for w in detectors.first.warnings:
         print(f"warning: {w}", file=sys.stderr, flush=True)
     try:

@@ -23,9 +23,9 @@ from PIL import Image
 
 from coding import MAX_TILES_PER_SIDE, CodingConfig, CodingModel
 from data import preprocess, read_image, to_uint8
-from detector import score_files
+from detector import score_files, tile_scores
 from fakes import png_bits
-from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, squared_error, summarize
+from model import ArtifactDetector, AutoencoderConfig, ResidualAutoencoder, count_parameters, squared_error, summarize
 from train import PRESETS
 from utils import ArgumentParser, check_writable, number, peak_memory_gb, pick_device, run_cli, write_json
 
@@ -156,6 +156,12 @@ def bench_folder(config, device, args, folder):
                repo_with_coding_images_per_s=rate(len(paths), lambda: [*score_files(model, paths, bs, coding=coding,
                                                                                     with_complexity=False)], device))
     out["coding_share_of_inference_time"] = 1 - out["repo_with_coding_images_per_s"] / out["repo_images_per_s"]
+    # the artifact detector on the same tiles; alone (--score artifact) it needs no autoencoder input at all
+    artifact = ArtifactDetector().to(device, memory_format=torch.channels_last).eval()
+    out.update(artifact_model_ms_per_image=1000 / rate(1, lambda: tile_scores(artifact, tiles, [n_tiles]), device,
+                                                       args.repeats, 1),
+               repo_artifact_only_images_per_s=rate(len(paths), lambda: [*score_files(None, paths, bs, artifact=artifact)],
+                                                    device))
     return data_path, out
 
 

@@ -402,7 +402,7 @@ def train(cfg, resume=False, overwrite=False, typed=()):
             first_val_loss=history[0]["val_loss"], epochs=len(history),
             train_time_min=round(sum(h["epoch_time_s"] for h in history) / 60, 3), world_size=world, device=str(device),
             final_weights_per_rank=fingerprints, best_weights=weights_fingerprint(best), config=asdict(cfg)))
-        log(f"test {loss_name} {test_loss:.6f} (best val {top['val_loss']:.6f} at epoch {top['epoch']}); "
+        log(f"test {dict(bits_per_dim='bits/dim', bce='BCE').get(loss_name, 'MSE')} {test_loss:.6f} (best val {top['val_loss']:.6f} at epoch {top['epoch']}); "
             f"checkpoints, release/, metrics, loss curve and results.json are in {out_dir}")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fakes
 import inference_example
 import metrics
 from coding import (MAX_TILES_PER_SIDE, CodingConfig, CodingModel, logistic_entropy_bits, logistic_log_prob, tile_origins,
@@ -85,8 +86,10 @@ def test_tiles_are_bounded_deterministic_and_on_the_jpeg_grid():
 def test_benign_versions():
     image = dead_leaves(1, 96, seed=2)[0]
     out = benign_versions(image, seed=1)
-    assert set(out) == {"jpeg75-95", "down2", "sharpen"}
+    assert set(out) == set(fakes.BENIGN)
     assert out["down2"].shape == (3, 48, 48) and out["sharpen"].shape == out["jpeg75-95"].shape == (3, 96, 96)
+    assert out["up2-bicubic"].shape == (3, 192, 192) and out["up4-lanczos"].shape == (3, 384, 384)
+    assert set(benign_versions(dead_leaves(1, 1032, seed=2, leaves=3)[0])) == {"jpeg75-95", "down2", "sharpen"}
     assert not torch.equal(out["sharpen"], image) and not torch.equal(out["jpeg75-95"], image)
 
 
@@ -175,7 +178,7 @@ def test_calibrate_and_infer_with_the_coding_score(coding_run, tiny_model, tmp_p
     assert len(cfg["calibration_scores"]["scores"]["coding"]) == 192
     levels = cfg["score_thresholds"]["coding"]["levels"]
     assert set(levels) == {"strict", "balanced", "sensitive"} and "two-sided" in cfg["score_thresholds"]["coding"]["rule"]
-    assert set(levels["balanced"]["benign_fpr"]) == {"jpeg75-95", "down2", "sharpen"}
+    assert set(levels["balanced"]["benign_fpr"]) == set(fakes.BENIGN)
     assert cfg["binding"]["coding_fingerprint"] and "coding" in cfg["evaluation"]["scores"]
     assert cfg["evaluation"]["scores"]["coding"]["noise"]["auroc"] > 0.9  # noise costs far more than expected
     assert "coding balanced" in proc.stdout and "sharpen" in proc.stdout

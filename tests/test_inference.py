@@ -371,7 +371,7 @@ def test_file_batches_travel_as_bytes_and_score_as_the_float_path(env):
     # a pinned uint8 batch is a quarter of float32's bytes and copies asynchronously; it is normalized on the device
     det = Detector(env["ckpt"], workers=0)
     items = list(detector.ImageFiles(env["good"], TINY.image_size, with_complexity=True))
-    _, x, png, _, _ = detector.collate(items)
+    _, x, png, _ = detector.collate(items)
     assert x.dtype == torch.uint8 and x.shape == (len(env["good"]), 3, TINY.image_size, TINY.image_size)
     floats = torch.cat([data.preprocess(read_image(p, min_size=TINY.image_size), TINY.image_size) for p in env["good"]])
     assert torch.equal(data.preprocess(x, TINY.image_size), floats)  # the round trip through bytes is exact

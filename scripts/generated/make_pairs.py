@@ -10,6 +10,7 @@ crop shrunk by the network's factor (PIL bicubic, antialiased) and regenerated b
 restores the real crop itself. Both are lossless PNGs of one stem. Split by source photo as the pools are:
 train_real -> pairs/train, calib_real -> pairs/calib (reals only: calibration), eval_photos_src -> pairs/test.
 Writes OUT_DIR/pairs/SPLIT/real/STEM.png, OUT_DIR/pairs/SPLIT/GENERATOR/STEM.png, OUT_DIR/pairs/generators.csv.
+A fake that exists is kept: an interrupted build goes on where it stopped.
 """
 import argparse
 import csv
@@ -116,10 +117,13 @@ def main():
             folder.mkdir(exist_ok=True)
             run = runner(out, g)
             for stem, crop in crops:
+                if (folder / f"{stem}.png").is_file():  # made by an earlier, interrupted run: each file is whole
+                    continue
                 lr = crop.resize((SIDE // g.scale, SIDE // g.scale), Image.Resampling.BICUBIC) if g.scale > 1 else crop
                 fake = run(lr)
                 assert fake.size == crop.size, (name, fake.size)
-                fake.save(folder / f"{stem}.png")
+                fake.save(folder / f"{stem}.tmp.png")
+                os.replace(folder / f"{stem}.tmp.png", folder / f"{stem}.png")
             print(f"{split}/{name}: {len(crops)} fakes in {time.time() - t:.0f} s", flush=True)
     with open(out / "pairs" / "generators.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([["generator", "family", "scale", "model", "source"]] +
