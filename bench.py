@@ -160,8 +160,8 @@ def bench_folder(config, device, args, folder):
     artifact = ArtifactDetector().to(device, memory_format=torch.channels_last).eval()
     out.update(artifact_model_ms_per_image=1000 / rate(1, lambda: tile_scores(artifact, tiles, [n_tiles]), device,
                                                        args.repeats, 1),
-               repo_artifact_only_images_per_s=rate(len(paths), lambda: [*score_files(None, paths, bs, artifact=artifact)],
-                                                    device))
+               repo_artifact_only_images_per_s=rate(
+                   len(paths), lambda: [*score_files(None, paths, bs, artifact=artifact)], device))
     return data_path, out
 
 

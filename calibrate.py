@@ -258,8 +258,9 @@ def build_report(model, extra, args, device, real, real_source, sets, sources, s
     extra_binding = {k: v for name, m in extra.items() if m is not None for k, v in {
         f"{name}_model": getattr(args, f"{name}_model"), f"{name}_fingerprint": weights_fingerprint(m),
         f"{name}_config": asdict(m.config)}.items()}
-    card = dict(statistics=stats["mse"], mean_error_ratio={n: s["mean"] / stats["mse"]["real"]["mean"]
-                                                           for n, s in stats["mse"].items() if n != "real"}) if model else {}
+    mse = stats.get("mse", {})  # the card's sections, with an autoencoder only
+    card = dict(statistics=mse, mean_error_ratio={n: s["mean"] / mse["real"]["mean"] for n, s in mse.items()
+                                                  if n != "real"}) if model else {}
     return thresholds.build(
         result["tables"], result["levels"], result["cal"], **card,
         score_statistics={s: stats[s] for s in real if s != "mse"},
@@ -286,8 +287,8 @@ def print_summary(report, output):
     print(f"{'score':<11}" + "".join(f"{n:>10}" for n in sets))
     for score, rows in ev.items():
         print(f"{score:<11}" + "".join(f"{rows[n]['auroc']:>10.3f}" for n in sets))
-    print("\nthresholds (mse, artifact: FAKE when score > value; coding, combined: FAKE when p <= value) and the share of real "
-          "images flagged: held-out [95% interval], benignly processed")
+    print("\nthresholds (mse, artifact: FAKE when score > value; coding, combined: FAKE when p <= value) and the share "
+          "of real images flagged: held-out [95% interval], benignly processed")
     sections = report["score_thresholds"]
     for kind, table in [*((("mse", report["reconstruction_thresholds"]["thresholds"]),) if "mse" in ev else ()),
                         *((s, sections[s]["thresholds"]) for s in sections if s == "artifact"),
@@ -343,8 +344,8 @@ def main(argv=None):
     except OSError as e:
         raise UserError(f"cannot write {e.filename or output}: {e.strerror or e}") from None
     print_summary(report, output)
-    print(f"plots: {plots_dir / 'threshold_calibration.png'}, {plots_dir / 'reconstruction_comparison.png'}, "
-          f"{plots_dir / 'roc_curve.png'}" + (f"; scores: {args.scores_out}" if args.scores_out else ""))
+    pictures = ["threshold_calibration.png", "reconstruction_comparison.png"] * (model is not None) + ["roc_curve.png"]
+    print("plots: " + ", ".join(str(plots_dir / p) for p in pictures) + (f"; scores: {args.scores_out}" * bool(args.scores_out)))
 
 
 if __name__ == "__main__":

@@ -169,5 +169,6 @@ def tiles_of(image, tile):
     ValueError if the image is smaller than one tile."""
     h, w = image.shape[-2:]
     if h < tile or w < tile:
-        raise ValueError(f"too small for the coding score: {w}x{h} pixels, it needs at least {tile}x{tile}")
+        raise ValueError(f"too small to tile for the coding and artifact scores: {w}x{h} pixels, it needs at least "
+                         f"{tile}x{tile}")
     return torch.stack([image[:, y:y + tile, x:x + tile] for y in tile_origins(h, tile) for x in tile_origins(w, tile)])

@@ -161,3 +161,20 @@ def test_the_shipped_detector_loads_and_scores_a_folder_with_no_flags(tmp_path):
     proc = run_script("inference_example.py", tmp_path, "--score", "artifact")
     lines = proc.stdout.splitlines()[:2]
     assert all("\tartifact=" in line and "\tp=" in line for line in lines) and "thresholds file" not in proc.stderr
+
+
+def test_combined_takes_the_artifact_score_when_calibrated_with_it(trained, tiny_model, tmp_path):
+    from conftest import save_checkpoint
+
+    ckpt = save_checkpoint(tiny_model, tmp_path / "ae" / "model.ckpt")
+    calib, out = trained / "calib", tmp_path / "both.json"
+    run_script("calibrate.py", "--checkpoint", ckpt, "--artifact-model", trained / "run" / "release", "--real-dir",
+               calib / "real", "--fake-dir", f"nearest={calib / 'nearest_x2'}", "--num-noise", "0", "--hard-fakes",
+               "none", "--num-benign", "0", "--bootstrap", "0", "--no-progress", "--output", out)
+    cfg = thresholds.read(out)
+    assert {"mse", "artifact", "combined"} <= set(cfg["evaluation"]["scores"])
+    with pytest.raises(Exception, match="artifact-model"):  # the file includes the artifact score: its model too
+        Detector(ckpt, thresholds=out, score="combined", device="cpu")
+    det = Detector(ckpt, thresholds=out, score="combined", device="cpu", artifact_model=trained / "run" / "release")
+    row = det.score([str(sorted((calib / "nearest_x2").glob("*.png"))[0])])[0]
+    assert set(det.calibration) >= {"mse", "artifact"} and 0 < row["p_value"] <= 1 and row["artifact"] is not None

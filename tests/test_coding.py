@@ -79,7 +79,7 @@ def test_tiles_are_bounded_deterministic_and_on_the_jpeg_grid():
     assert all(o % 8 == 0 for o in tile_origins(6000, 64) + tile_origins(4000, 64))
     assert tile_origins(6000, 64)[-1] + 64 > 5900  # spread over the whole side
     assert tiles_of(big[:, :100, :130], 64).shape[0] == 2  # 1 x 2 tiles fit
-    with pytest.raises(ValueError, match="too small for the coding score: 63x100"):
+    with pytest.raises(ValueError, match="too small to tile for the coding and artifact scores: 63x100"):
         tiles_of(big[:, :100, :63], 64)
 
 

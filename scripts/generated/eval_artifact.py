@@ -156,7 +156,7 @@ def main():
     p.add_argument("pairs", type=Path)
     p.add_argument("--out-dir", type=Path, default=Path("runs/artifact_eval"))
     p.add_argument("--runs", default="all,heldout,families", help="which runs: all, heldout, families")
-    p.add_argument("--epochs", type=int, default=4, help="epochs of the held-out runs (all: the preset's)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs of the held-out runs (all: the preset's)")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
     with open(args.pairs / "generators.csv") as fh:
