@@ -191,7 +191,8 @@ def main(argv=None):
     p = ArgumentParser(__doc__)
     add = p.add_argument
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    add("--preset", choices=sorted(PRESETS), default="card", help="model config of train.py's preset")
+    add("--preset", choices=sorted(p for p in PRESETS if "model" not in PRESETS[p]), default="card",
+        help="autoencoder config of train.py's preset")
     add("--batch-size", type=number(int, 1), default=None, help="32 on CPU, 1024 on CUDA if not given")
     add("--repeats", type=number(int, 1), default=5, help="timed repeats per figure; the median is reported")
     add("--warmup", type=number(int, 0), default=2, help="untimed runs first")
