@@ -19,14 +19,14 @@ are evidence, so its p-value is two-sided (metrics.conformal_pvalues).
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 
-from model import ResidualBlock, config_from_dict, save_safetensors
+from model import ResidualBlock, TileConfig, save_safetensors
 
 MAX_TILES_PER_SIDE = 4  # at most 4 x 4 = 16 tiles per image, whatever its size
 MODEL_CARD = """---
@@ -40,23 +40,10 @@ see the repository's README. Load it with `load_model`.
 
 
 @dataclass
-class CodingConfig:
-    kind: str = "coding"  # tells load_model which network a config describes
-    image_size: int = 64  # training crop and scoring tile side, in original pixels
+class CodingConfig(TileConfig):
+    kind: str = "coding"
     channels: tuple = (32, 32, 32)  # one predictor per coded level, finest first
     blocks_per_stage: int = 2  # residual blocks per predictor
-
-    def __post_init__(self):
-        self.channels = tuple(self.channels) if isinstance(self.channels, (list, tuple)) else ()
-        counts = (self.image_size, self.blocks_per_stage + 1, *self.channels)
-        if self.kind != "coding" or not 1 <= len(self.channels) <= 6 or not all(type(v) is int and v >= 1 for v in counts):
-            raise ValueError(f"expected kind 'coding', positive integers and 1 to 6 levels, got {asdict(self)}")
-        if self.image_size % 2 ** len(self.channels) or max(self.channels) > 1024 or self.blocks_per_stage > 64:
-            raise ValueError(f"image_size must be divisible by 2^levels, channels <= 1024, blocks <= 64: {asdict(self)}")
-
-    @classmethod
-    def from_dict(cls, d):
-        return config_from_dict(cls, d)
 
 
 def pyramid(x, levels):

@@ -168,23 +168,31 @@ mean tile logit says whether a network made the image. See the repository's READ
 
 
 @dataclass
-class ArtifactConfig:
-    kind: str = "artifact"  # tells load_model which network a config describes
+class TileConfig:
+    """The config of a network that reads tiles of original pixels: coding.CodingModel, ArtifactDetector."""
+    kind: str = ""  # tells load_model which network a config describes
     image_size: int = 64  # training crop and scoring tile side, in original pixels
-    channels: tuple = (32, 64, 128)  # one stage each, the first at half the tile's resolution
-    blocks_per_stage: int = 1
+    channels: tuple = ()  # one stage each (the coding model: one predictor per coded level)
+    blocks_per_stage: int = 1  # residual blocks per stage
 
     def __post_init__(self):
+        kind = type(self).__dataclass_fields__["kind"].default
         self.channels = tuple(self.channels) if isinstance(self.channels, (list, tuple)) else ()
         counts = (self.image_size, self.blocks_per_stage + 1, *self.channels)
-        if self.kind != "artifact" or not 1 <= len(self.channels) <= 6 or not all(type(v) is int and v >= 1 for v in counts):
-            raise ValueError(f"expected kind 'artifact', positive integers and 1 to 6 stages, got {asdict(self)}")
+        if self.kind != kind or not 1 <= len(self.channels) <= 6 or not all(type(v) is int and v >= 1 for v in counts):
+            raise ValueError(f"expected kind {kind!r}, positive integers and 1 to 6 stages, got {asdict(self)}")
         if self.image_size % 2 ** len(self.channels) or max(self.channels) > 1024 or self.blocks_per_stage > 64:
             raise ValueError(f"image_size must be divisible by 2^stages, channels <= 1024, blocks <= 64: {asdict(self)}")
 
     @classmethod
     def from_dict(cls, d):
         return config_from_dict(cls, d)
+
+
+@dataclass
+class ArtifactConfig(TileConfig):
+    kind: str = "artifact"
+    channels: tuple = (32, 64, 128)  # the first stage at half the tile's resolution
 
 
 def neighbour_residual(x):
