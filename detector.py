@@ -248,8 +248,9 @@ def load_kind(source, kind, device):
     """The model in `source`, checked to be of class `kind` (the flag named a model of that kind), ready to score."""
     model = load_model(source, device)
     if not isinstance(model, kind):
-        flags = {ResidualAutoencoder: "--checkpoint", CodingModel: "--coding-model", ArtifactDetector: "--artifact-model"}
-        raise UserError(f"{source} holds a {type(model).__name__}, not a {kind.__name__}: give it with {flags[type(model)]}")
+        what = {ResidualAutoencoder: ("an autoencoder", "--checkpoint"), CodingModel: ("a coding model", "--coding-model"),
+                ArtifactDetector: ("an artifact detector", "--artifact-model")}
+        raise UserError(f"{source} holds {what[type(model)][0]}, not {what[kind][0]}: give it with {what[type(model)][1]}")
     return prepare_model(model, device)
 
 

@@ -141,9 +141,15 @@ def test_the_detector_api_scores_files_and_images_alike(trained):
     assert from_file["p_value"] == in_memory["p_value"] and from_file["verdict"] in ("REAL", "FAKE")
 
 
-def test_artifact_needs_no_autoencoder_but_the_other_scores_do(trained):
+def test_artifact_needs_no_autoencoder_but_the_other_scores_do(trained, tiny_model, tmp_path):
+    from conftest import save_checkpoint
+
     proc = run_script("inference_example.py", trained / "pairs", "--score", "mse", check=False)
     assert proc.returncode == 2 and "give --checkpoint" in proc.stderr
+    ckpt = save_checkpoint(tiny_model, tmp_path / "ae.ckpt")  # an autoencoder where the detector belongs
+    proc = run_script("inference_example.py", trained / "pairs", "--score", "artifact", "--artifact-model", ckpt,
+                      check=False)
+    assert proc.returncode == 2 and "holds an autoencoder, not an artifact detector" in proc.stderr
     proc = run_script("inference_example.py", trained / "pairs", "--score", "artifact", "--artifact-model",
                       trained / "run" / "release", "--heatmaps", trained / "maps", check=False)
     assert proc.returncode == 2 and "--heatmaps" in proc.stderr
