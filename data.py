@@ -7,6 +7,7 @@ import io
 import os
 import socket
 import stat
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,11 +302,17 @@ def load_pairs(data_dir, size, seed=0, fakes_per_image=2):
     rng, tiles, labels, photos = np.random.default_rng(seed), [], [], []
     for path in sorted((root / "real").glob("*.png")):
         fakes = [root / g / path.name for g in generators if (root / g / path.name).is_file()]
-        for file, label, k in [(path, 0.0, fakes_per_image * len(fakes))] + [(f, 1.0, fakes_per_image) for f in fakes]:
-            pil = Image.fromarray(read_image(str(file)).permute(1, 2, 0).numpy())
+        try:  # a pair is whole or left out
+            images = [read_image(str(file)) for file in [path, *fakes]]
+        except ImageReadError as e:
+            print(f"skipped the pair {path.name}: {e}", file=sys.stderr)
+            continue
+        counts = [fakes_per_image * len(fakes)] + [fakes_per_image] * len(fakes)  # balanced: the real as all its fakes
+        for image, label, k in zip(images, [0.0] + [1.0] * len(fakes), counts):
+            pil = Image.fromarray(image.permute(1, 2, 0).numpy())
             tiles += [augmented_tile(pil, size, rng, real=not label) for _ in range(k)]
             labels += [label] * k
             photos += [path.stem.rsplit("_c", 1)[0]] * k
     if not tiles:
-        raise UserError(f"{data_dir}: no pairs (real/*.png with a fake of the same name)")
+        raise UserError(f"{data_dir}: no readable pairs (real/*.png with a fake of the same name)")
     return Labeled(torch.stack(tiles), torch.tensor(labels)), photos, generators

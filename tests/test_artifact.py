@@ -184,3 +184,11 @@ def test_combined_takes_the_artifact_score_when_calibrated_with_it(trained, tiny
     det = Detector(ckpt, thresholds=out, score="combined", device="cpu", artifact_model=trained / "run" / "release")
     row = det.score([str(sorted((calib / "nearest_x2").glob("*.png"))[0])])[0]
     assert set(det.calibration) >= {"mse", "artifact"} and 0 < row["p_value"] <= 1 and row["artifact"] is not None
+
+
+def test_an_unreadable_image_leaves_its_pair_out(tmp_path, capsys):
+    root = write_pairs(tmp_path / "pairs", photos=2, per_photo=2)
+    (root / "nearest_x2" / "photo0_c0.png").write_bytes(b"not a png")
+    pairs, photos, _ = data.load_pairs(root, 32, fakes_per_image=1)
+    assert len(pairs) == 3 * 2 and sorted(set(photos)) == ["photo0", "photo1"]  # three whole pairs, two tiles each
+    assert "skipped the pair photo0_c0.png: not an image" in capsys.readouterr().err
