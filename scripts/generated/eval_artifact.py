@@ -137,6 +137,8 @@ def evaluate(detector, pairs, generators):
            "real_fpr": [float(np.mean(real_s > balanced)), *metrics.clopper_pearson(int(np.sum(real_s > balanced)), len(real_s))],
            "benign_fpr": {n: float(np.mean(score(processed(real, fn)) > balanced)) for n, fn in PROCESSING.items()},
            "native_fpr": float(np.mean(score(native_crops(pairs.parent / "eval_photos_src")) > balanced)),
+           # the control must see JPEG where there is some: the test reals against themselves saved at q90
+           "jpeg_control_on_jpeg90": metrics.auroc(jpeg_grid(real), jpeg_grid(processed(real, saved("JPEG", quality=90)))),
            "generators": {}}
     variants = {"plain": None, "jpeg90": saved("JPEG", quality=90), "jpeg75": saved("JPEG", quality=75),
                 "thumb_jpeg": lambda p: saved("JPEG", quality=85)(half(p)), "thumb_webp": lambda p: saved("WEBP", quality=80)(half(p))}
@@ -192,7 +194,8 @@ def print_table(results, family):
     for name, r in results.items():
         fpr = r["real_fpr"]
         print(f"{name}: test reals flagged at balanced {fpr[0]:.1%} [{fpr[1]:.1%}, {fpr[2]:.1%}]; "
-              f"native-pixel crops of the test photos {r['native_fpr']:.1%}; benign: "
+              f"native-pixel crops of the test photos {r['native_fpr']:.1%}; JPEG-only control on real vs JPEG q90 "
+              f"{r.get('jpeg_control_on_jpeg90', float('nan')):.3f}; benign: "
               + ", ".join(f"{k} {v:.1%}" for k, v in r["benign_fpr"].items()))
 
 
