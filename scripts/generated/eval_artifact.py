@@ -32,6 +32,7 @@ from coding import tiles_of  # noqa: E402
 from data import preprocess  # noqa: E402
 from detector import score_images  # noqa: E402
 from model import load_model  # noqa: E402
+from photo_crops import detailed_crops  # noqa: E402
 
 # one generator of each family is held out at once; then each family in turn
 HELD_OUT = ["realsr_df2k_x4", "span_x4", "realcugan_se_x2", "waifu2x_cunet_denoise1_x1"]
@@ -120,8 +121,6 @@ def train(pairs, generators, out, epochs):
 def native_crops(photos):
     """Crops of the photos' ORIGINAL pixels (JPEG grid, demosaicing, the camera's own processing): real photos as
     users have them, unlike the downscaled crops of the pairs. The sr_* sets' real crops: 6 per photo, 256x256."""
-    from photo_crops import detailed_crops
-
     return [torch.from_numpy(np.array(c)).permute(2, 0, 1).contiguous()
             for p in sorted(Path(photos).iterdir()) for _, c in detailed_crops(p, 6, 5, 4)]
 
@@ -133,15 +132,18 @@ def evaluate(detector, pairs, generators):
     cal = np.sort(score([read(p) for p in sorted((pairs / "calib" / "real").glob("*.png"))]))
     balanced = metrics.conformal_threshold(cal, 0.05)
     real_s = score(real)
+    flagged = int(np.sum(real_s > balanced))
     row = {"balanced_threshold": balanced, "n_calibration": len(cal),
-           "real_fpr": [float(np.mean(real_s > balanced)), *metrics.clopper_pearson(int(np.sum(real_s > balanced)), len(real_s))],
+           "real_fpr": [flagged / len(real_s), *metrics.clopper_pearson(flagged, len(real_s))],
            "benign_fpr": {n: float(np.mean(score(processed(real, fn)) > balanced)) for n, fn in PROCESSING.items()},
            "native_fpr": float(np.mean(score(native_crops(pairs.parent / "eval_photos_src")) > balanced)),
            # the control must see JPEG where there is some: the test reals against themselves saved at q90
-           "jpeg_control_on_jpeg90": metrics.auroc(jpeg_grid(real), jpeg_grid(processed(real, saved("JPEG", quality=90)))),
+           "jpeg_control_on_jpeg90": metrics.auroc(jpeg_grid(real),
+                                                   jpeg_grid(processed(real, saved("JPEG", quality=90)))),
            "generators": {}}
     variants = {"plain": None, "jpeg90": saved("JPEG", quality=90), "jpeg75": saved("JPEG", quality=75),
-                "thumb_jpeg": lambda p: saved("JPEG", quality=85)(half(p)), "thumb_webp": lambda p: saved("WEBP", quality=80)(half(p))}
+                "thumb_jpeg": lambda p: saved("JPEG", quality=85)(half(p)),
+                "thumb_webp": lambda p: saved("WEBP", quality=80)(half(p))}
     real_v = {v: real_s if fn is None else score(processed(real, fn)) for v, fn in variants.items()}
     for g in generators:
         fake = [read(pairs / "test" / g / s) for s in stems]
