@@ -160,7 +160,8 @@ def main():
     p.add_argument("pairs", type=Path)
     p.add_argument("--out-dir", type=Path, default=Path("runs/artifact_eval"))
     p.add_argument("--runs", default="all,heldout,families", help="which runs: all, heldout, families")
-    p.add_argument("--epochs", type=int, default=6, help="epochs of the held-out runs (all: the preset's)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs of the held-out runs")
+    p.add_argument("--all-epochs", type=int, default=0, help="epochs of the run on every generator (0: the preset's)")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
     with open(args.pairs / "generators.csv") as fh:
@@ -178,7 +179,7 @@ def main():
     if results_path.is_file():
         results = json.loads(results_path.read_text())
     for name, (train_on, test_on) in runs.items():
-        release = train(args.pairs, train_on, args.out_dir / name, 0 if name == "all" else args.epochs)
+        release = train(args.pairs, train_on, args.out_dir / name, args.all_epochs if name == "all" else args.epochs)
         results[name] = {"trained_on": train_on, **evaluate(load_model(release).eval(), args.pairs, test_on)}
         results_path.write_text(json.dumps(results, indent=1))
         print_table(results, family)
