@@ -291,8 +291,8 @@ class Detector:
         self.device = pick_device("cpu" if runtime != "torch" and device == "auto" else device)
         self.model, self.coding, self.artifact = load_models(checkpoint, coding_model, self.device, runtime, artifact_model)
         self.fingerprint = weights_fingerprint(self.model) if self.model is not None else None
-        if not thresholds and not checkpoint and thresholds_file.beside(artifact_model).is_file():
-            thresholds = str(thresholds_file.beside(artifact_model))  # the detector's own calibration
+        if not thresholds and not checkpoint and (own := thresholds_file.beside(artifact_model)).is_file():
+            thresholds = str(own)  # the artifact detector's own calibration
         # small batches on a CPU keep decode and model overlapped; a GPU wants large ones
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
         self.score_name, self.workers = score, workers
