@@ -1,19 +1,14 @@
-"""Scores real images against fakes, writes thresholds in the card's schema, and
-reports how well each score separates real from each kind of fake.
+"""Scores real images against fakes, writes thresholds in the card's schema, and reports how well each score
+separates real from each kind of fake (docs/method.md: the thresholds, p-values and metrics).
 
     python calibrate.py --checkpoint runs/cifar10/model_best_checkpoint.ckpt      # the card: CIFAR-10 test vs noise
     python calibrate.py --checkpoint runs/smoke/model_best_checkpoint.ckpt --real-dir photos/ \\
         --fake-dir cifake=CIFAKE/test/FAKE --output out/thresholds_calibrated.json --plots-dir out/
-    python calibrate.py --checkpoint CKPT --coding-model runs/coding/model_best_checkpoint.ckpt --real-dir photos/
-    python calibrate.py --artifact-model runs/artifact/release --real-dir generated/pairs/calib/real \
+    python calibrate.py --artifact-model runs/artifact/release --real-dir generated/pairs/calib/real \\
         --fake-dir generated/pairs/test/span_x4 --num-noise 0 --hard-fakes none    # the artifact detector alone
 
-Real images (CIFAR-10 test, or --real-dir) are split, seeded, into a calibration part that sets the thresholds
-and a held-out part that measures them. Thresholds: strict / balanced / sensitive are split-conformal at
-false-positive levels 1% / 5% / 10% (the k-th smallest calibration score, k = ceil((n + 1)(1 - a))); optimal
-maximises TPR - FPR against the --optimal-against fake set. Rule: FAKE when score > threshold; for the two-sided
-coding score and for combined, FAKE when the p-value <= the level. Benign processing of held-out real photos
-(re-saved as JPEG, downscaled by 2, sharpened) gives more real images, whose flagged share is reported per score.
+Real images are split, seeded, into a calibration part (split-conformal thresholds at 1% / 5% / 10% false
+positives, and the p-values' reference) and a held-out part that measures them, with benignly processed copies.
 """
 
 import argparse
@@ -28,15 +23,18 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 import fakes
 import metrics
 import thresholds
-from data import PREPROCESSING, ImageReadError, load_cifar10, load_image_folder, read_image
-from detector import BASE_SCORES, add_device_flags, check_device_flags, load_models, model_device, score_files, score_images
-from thresholds import FPR_LEVELS, TWO_SIDED
-from utils import (SEED, ArgumentParser, UserError, atomic_write, check_not_an_input, check_writable, csv_cell, number,
+import plots
+from data import PREPROCESSING, ImageReadError, load_cifar10, load_image_folder, preprocess, read_image, to_uint8
+from detector import (BASE_SCORES, add_model_flags, check_model_flags, load_models, model_device, score_batch,
+                      score_files, score_images)
+from thresholds import FPR_LEVELS
+from utils import (SEED, ArgumentParser, UserError, atomic_write, check_output, csv_cell, number,
                    pick_device, precision_name, printable, run_cli, weights_fingerprint)
 
 CONVENTION = ("fake = positive class, real = negative; higher score = more fake (for combined, lower p-value); "
@@ -47,10 +45,8 @@ CONVENTION = ("fake = positive class, real = negative; higher score = more fake 
 def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     add = p.add_argument
-    add("--checkpoint", default=None, help="the autoencoder, anything load_model accepts (default: "
-        "runs/cifar10/model_best_checkpoint.ckpt, unless --artifact-model is given alone)")
-    add("--coding-model", default=None, help="a coding model (train.py --preset coding): adds the coding score")
-    add("--artifact-model", default=None, help="an artifact detector (train.py --preset artifact): adds its score")
+    add_model_flags(p, "the autoencoder, anything load_model accepts (default: runs/cifar10/model_best_checkpoint.ckpt, "
+                    "unless --artifact-model is given alone)")
     add("--data-dir", default="./data", help="CIFAR-10 folder, used when no --real-dir")
     add("--real-dir", action="append", default=[], help="real images (files, folders, globs; repeatable) instead of CIFAR-10 test")
     add("--max-real", type=number(int, 0), default=0, help="use at most this many real images, 0 = all")
@@ -64,15 +60,17 @@ def parse_args(argv=None):
     add("--optimal-against", default=None, help="fake set that the 'optimal' threshold separates (default: noise, if made)")
     add("--holdout-fraction", type=number(float, 0, 1), default=0.5, help="real images held out to measure FPR")
     add("--seed", type=SEED, default=0, help="seed of the real split and the built-in fakes")
-    add("--output", default=None, help="thresholds JSON (default: thresholds_calibrated.json beside the checkpoint)")
+    add("--output", default=None, help="thresholds JSON to write (default: thresholds_calibrated.json beside the "
+        "checkpoint)")
     add("--plots-dir", default=None, help="where the three PNGs go (default: the --output folder)")
     add("--scores-out", default=None, help="CSV of every scored image (set, index or path, split, scores)")
     add("--batch-size", type=number(int, 1), default=128, help="images per forward pass")
     add("--workers", type=number(int, 0), default=None, help="decode processes for folders (default: min(4, CPUs))")
-    add_device_flags(add)
     add("--bootstrap", type=number(int, 0), default=200, help="bootstrap resamples for AUROC intervals, 0 = off")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    args = check_device_flags(p, p.parse_args(argv))
+    args = check_model_flags(p, p.parse_args(argv))
+    if args.thresholds:
+        p.error("--thresholds: calibrate.py writes thresholds; name the file to write with --output")
     # every set's name is its key in the report and in --scores-out: two sets of one name would merge silently
     args.hard = [n.strip() for n in args.hard_fakes.split(",") if n.strip() not in ("", "none")]
     args.fake_dirs, names = [], ["real", *(["noise"] if args.num_noise else []), *args.hard]
@@ -92,11 +90,11 @@ def parse_args(argv=None):
 
 
 # ---- scoring every set
-def score_folder(model, extra, paths, args, label):
+def score_folder(model, artifact, paths, args, label):
     """Scores image files exactly as inference does; returns (scores dict, paths, skipped files)."""
     rows, skipped = [], []
     with tqdm(desc=f"scoring {label}", unit="img", disable=not args.progress, leave=False) as bar:
-        for row in score_files(model, paths, args.batch_size, args.workers, **extra):
+        for row in score_files(model, paths, args.batch_size, args.workers, artifact=artifact):
             if "error" in row:
                 skipped.append(f"{row['path']}: {row['error']}")
                 continue
@@ -110,19 +108,19 @@ def score_folder(model, extra, paths, args, label):
     return {s: np.asarray([r[s] for r in rows]) for s in BASE_SCORES if s in rows[0]}, [r["path"] for r in rows], skipped
 
 
-def score_set(model, extra, images, args, label):
+def score_set(model, artifact, images, args, label):
     with tqdm(total=len(images), desc=f"scoring {label}", unit="img", disable=not args.progress, leave=False) as bar:
-        return score_images(model, images, batch_size=args.batch_size, progress=bar, **extra)
+        return score_images(model, images, batch_size=args.batch_size, progress=bar, artifact=artifact)
 
 
-def score_benign(model, extra, paths, args):
+def score_benign(model, artifact, paths, args):
     """{name: scores} of benignly processed copies of real photos (fakes.benign_versions), at their original
-    resolution; a copy too small for the coding score's tiles is left out of every score."""
+    resolution; a copy too small for the artifact score's tiles is left out of every score."""
     out = {name: [] for name in fakes.BENIGN}
     for i, path in enumerate(tqdm(paths, desc="scoring benign", disable=not args.progress, leave=False)):
         try:
             versions = fakes.benign_versions(read_image(path), seed=args.seed + i)
-            scores = score_images(model, list(versions.values()), batch_size=len(versions), **extra)
+            scores = score_images(model, list(versions.values()), batch_size=len(versions), artifact=artifact)
         except (ImageReadError, ValueError):  # vanished since, or its half-size copy is too small to tile
             continue
         for j, name in enumerate(versions):
@@ -130,25 +128,24 @@ def score_benign(model, extra, paths, args):
     return {name: {s: np.array([r[s] for r in rows]) for s in rows[0]} for name, rows in out.items() if rows}
 
 
-def collect(model, extra, args):
+def collect(model, artifact, args):
     """Real scores, paths and source, fake sets {name: scores} and sources, unreadable files skipped per set,
     and a few uint8 sample images per set for the pictures."""
-    # the coding score tiles the built-in fakes too: make them at least one tile large
-    tilers = [m for m in extra.values() if m is not None]
-    size = max(m.config.image_size for m in [model, *tilers] if m is not None)
-    device = model_device(model if model is not None else tilers[0])
+    # the artifact score tiles the built-in fakes too: make them at least one tile large
+    size = max(m.config.image_size for m in (model, artifact) if m is not None)
+    device = model_device(model if model is not None else artifact)
     skipped, sets, sources = {}, {}, {}
     if args.real_dir:
-        real, real_paths, skipped["real"] = score_folder(model, extra, args.real_dir, args, "real")
+        real, real_paths, skipped["real"] = score_folder(model, artifact, args.real_dir, args, "real")
         # the derived fakes (blur, jpeg, splice) are edits of these images
         real_u8 = load_image_folder(real_paths[:args.num_hard], size)[0] if args.num_hard else None
         real_source = f"{len(real_paths):,} images from {', '.join(args.real_dir)}"
-    elif tilers:
-        raise UserError("the coding and artifact scores read original pixels, and CIFAR-10's are 32x32 thumbnails: "
+    elif artifact is not None:
+        raise UserError("the artifact score reads original pixels, and CIFAR-10's are 32x32 thumbnails: "
                         "give real photos with --real-dir")
     else:
         real_u8 = load_cifar10(args.data_dir, train=False)[:args.max_real or None]
-        real, real_paths = score_set(model, {}, real_u8.to(device), args, "real (CIFAR-10 test)"), None
+        real, real_paths = score_set(model, None, real_u8.to(device), args, "real (CIFAR-10 test)"), None
         real_source = f"CIFAR-10 test set, {real_u8.shape[0]:,} images"
     samples = {"real": real_u8[:4]} if real_u8 is not None else {}  # for reconstruction_comparison.png
     for name in (["noise"] if args.num_noise else []) + args.hard:
@@ -157,11 +154,11 @@ def collect(model, extra, args):
                                           size=size, seed=args.seed)[name]
         except ValueError as e:
             raise UserError(f"--hard-fakes: {e}") from None
-        sets[name] = score_set(model, extra, images.to(device), args, name)
+        sets[name] = score_set(model, artifact, images.to(device), args, name)
         sources[name] = f"{images.shape[0]:,} images: {fakes.DESCRIPTIONS[name]}"
         samples[name] = images[:1]
     for name, folder in args.fake_dirs:
-        sets[name], paths, skipped[name] = score_folder(model, extra, [folder], args, name)
+        sets[name], paths, skipped[name] = score_folder(model, artifact, [folder], args, name)
         sources[name] = f"{len(paths):,} images from {folder}"
     if not sets:
         raise UserError("no fake sets: give --num-noise > 0, --hard-fakes or --fake-dir")
@@ -228,36 +225,33 @@ def evaluation_table(held, fakes, n_boot, seed):
 
 def analyse(real, sets, benign, split, args):
     """Thresholds from the calibration part; what they flag on the held-out reals, the benign sets and the fakes;
-    AUROC of every score. Scores decided by p-value (coding, combined) are evaluated as 1 - p: higher = more fake."""
+    AUROC of every score. combined (a p-value) is evaluated as 1 - p: higher = more fake."""
     (cal_idx, held_idx), names = split, list(real)
     cal = {s: np.sort(real[s][cal_idx]) for s in names}
     held = {s: real[s][held_idx] for s in names}
     fakes = {s: {n: v[s] for n, v in sets.items()} for s in names}
     good = {s: {n: v[s] for n, v in benign.items()} for s in names}
-    one_sided = [s for s in names if s not in TWO_SIDED]
-    tables = {s: threshold_table(cal[s], held[s], fakes[s], good[s], args.optimal_against) for s in one_sided}
-    roc = {s: (held[s], fakes[s]) for s in one_sided}  # what each score's ROC compares: held-out real vs fakes
-    levels, pvalue = {}, lambda score, values: thresholds.score_pvalues(cal, values, score)
-    for s in [s for s in names if s in TWO_SIDED] + ["combined"]:
-        held_p, fake_p = pvalue(s, held), {n: pvalue(s, v) for n, v in sets.items()}
-        levels[s] = level_table(held_p, fake_p, {n: pvalue(s, v) for n, v in benign.items()},
-                                f"FAKE when {s} p-value <= value")
-        smallest = float(pvalue(s, {x: np.array([np.inf]) for x in names})[0])  # of the most extreme image possible
-        for entry in levels[s].values():
-            entry["smallest_possible_p"] = smallest
-        roc[s] = (1 - held_p, {n: 1 - p for n, p in fake_p.items()})
+    tables = {s: threshold_table(cal[s], held[s], fakes[s], good[s], args.optimal_against) for s in names}
+    roc = {s: (held[s], fakes[s]) for s in names}  # what each score's ROC compares: held-out real vs fakes
+    pvalue = lambda values: thresholds.combined_pvalue(cal, values)  # noqa: E731
+    held_p, fake_p = pvalue(held), {n: pvalue(v) for n, v in sets.items()}
+    levels = {"combined": level_table(held_p, fake_p, {n: pvalue(v) for n, v in benign.items()},
+                                      "FAKE when combined p-value <= value")}
+    smallest = float(pvalue({x: np.array([np.inf]) for x in names})[0])  # of the most extreme image possible
+    for entry in levels["combined"].values():
+        entry["smallest_possible_p"] = smallest
+    roc["combined"] = (1 - held_p, {n: 1 - p for n, p in fake_p.items()})
     evaluation = {s: evaluation_table(r, f, args.bootstrap, args.seed) for s, (r, f) in roc.items()}
     return dict(cal_idx=cal_idx, held_idx=held_idx, cal=cal, tables=tables, levels=levels, evaluation=evaluation, roc=roc)
 
 
 # ---- report
-def build_report(model, extra, args, device, real, real_source, sets, sources, skipped, result):
+def build_report(model, artifact, args, device, real, real_source, sets, sources, skipped, result):
     stats = {s: {n: metrics.summary_stats(v[s]) for n, v in {"real": real, **sets}.items()} for s in real}
     ckpt = Path(args.checkpoint or args.artifact_model)
     weights_file = ckpt / "model.safetensors" if ckpt.is_dir() else ckpt
-    extra_binding = {k: v for name, m in extra.items() if m is not None for k, v in {
-        f"{name}_model": getattr(args, f"{name}_model"), f"{name}_fingerprint": weights_fingerprint(m),
-        f"{name}_config": asdict(m.config)}.items()}
+    artifact_binding = dict(artifact_model=args.artifact_model, artifact_fingerprint=weights_fingerprint(artifact),
+                            artifact_config=asdict(artifact.config)) if artifact is not None else {}
     mse = stats.get("mse", {})  # the card's sections, with an autoencoder only
     card = dict(statistics=mse, mean_error_ratio={n: s["mean"] / mse["real"]["mean"] for n, s in mse.items()
                                                   if n != "real"}) if model else {}
@@ -269,7 +263,7 @@ def build_report(model, extra, args, device, real, real_source, sets, sources, s
             "checkpoint": str(args.checkpoint),
             "checkpoint_sha256": hashlib.sha256(weights_file.read_bytes()).hexdigest() if weights_file.is_file() else None,
             "weights_fingerprint": model and weights_fingerprint(model), "model_config": model and asdict(model.config),
-            **extra_binding,
+            **artifact_binding,
             "preprocessing": PREPROCESSING, "precision": precision_name(device), "device": str(device),
             "real": real_source,
             "real_split": {"seed": args.seed, "holdout_fraction": args.holdout_fraction,
@@ -287,7 +281,7 @@ def print_summary(report, output):
     print(f"{'score':<11}" + "".join(f"{n:>10}" for n in sets))
     for score, rows in ev.items():
         print(f"{score:<11}" + "".join(f"{rows[n]['auroc']:>10.3f}" for n in sets))
-    print("\nthresholds (mse, artifact: FAKE when score > value; coding, combined: FAKE when p <= value) and the share "
+    print("\nthresholds (FAKE when score > value; combined: FAKE when p <= value) and the share "
           "of real images flagged: held-out [95% interval], benignly processed")
     sections = report["score_thresholds"]
     for kind, table in [*((("mse", report["reconstruction_thresholds"]["thresholds"]),) if "mse" in ev else ()),
@@ -321,25 +315,26 @@ def main(argv=None):
     output = Path(args.output) if args.output else thresholds.beside(args.checkpoint or args.artifact_model)
     plots_dir = Path(args.plots_dir) if args.plots_dir else output.parent
     for path in [output, plots_dir / "roc_curve.png"] + ([Path(args.scores_out)] if args.scores_out else []):
-        check_not_an_input(path, [args.checkpoint, args.coding_model, args.artifact_model, *args.real_dir])
-        check_writable(path)  # fail before an hour of scoring, not after
+        check_output(path, [args.checkpoint, args.artifact_model, *args.real_dir])
     device = pick_device(args.device)
-    model, coding, artifact = load_models(args.checkpoint, args.coding_model, device, args.runtime, args.artifact_model)
-    extra = dict(coding=coding, artifact=artifact)
-    real, real_paths, real_source, sets, sources, skipped, samples = collect(model, extra, args)
+    model, artifact = load_models(args.checkpoint, device, args.runtime, args.artifact_model)
+    real, real_paths, real_source, sets, sources, skipped, samples = collect(model, artifact, args)
     for name, items in skipped.items():
         if items:
             print(f"skipped {len(items)} unreadable {printable(name)} file(s), e.g. {printable(items[0])}", file=sys.stderr)
     split = split_real(len(next(iter(real.values()))), args.holdout_fraction, args.seed)
     # benign copies of held-out photos only: the calibration part must not see them
-    benign = score_benign(model, extra, [real_paths[i] for i in split[1][:args.num_benign]], args) if real_paths else {}
+    benign = score_benign(model, artifact, [real_paths[i] for i in split[1][:args.num_benign]], args) if real_paths else {}
     result = analyse(real, sets, benign, split, args)
-    report = build_report(model, extra, args, device, real, real_source, sets, sources, skipped, result)
+    report = build_report(model, artifact, args, device, real, real_source, sets, sources, skipped, result)
     try:  # the thresholds file last: if any write fails (a full disk), no new thresholds without their evidence
         if args.scores_out:
             write_scores_csv(args.scores_out, real, real_paths, result, sets)
-        import plots
-        plots.calibration_plots(report, real, sets, result, model, samples, plots_dir)
+        shown = None
+        if samples and model is not None:  # a few images per set, reconstructed as the model sees them
+            x = torch.cat([to_uint8(preprocess(batch.cpu(), model.config.image_size)) for batch in samples.values()])
+            shown = ([name for name, batch in samples.items() for _ in batch], score_batch(model, x, keep_maps=True))
+        plots.calibration_plots(report, real, sets, result, model is not None, shown, plots_dir)
         thresholds.write(output, report)
     except OSError as e:
         raise UserError(f"cannot write {e.filename or output}: {e.strerror or e}") from None

@@ -46,10 +46,11 @@ def run(step, args, ok=(0,)):
 
 def main(argv=None):
     p = ArgumentParser(__doc__)
-    p.add_argument("--out-dir", default="demo_output", help="everything goes here")
-    p.add_argument("--real-images", type=number(int, 200), default=1000, help="held-out real images for calibration")
-    p.add_argument("--seed", type=int, default=0, help="seed of training and of the generated images")
-    p.add_argument("--figures-dir", default=None, help="also copy the README's pictures here (--figures-dir docs)")
+    add = p.add_argument
+    add("--out-dir", default="demo_output", help="everything goes here")
+    add("--real-images", type=number(int, 200), default=1000, help="held-out real images for calibration")
+    add("--seed", type=int, default=0, help="seed of training and of the generated images")
+    add("--figures-dir", default=None, help="also copy the README's pictures here (--figures-dir docs)")
     args = p.parse_args(argv)
     out, t0 = Path(args.out_dir), time.perf_counter()
     checkpoint, thresholds = out / "model" / "model_best_checkpoint.ckpt", out / "thresholds_calibrated.json"
@@ -59,24 +60,27 @@ def main(argv=None):
     save_pngs(out / "real_heldout", real=dead_leaves(args.real_images, 32, seed=args.seed + 1000))
     run("2/3 calibrate", ["calibrate.py", "--checkpoint", checkpoint, "--real-dir", out / "real_heldout",
                           "--num-noise", 1000, "--num-hard", 500, "--output", thresholds,
-                          "--plots-dir", out, "--scores-out", out / "calibration_scores.csv", "--no-progress"])
+                          "--plots-dir", out, "--scores-out", out / "calibration_scores.csv",
+                          "--no-progress"])
     save_pngs(out / "examples", real_like=dead_leaves(6, 32, seed=args.seed + 2000),
               noise=fakes.uniform_noise(3, 32, seed=1), flat=fakes.flat_colours(3, 32, seed=2),
               gradient=fakes.gradients(3, 32, seed=3))
     (out / "examples" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this JPEG stops here")
     run("3/3 inference", ["inference_example.py", out / "examples", "--checkpoint", checkpoint,
                           "--thresholds", thresholds, "--score", "combined", "--output", out / "results.csv",
-                          "--heatmaps", out / "heatmaps"], ok=(0, 1))  # 1: the corrupt file is reported and skipped
+                          "--heatmaps", out / "heatmaps"], ok=(0, 1))  # 1: the corrupt file, reported
     if args.figures_dir:  # the README's pictures: four plots, and the first real-like and flat heatmaps
         figures = Path(args.figures_dir)
         figures.mkdir(parents=True, exist_ok=True)
-        plots = ["threshold_calibration.png", "roc_curve.png", "reconstruction_comparison.png", "model/loss_curve.png"]
-        picks = [out / n for n in plots] + [min((out / "heatmaps").glob(f"{k}*.png")) for k in ("real_like", "flat")]
+        plots = "threshold_calibration roc_curve reconstruction_comparison model/loss_curve".split()
+        heatmaps = [min((out / "heatmaps").glob(f"{k}*.png")) for k in ("real_like", "flat")]
+        picks = [out / f"{n}.png" for n in plots] + heatmaps
         for src in picks:
             name = f"heatmap_{src.name.split('-')[0]}.png" if src.parent.name == "heatmaps" else src.name
             shutil.copyfile(src, figures / name)
         print(f"copied {len(picks)} figures to {figures}/")
-    print(f"\nDone in {time.perf_counter() - t0:.0f}s. Everything is in {out}/:" + __doc__.split("It writes:")[1])
+    written = __doc__.split("It writes:")[1]
+    print(f"\nDone in {time.perf_counter() - t0:.0f}s. Everything is in {out}/:{written}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
-"""The statistics that calibration and evaluation use. "Fake" is the POSITIVE class, a score is higher
-= more fake and is flagged when `score > threshold`; the ROC-style functions sweep `score >= t` like
-sklearn (the two differ only at ties). Inputs may be lists, numpy arrays or torch tensors.
-"""
+"""Statistics for calibration and evaluation. Fake is the positive class, a higher score is more fake and
+flagged when `score > threshold`; ROC-style functions sweep `score >= t` as sklearn does (they differ only at
+ties). Inputs may be lists, numpy arrays or torch tensors."""
 
 import math
 from fractions import Fraction
@@ -11,7 +10,7 @@ import numpy as np
 
 def as_scores(x, name="scores"):
     """A flat float64 numpy array of scores; ValueError if None, empty or if any is NaN."""
-    x = x.detach().cpu().numpy() if hasattr(x, "detach") else x  # torch, even on the GPU, without importing it
+    x = x.detach().cpu().numpy() if hasattr(x, "detach") else x  # torch, even on the GPU
     a = np.asarray([] if x is None else x, dtype=np.float64).ravel()
     if a.size == 0 or np.isnan(a).any():  # a broken image or model must not silently move a threshold
         raise ValueError(f"{name}: need scores and no NaN, got {a.size} with {int(np.isnan(a).sum())} NaN")
@@ -24,64 +23,55 @@ def _check_level(x, name):
 
 
 # ---- split conformal calibration
-
 def conformal_rank(n, alpha):
-    """k = ceil((n + 1)(1 - alpha)) in exact arithmetic (n = 10000, alpha = 0.05: 9501). May exceed n."""
+    """k = ceil((n + 1)(1 - alpha)), exactly; may exceed n. ValueError unless n >= 1 and 0 < alpha < 1."""
     _check_level(alpha, "alpha")
     if int(n) != n or n < 1:
         raise ValueError(f"need n >= 1 calibration scores, got {n}")
-    # alpha as the fraction its decimal spells (0.99 is 99/100, not the double just below it): no binary rounding
+    # alpha as the fraction its decimal spells (0.99 is 99/100, not the double just below it)
     return math.ceil((int(n) + 1) * (1 - Fraction(repr(float(alpha)))))
 
 
 def conformal_threshold(cal_scores, alpha):
-    """The k-th smallest of n real calibration scores, k = conformal_rank(n, alpha): a new real image
-    exchangeable with them has P(score > threshold) <= alpha. +inf when k > n (too few to certify alpha)."""
+    """The k-th smallest of n real scores, k = conformal_rank(n, alpha): an exchangeable real image has
+    P(score > threshold) <= alpha. +inf when k > n (too few scores to certify alpha)."""
     s = as_scores(cal_scores, "cal_scores")
     k = conformal_rank(s.size, alpha)
     return math.inf if k > s.size else float(np.partition(s, k - 1)[k - 1])  # no full sort needed
 
 
-def conformal_pvalues(cal_scores_sorted, scores, two_sided=False):
-    """p(s) = (1 + #{cal >= s}) / (n + 1) against ascending-sorted real calibration scores: for
-    an exchangeable real image P(p <= a) <= a, so a small p is evidence of fake. float64 [N].
-    two_sided: both tails are evidence, p = min(1, 2 min(p_upper, p_lower)) (Bonferroni over the two tails)."""
+def conformal_pvalues(cal_scores_sorted, scores):
+    """float64 [N]: p(s) = (1 + #{cal >= s}) / (n + 1) against ascending real calibration scores, so that
+    P(p <= a) <= a for an exchangeable real image. ValueError if the scores are not sorted."""
     cal, s = as_scores(cal_scores_sorted, "cal_scores_sorted"), as_scores(scores)
     if cal.size > 1 and np.any(cal[1:] < cal[:-1]):
         raise ValueError("cal_scores_sorted must be sorted ascending (np.sort it once, reuse it)")
-    upper = (1.0 + cal.size - np.searchsorted(cal, s, side="left")) / (cal.size + 1.0)  # ties count: conservative
-    if not two_sided:
-        return upper
-    lower = (1.0 + np.searchsorted(cal, s, side="right")) / (cal.size + 1.0)  # (1 + #{cal <= s}) / (n + 1)
-    return np.minimum(1.0, 2 * np.minimum(upper, lower))
+    return (1.0 + cal.size - np.searchsorted(cal, s, side="left")) / (cal.size + 1.0)  # ties: conservative
 
 
 def uniformity_pvalue(p_values, min_count=20):
-    """Kolmogorov-Smirnov p-value of "these conformal p-values are uniform", as they are for images exchangeable
-    with the calibration set; None for fewer than min_count values (too few to tell)."""
+    """KS-test p-value of "these conformal p-values are uniform", as real images' are; None if < min_count."""
     if len(p_values) < min_count:
         return None
-    from scipy.stats import kstest  # here: only this check and calibration need scipy
+    from scipy.stats import kstest  # here: scipy.stats takes ~0.8 s to import, which scoring rarely needs
     return float(kstest(np.asarray(p_values, dtype=np.float64), "uniform").pvalue)
 
 
 def clopper_pearson(k, n, confidence=0.95):
-    """Exact (conservative) two-sided interval (lo, hi) for a rate measured as k of n, e.g. a
-    threshold's FPR on n held-out reals. lo = 0 at k = 0 and hi = 1 at k = n."""
+    """Exact, conservative interval (lo, hi) of a rate of k in n; lo = 0 at k = 0, hi = 1 at k = n."""
     if int(k) != k or int(n) != n or n < 1 or not 0 <= k <= n:
         raise ValueError(f"need integers n >= 1 and 0 <= k <= n, got k={k}, n={n}")
     _check_level(confidence, "confidence")
-    from scipy.stats import beta  # here, not at the top: it takes ~1 s to import and only calibration needs it
+    from scipy.stats import beta  # here: as in uniformity_pvalue
     k, n, tail = int(k), int(n), (1.0 - float(confidence)) / 2.0
     return (0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1)),
             1.0 if k == n else float(beta.ppf(1.0 - tail, k + 1, n - k)))
 
 
-# ---- ranking metrics, hand-written (and tested against sklearn) to keep sklearn out of runtime
-
+# ---- ranking metrics, tested against sklearn, which the runtime does without
 def _counts_by_threshold(pos, neg):
-    # per distinct score t, descending: t and the numbers of positives / negatives >= t. One
-    # point per distinct score, so ties move the curve diagonally instead of inventing an order.
+    # per distinct score t, descending: t and the numbers of positives / negatives >= t; one point per
+    # distinct score, so that ties move the curve diagonally instead of inventing an order
     scores = np.concatenate([pos, neg])
     order = np.argsort(-scores, kind="stable")
     scores, is_pos = scores[order], order < pos.size
@@ -91,7 +81,7 @@ def _counts_by_threshold(pos, neg):
 
 
 def roc_curve(real_scores, fake_scores):
-    """(fpr, tpr, thresholds) of `score >= t`, t from +inf down: sklearn's roc_curve(drop_intermediate=False)."""
+    """(fpr, tpr, thresholds) of `score >= t`, t from +inf down, as roc_curve(drop_intermediate=False)."""
     real, fake = as_scores(real_scores, "real_scores"), as_scores(fake_scores, "fake_scores")
     thr, tps, fps = _counts_by_threshold(fake, real)
     return np.r_[0.0, fps / real.size], np.r_[0.0, tps / fake.size], np.r_[np.inf, thr]
@@ -100,13 +90,13 @@ def roc_curve(real_scores, fake_scores):
 def auroc(real_scores, fake_scores):
     """P(fake score > real score) + P(tie) / 2: Mann-Whitney U over n_real * n_fake."""
     real, fake = np.sort(as_scores(real_scores, "real_scores")), as_scores(fake_scores, "fake_scores")
-    u = (np.searchsorted(real, fake, "left") + np.searchsorted(real, fake, "right")).sum() / 2  # a tie counts 1/2
+    u = (np.searchsorted(real, fake, "left") + np.searchsorted(real, fake, "right")).sum() / 2  # a tie: 1/2
     return float(u / (real.size * fake.size))
 
 
 def aupr(real_scores, fake_scores, positive="fake"):
-    """Average precision of `score >= t`, sklearn's step sum. positive="fake" is AUPR-Out, "real" is
-    AUPR-In (ranking by -score). Depends on the class balance, unlike AUROC: report the counts with it."""
+    """Average precision of `score >= t` (sklearn's step sum): positive="fake" is AUPR-Out, "real" AUPR-In
+    (ranking by -score). Unlike AUROC it depends on the class balance."""
     real, fake = as_scores(real_scores, "real_scores"), as_scores(fake_scores, "fake_scores")
     if positive not in ("fake", "real"):
         raise ValueError(f"positive must be 'fake' or 'real', got {positive!r}")
@@ -116,7 +106,7 @@ def aupr(real_scores, fake_scores, positive="fake"):
 
 
 def fpr_at_tpr(real_scores, fake_scores, tpr=0.95):
-    """FPR of `score >= t` at the largest t with TPR >= tpr: the m-th largest fake, m = ceil(tpr * n_fake) exactly."""
+    """FPR of `score >= t` at the largest t with TPR >= tpr: the m-th largest fake, m = ceil(tpr * n_fake)."""
     real, fake = as_scores(real_scores, "real_scores"), as_scores(fake_scores, "fake_scores")
     if not 0.0 < float(tpr) <= 1.0:
         raise ValueError(f"tpr must be in (0, 1], got {tpr}")
@@ -138,14 +128,13 @@ def youden_threshold(real_scores, fake_scores):
 
 
 def bootstrap_ci(fn, real, fake, n_boot=1000, confidence=0.95, seed=0):
-    """Percentile bootstrap (lo, hi) of fn(real, fake), resampling real and fake separately (they
-    are independent samples of fixed sizes). fake may be None (fn then gets None)."""
+    """Percentile bootstrap (lo, hi) of fn(real, fake), resampling each separately; fake may be None."""
     _check_level(confidence, "confidence")
     if int(n_boot) != n_boot or n_boot < 1:
         raise ValueError(f"n_boot must be a positive integer, got {n_boot}")
-    real, fake, n_boot = as_scores(real, "real"), None if fake is None else as_scores(fake, "fake"), int(n_boot)
-    rng, stats = np.random.default_rng(seed), []
-    chunk = max(1, 2_000_000 // (real.size + (0 if fake is None else fake.size)))  # bounds the resamples in memory
+    real, fake = as_scores(real, "real"), None if fake is None else as_scores(fake, "fake")
+    rng, stats, n_boot = np.random.default_rng(seed), [], int(n_boot)
+    chunk = max(1, 2_000_000 // (real.size + (0 if fake is None else fake.size)))  # bounds the memory
     for rows in (min(chunk, n_boot - start) for start in range(0, n_boot, chunk)):
         rs = real[rng.integers(0, real.size, size=(rows, real.size))]  # [rows, n_real]
         fs = [None] * rows if fake is None else fake[rng.integers(0, fake.size, size=(rows, fake.size))]

@@ -1,4 +1,4 @@
-"""The card's residual convolutional autoencoder, and `load_model`.
+"""The card's residual convolutional autoencoder, the artifact detector, and `load_model`.
 
     python model.py                      # summary: stage shapes, parameters, GFLOPs
     python model.py --write-config       # regenerate the top-level config.json
@@ -43,26 +43,28 @@ class AutoencoderConfig:
             raise ValueError(f"expected positive integers and 1 to 8 channel stages, got {asdict(self)}")
         if self.image_size % 2 ** len(c):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^{len(c)}")
-        # configs arrive from files: bound the size before any layer exists (one asked for 8.2 PB)
-        s = self.image_size // 2 ** len(c)
-        params = 2 * c[-1] * s * s * self.latent_dim + 9 * (2 * self.blocks_per_stage + 2) * sum(x * x for x in c)
+        # configs arrive from files: bound the size before any layer is allocated
+        s, convs = self.image_size // 2 ** len(c), 2 * self.blocks_per_stage + 2  # 3x3 convs per stage
+        params = 2 * c[-1] * s * s * self.latent_dim + 9 * convs * sum(x * x for x in c)
         if params + 9 * self.in_channels * c[0] > 1e9:
             raise ValueError(f"config too large: about {params:.3g} parameters (this loader's limit is 1e9)")
 
     @property
     def bottleneck_size(self):
-        return self.image_size // 2 ** len(self.channels)  # 128 / 32 = 4
+        return self.image_size // 2 ** len(self.channels)
 
     @classmethod
     def from_dict(cls, d):
-        d = {k: v for k, v in d.items() if k != "architecture"} if isinstance(d, dict) else d  # older files name it
+        if isinstance(d, dict):  # older files name the architecture
+            d = {k: v for k, v in d.items() if k != "architecture"}
         return config_from_dict(cls, d)
 
 
 def config_from_dict(cls, d):
     """A config dataclass from a dict read from a file; ValueError on anything but its own keys."""
     if not isinstance(d, dict) or set(d) - {f.name for f in fields(cls)}:
-        raise ValueError(f"expected a JSON object with keys from {[f.name for f in fields(cls)]}, got {d!r:.200}")
+        raise ValueError(f"expected a JSON object with keys from {[f.name for f in fields(cls)]}, "
+                         f"got {d!r:.200}")
     return cls(**d)
 
 
@@ -87,30 +89,40 @@ class ResidualBlock(nn.Module):
         return F.relu(x + self.bn2(self.conv2(y)), inplace=True)
 
 
-def squared_error(recon, x):
-    """Per-pixel squared error [B, C, H, W] in fp32 (bf16 outputs too): what every score and the loss start from."""
-    return (recon.float() - x.float()).pow(2)
+def pixel_error(recon, x):
+    """[B, C, H, W] twice -> [B, H, W] squared error, mean over channels, in fp32 (bf16 inputs too)."""
+    return (recon.float() - x.float()).pow(2).mean(dim=1)
 
 
-class ResidualAutoencoder(nn.Module, PyTorchModelHubMixin, model_card_template=MODEL_CARD, library_name="pytorch",
-                          license="mit", pipeline_tag="image-feature-extraction",
-                          tags=["autoencoder", "anomaly-detection", "deepfake-detection"]):
-    def __init__(self, config: AutoencoderConfig = None):
+class HubModel(nn.Module, PyTorchModelHubMixin):
+    """A network with a config dataclass, saved in the hub layout (config.json + model.safetensors)."""
+
+    def __init__(self, config):
         super().__init__()
-        self.config = config = config or AutoencoderConfig()
-        self._hub_mixin_config = config  # what save_pretrained writes to config.json
+        self.config = self._hub_mixin_config = config  # what save_pretrained writes to config.json
+
+    def _save_pretrained(self, save_directory):
+        save_safetensors(self, save_directory)
+
+
+class ResidualAutoencoder(HubModel, model_card_template=MODEL_CARD, library_name="pytorch", license="mit",
+                          pipeline_tag="image-feature-extraction",
+                          tags=["autoencoder", "anomaly-detection", "deepfake-detection"]):
+    """float [B, C, S, S] in [-1, 1] -> reconstruction of the same shape, through a latent_dim vector."""
+
+    def __init__(self, config: AutoencoderConfig = None):
+        super().__init__(config or AutoencoderConfig())
+        config = self.config
         c, n, s = config.channels, config.blocks_per_stage, config.bottleneck_size
         self.stem = conv_bn_relu(nn.Conv2d(config.in_channels, c[0], 3, padding=1, bias=False))
         c_in = (c[0],) + c[:-1]
-        # each stage halves the resolution: 128 -> 64 -> 32 -> 16 -> 8 -> 4
-        self.down = nn.ModuleList(
+        self.down = nn.ModuleList(  # each stage halves the resolution
             nn.Sequential(conv_bn_relu(nn.Conv2d(ci, co, 3, stride=2, padding=1, bias=False)),
                           *[ResidualBlock(co) for _ in range(n)])
             for ci, co in zip(c_in, c))
         self.to_latent = nn.Linear(c[-1] * s * s, config.latent_dim)
         self.from_latent = nn.Linear(config.latent_dim, c[-1] * s * s)
-        # the decoder mirrors the encoder: 4 -> 8 -> 16 -> 32 -> 64 -> 128
-        self.up = nn.ModuleList(
+        self.up = nn.ModuleList(  # mirrors the encoder
             nn.Sequential(*[ResidualBlock(ci) for _ in range(n)],
                           conv_bn_relu(nn.ConvTranspose2d(ci, co, 4, stride=2, padding=1, bias=False)))
             for ci, co in zip(reversed(c), reversed(c_in)))
@@ -122,29 +134,28 @@ class ResidualAutoencoder(nn.Module, PyTorchModelHubMixin, model_card_template=M
             got = f"{tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"expected a float batch [B, {', '.join(map(str, shape))}] in [-1, 1] "
                              f"(data.preprocess), got {got}")
-        h = self.stem(x)  # [B, c0, 128, 128]
+        h = self.stem(x)
         for stage in self.down:
-            h = stage(h)  # [B, c_i, H/2, W/2]
+            h = stage(h)
         return self.to_latent(h.flatten(1))  # [B, latent_dim]
 
     def decode(self, z):
         s = self.config.bottleneck_size
-        h = F.relu(self.from_latent(z)).view(z.shape[0], self.config.channels[-1], s, s)  # [B, c4, 4, 4]
+        h = F.relu(self.from_latent(z)).view(z.shape[0], self.config.channels[-1], s, s)
         if self.head.weight.is_contiguous(memory_format=torch.channels_last):
             h = h.contiguous(memory_format=torch.channels_last)  # .view() gave NCHW; keep the fast layout
         for stage in self.up:
-            h = stage(h)  # [B, c_{i-1}, 2H, 2W]
-        return torch.tanh(self.head(h))  # [B, 3, 128, 128] in [-1, 1]
+            h = stage(h)
+        return torch.tanh(self.head(h))
 
     def forward(self, x):
         return self.decode(self.encode(x))
 
     def reconstruction_error(self, x, reduction="none"):
-        """'none' -> [B] per-image MSE (the card's score), 'mean' -> scalar,
-        'pixel' -> [B, H, W] squared error averaged over channels (heatmaps). Always fp32."""
+        """fp32 per-image MSE [B] ('none': the card's score), its mean ('mean') or [B, H, W] ('pixel')."""
         if reduction not in ("none", "mean", "pixel"):
             raise ValueError(f"reduction must be 'none', 'mean' or 'pixel', got {reduction!r}")
-        pixel = squared_error(self(x), x).mean(dim=1)  # [B, H, W], in the order detector.score_batch uses
+        pixel = pixel_error(self(x), x)
         if reduction == "pixel":
             return pixel
         per_image = pixel.flatten(1).mean(dim=1)
@@ -152,10 +163,7 @@ class ResidualAutoencoder(nn.Module, PyTorchModelHubMixin, model_card_template=M
 
     def image_loss(self, recon, x):
         """[B] per-image MSE: the training loss."""
-        return squared_error(recon, x).flatten(1).mean(dim=1)
-
-    def _save_pretrained(self, save_directory):
-        save_safetensors(self, save_directory)
+        return pixel_error(recon, x).flatten(1).mean(dim=1)
 
 
 ARTIFACT_CARD = """---
@@ -168,76 +176,64 @@ mean tile logit says whether a network made the image. See the repository's READ
 
 
 @dataclass
-class TileConfig:
-    """The config of a network that reads tiles of original pixels: coding.CodingModel, ArtifactDetector."""
-    kind: str = ""  # tells load_model which network a config describes
+class ArtifactConfig:
+    kind: str = "artifact"  # tells load_model which network a config describes
     image_size: int = 64  # training crop and scoring tile side, in original pixels
-    channels: tuple = ()  # one stage each (the coding model: one predictor per coded level)
-    blocks_per_stage: int = 1  # residual blocks per stage
+    channels: tuple = (32, 64, 128)  # one stage each, the first at half the tile's resolution
+    blocks_per_stage: int = 1
 
     def __post_init__(self):
-        kind = type(self).__dataclass_fields__["kind"].default
-        self.channels = tuple(self.channels) if isinstance(self.channels, (list, tuple)) else ()
-        counts = (self.image_size, self.blocks_per_stage + 1, *self.channels)
-        if self.kind != kind or not 1 <= len(self.channels) <= 6 or not all(type(v) is int and v >= 1 for v in counts):
-            raise ValueError(f"expected kind {kind!r}, positive integers and 1 to 6 stages, got {asdict(self)}")
-        if self.image_size % 2 ** len(self.channels) or max(self.channels) > 1024 or self.blocks_per_stage > 64:
-            raise ValueError(f"image_size must be divisible by 2^stages, channels <= 1024, blocks <= 64: {asdict(self)}")
+        c = self.channels = tuple(self.channels) if isinstance(self.channels, (list, tuple)) else ()
+        counts = (self.image_size, self.blocks_per_stage + 1, *c)
+        ok = all(type(v) is int and v >= 1 for v in counts)
+        if self.kind != "artifact" or not 1 <= len(c) <= 6 or not ok:
+            raise ValueError(f"expected kind 'artifact', positive integers and 1 to 6 stages, "
+                             f"got {asdict(self)}")
+        if self.image_size % 2 ** len(c) or max(c) > 1024 or self.blocks_per_stage > 64:
+            raise ValueError("image_size must be divisible by 2^stages, channels <= 1024, blocks <= 64: "
+                             f"{asdict(self)}")
 
     @classmethod
     def from_dict(cls, d):
         return config_from_dict(cls, d)
 
 
-@dataclass
-class ArtifactConfig(TileConfig):
-    kind: str = "artifact"
-    channels: tuple = (32, 64, 128)  # the first stage at half the tile's resolution
-
-
 def neighbour_residual(x):
-    """[B, 3, S, S] -> [B, 12, S/2, S/2]: each pixel minus the top-left pixel of its 2x2 block (x - up(down(x)),
-    nearest, after NPR, Tan et al. CVPR 2024), the four positions of a block as channels. Up-sampling layers
-    leave their traces in exactly these local correlations; the scene's content mostly cancels."""
+    """[B, 3, S, S] -> [B, 12, S/2, S/2]: each pixel minus the top-left one of its 2x2 block (NPR, Tan et
+    al. CVPR 2024), the four positions as channels: up-sampling traces stay, the content mostly cancels."""
     residual = x - F.interpolate(x[:, :, ::2, ::2], scale_factor=2.0, mode="nearest")
     return F.pixel_unshuffle(residual, 2)
 
 
-class ArtifactDetector(nn.Module, PyTorchModelHubMixin, model_card_template=ARTIFACT_CARD, library_name="pytorch",
-                       license="mit", tags=["image-forensics", "generated-image-detection"]):
-    """Tiles of native pixels, float [B, 3, S, S] from data.preprocess at their own size -> [B] logits
-    (> 0: generated). Fully convolutional up to a global mean, so it takes any even tile size."""
+class ArtifactDetector(HubModel, model_card_template=ARTIFACT_CARD, library_name="pytorch", license="mit",
+                       tags=["image-forensics", "generated-image-detection"]):
+    """float [B, 3, S, S] tiles of native pixels (data.preprocess at their own size, any even S)
+    -> [B] logits, > 0: generated."""
 
     def __init__(self, config: ArtifactConfig = None):
-        super().__init__()
-        self.config = config = config or ArtifactConfig()
-        self._hub_mixin_config = config
-        c, n = config.channels, config.blocks_per_stage
+        super().__init__(config or ArtifactConfig())
+        c, n = self.config.channels, self.config.blocks_per_stage
         self.stem = conv_bn_relu(nn.Conv2d(12, c[0], 3, padding=1, bias=False))
-        self.stages = nn.Sequential(*[nn.Sequential(
-            *([] if i == 0 else [conv_bn_relu(nn.Conv2d(c[i - 1], c[i], 3, stride=2, padding=1, bias=False))]),
+        self.stages = nn.Sequential(*[nn.Sequential(  # each stage after the first halves the resolution
+            *([conv_bn_relu(nn.Conv2d(c[i - 1], c[i], 3, stride=2, padding=1, bias=False))] if i else []),
             *[ResidualBlock(c[i]) for _ in range(n)]) for i in range(len(c))])
         self.head = nn.Linear(c[-1], 1)
 
     def forward(self, x):
-        h = self.stages(self.stem(neighbour_residual(x.float() * 32)))  # x32: residuals of a few levels to O(1)
-        return self.head(h.mean(dim=(2, 3))).squeeze(1).float()  # [B]
+        h = self.stages(self.stem(neighbour_residual(x.float() * 32)))  # x32: residuals of a few levels ~ 1
+        return self.head(h.mean(dim=(2, 3))).squeeze(1).float()
 
     def image_loss(self, logits, labels):
         """[B] binary cross-entropy: the training loss (labels 1 = generated)."""
         return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
 
-    def _save_pretrained(self, save_directory):
-        save_safetensors(self, save_directory)
-
 
 def save_safetensors(model, folder):
     # safetensors refuses non-contiguous (channels_last) tensors
     tensors = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(model.state_dict()).items()}
-    atomic_write(Path(folder) / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(Path(folder) / "model.safetensors",
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
-
-# ---- loading: every source gives (state_dict, config dict or None)
 
 def read_hub_folder(folder, weights_name="model.safetensors"):
     weights, config = Path(folder) / weights_name, Path(folder) / "config.json"
@@ -254,7 +250,8 @@ def download_from_hub(repo_ref):
     from huggingface_hub import snapshot_download  # looked up at call time (tests replace it)
     repo_id, _, revision = repo_ref.partition("@")
     try:
-        return snapshot_download(repo_id, revision=revision or None, allow_patterns=["*.safetensors", "*.json"])
+        return snapshot_download(repo_id, revision=revision or None,
+                                 allow_patterns=["*.safetensors", "*.json"])
     except Exception as e:  # network, auth and not-found errors all end in the same advice
         detail = " ".join(str(e).split())[:200]
         raise UserError(f"could not fetch {repo_ref!r} from the Hugging Face hub ({detail})") from None
@@ -265,11 +262,13 @@ def read_source(source):
     path = Path(source)
     if path.is_dir() or path.suffix == ".safetensors" and path.is_file():
         return read_hub_folder(path) if path.is_dir() else read_hub_folder(path.parent, path.name)
-    if path.suffix == ".onnx" and path.is_file():  # export.py's graph: only the exported runtimes read it
-        raise UserError(f"{path} is an exported ONNX graph: score it with --runtime onnx or --runtime openvino")
+    if path.suffix == ".onnx" and path.is_file():
+        raise UserError(f"{path} is an exported ONNX graph: "
+                        "score it with --runtime onnx or --runtime openvino")
     if path.is_file():
         ckpt = load_checkpoint_dict(path)
-        weights = next((ckpt[k] for k in ("model", "model_state_dict", "state_dict") if isinstance(ckpt.get(k), dict)),
+        keys = ("model", "model_state_dict", "state_dict")
+        weights = next((ckpt[k] for k in keys if isinstance(ckpt.get(k), dict)),
                        ckpt if ckpt and all(torch.is_tensor(v) for v in ckpt.values()) else None)  # or bare
         if weights is None:
             raise UserError(f"{path}: no model weights inside (keys: {sorted(map(str, ckpt))[:8]})")
@@ -282,28 +281,29 @@ def read_source(source):
 
 
 def load_model(source, device="cpu", config=None):
-    """The model in eval mode from a train.py checkpoint, hub folder, .safetensors file or hub id "user/name[@rev]":
-    the card's autoencoder, the coding-cost model (coding.py) or the artifact detector, as its config's kind says."""
+    """The model in eval mode, autoencoder or artifact detector as its config's kind says, from a train.py
+    checkpoint, hub folder, .safetensors file or hub id "user/name[@rev]". UserError on any bad source."""
     return model_from_weights(*read_source(source), source, config).to(device).eval()
 
 
 def model_from_weights(state_dict, stored_config, source, config=None):
-    """These weights in a model, strictly; architecture from the stored config (`config`: bare state_dicts only)."""
-    from coding import CodingConfig, CodingModel  # here: coding.py builds on this file's blocks
+    """These weights in a model, strictly; the stored config gives the architecture (`config`: if none)."""
     kind = stored_config.get("kind") if isinstance(stored_config, dict) else None
-    net, net_config = {"coding": (CodingModel, CodingConfig), "artifact": (ArtifactDetector, ArtifactConfig)}.get(
-        kind, (ResidualAutoencoder, AutoencoderConfig))
+    if kind not in (None, "artifact"):  # e.g. the coding model of earlier versions
+        raise UserError(f"{source}: a model of kind {kind!r}, which this version does not have")
+    net, net_config = (ArtifactDetector, ArtifactConfig) if kind else (ResidualAutoencoder, AutoencoderConfig)
     try:
-        config = net_config.from_dict(stored_config) if stored_config is not None else config or AutoencoderConfig()
+        config = (net_config.from_dict(stored_config) if stored_config is not None
+                  else config or AutoencoderConfig())
     except (TypeError, ValueError) as e:
         raise UserError(f"{source}: bad model config ({e})") from None
     model = net(config)
     state_dict, expected = clean_state_dict(state_dict), model.state_dict()
-    # load_state_dict would cast integers into float weights without a word: quantized or damaged, never these weights
+    # load_state_dict would silently cast integer (quantized or damaged) tensors into float weights
     if wrong := next((k for k, v in state_dict.items() if torch.is_tensor(v) and k in expected
                       and expected[k].is_floating_point() and not v.is_floating_point()), None):
-        raise UserError(f"{source}: weights do not fit the architecture: {wrong} holds {state_dict[wrong].dtype} "
-                        f"where floating-point weights belong")
+        raise UserError(f"{source}: weights do not fit the architecture: {wrong} holds "
+                        f"{state_dict[wrong].dtype} where floating-point weights belong")
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:  # torch names every missing, unexpected, mis-shaped or non-tensor entry
@@ -312,17 +312,17 @@ def model_from_weights(state_dict, stored_config, source, config=None):
     return model
 
 
-# ---- the summary `python model.py` prints
-
 def summarize(config):
     """(model, rows of (stage, output shape, parameters), forward GFLOPs per image)."""
     from torch.utils.flop_counter import FlopCounterMode
     model = ResidualAutoencoder(config).eval()
     rows = []
-    for name, m in model.named_children():  # stem, down, to_latent, from_latent, up, head
-        for i, stage in enumerate(m if isinstance(m, nn.ModuleList) else [m]):
-            label = f"{name}{i + 1}" if isinstance(m, nn.ModuleList) else name
-            stage.register_forward_hook(lambda m, i, o, label=label: rows.append((label, list(o.shape), count_parameters(m))))
+    for name, m in model.named_children():
+        stages = isinstance(m, nn.ModuleList)
+        for i, stage in enumerate(m if stages else [m]):
+            label = f"{name}{i + 1}" if stages else name
+            stage.register_forward_hook(
+                lambda m, i, o, label=label: rows.append((label, list(o.shape), count_parameters(m))))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, config.in_channels, config.image_size, config.image_size))
     return model, rows, counter.get_total_flops() / 1e9

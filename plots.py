@@ -1,4 +1,4 @@
-"""The pictures: calibrate.py's error histograms, ROC curves and reconstructions; inference_example.py's heatmaps."""
+"""The scripts' pictures: calibrate.py's histograms, ROC curves and reconstructions, heatmaps, loss curves."""
 
 import hashlib
 import os
@@ -6,11 +6,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 
 import metrics
-from data import preprocess, to_uint8
-from detector import score_batch
 from utils import atomic_write
 
 plt.switch_backend("Agg")  # files only; never needs a display
@@ -34,13 +31,14 @@ def draw(axes, x, recon, error_map, vmax=None):
     return axes[2].imshow(error_map.numpy(), cmap="inferno", vmin=0, vmax=vmax)
 
 
-def calibration_plots(report, real, sets, result, model, samples, plots_dir):
-    """calibrate.py's pictures: error histograms with the mse thresholds, ROC curves per score, reconstructions
-    (the first and last only with an autoencoder: model not None)."""
-    if model is not None:
+def calibration_plots(report, real, sets, result, autoencoder, shown, plots_dir):
+    """calibrate.py's pictures: ROC curves per score, the mse histogram (with an autoencoder) and, given
+    shown = (set name per image, score_batch's output with keep_maps), reconstructions."""
+    if autoencoder:
         mse_histogram(report, real, sets, plots_dir)
-    fig, axes = plt.subplots(1, len(result["roc"]), figsize=(4 * len(result["roc"]), 4), sharey=True, squeeze=False)
-    for ax, (score, (r, fs)) in zip(axes[0], result["roc"].items()):  # p-value scores as 1 - p: higher = more fake
+    n = len(result["roc"])
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), sharey=True, squeeze=False)
+    for ax, (score, (r, fs)) in zip(axes[0], result["roc"].items()):  # p-value scores come as 1 - p
         for name, f in fs.items():
             ax.plot(*metrics.roc_curve(r, f)[:2], label=f"{name} {metrics.auroc(r, f):.3f}")  # fpr, tpr
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
@@ -48,8 +46,8 @@ def calibration_plots(report, real, sets, result, model, samples, plots_dir):
         ax.legend(title="AUROC", fontsize=7, loc="lower right")
     axes[0, 0].set_ylabel("TPR (fakes caught)")
     save(fig, Path(plots_dir) / "roc_curve.png")
-    if samples and model is not None:
-        reconstructions(model, samples, plots_dir)
+    if shown:
+        reconstructions(*shown, plots_dir)
 
 
 def mse_histogram(report, real, sets, plots_dir):
@@ -60,7 +58,8 @@ def mse_histogram(report, real, sets, plots_dir):
     ax.hist(real["mse"], bins=bins, alpha=0.6, label=f"real (n={len(real['mse']):,})", color="tab:green")
     for name, s in sets.items():
         ax.hist(s["mse"], bins=bins, alpha=0.45, histtype="stepfilled", label=f"{name} (n={len(s['mse']):,})")
-    for (name, t), style in zip(report["reconstruction_thresholds"]["thresholds"].items(), ["-", "--", ":", "-."]):
+    thresholds = report["reconstruction_thresholds"]["thresholds"]
+    for (name, t), style in zip(thresholds.items(), ["-", "--", ":", "-."]):
         ax.axvline(t["value"], color="black", linestyle=style, linewidth=1, label=f"{name} {t['value']:.4g}")
     ax.set(xscale="log", xlabel="reconstruction MSE (log scale)", ylabel="images",
            title="Reconstruction error: real vs fakes, with the mse thresholds")
@@ -68,13 +67,11 @@ def mse_histogram(report, real, sets, plots_dir):
     save(fig, Path(plots_dir) / "threshold_calibration.png")
 
 
-def reconstructions(model, samples, plots_dir):
-    """Originals, reconstructions and error maps of a few images per set."""
-    x = torch.cat([to_uint8(preprocess(batch.cpu(), model.config.image_size)) for batch in samples.values()])
-    out = score_batch(model, x, keep_maps=True)  # any runtime; x: uint8 [N, 3, S, S]
-    x = out["input"]  # float, as the model saw it
+def reconstructions(names, out, plots_dir):
+    """Originals (as the model saw them), reconstructions and error maps, one column per image."""
+    x = out["input"]
     fig, axes = plt.subplots(3, len(x), figsize=(1.9 * len(x), 6), squeeze=False)
-    for j, name in enumerate(name for name, batch in samples.items() for _ in batch):  # one column per image
+    for j, name in enumerate(names):
         im = draw(axes[:, j], x[j], out["recon"][j], out["maps"][j], vmax=float(out["maps"].max()))
         axes[0, j].set_title(name, fontsize=9)
         axes[2, j].set_xlabel(f"mse {out['mse'][j]:.4f}", fontsize=8)
@@ -85,8 +82,7 @@ def reconstructions(model, samples, plots_dir):
 
 
 def heatmap_name(path):
-    """<stem>-<8 hex of the path>.png: readable, and distinct for same-named files in different
-    folders (and the same on every rank, unlike a running index)."""
+    """<stem>-<8 hex of sha1(path)>.png: readable, and distinct for same-named files in different folders."""
     # at most 120 bytes of the stem (file systems cap names at 255); drops bytes that are not UTF-8
     stem = os.fsencode(Path(path).stem)[:120].decode("utf-8", "ignore") or "image"
     return f"{stem}-{hashlib.sha1(os.fsencode(path)).hexdigest()[:8]}.png"

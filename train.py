@@ -1,19 +1,18 @@
-"""Trains the autoencoder. The defaults are the card's recipe: CIFAR-10 at 128x128, batch 1024,
-AdamW (lr 1e-3, wd 1e-5), MSE, ReduceLROnPlateau (0.5, patience 5), 100 epochs.
+"""Trains the autoencoder (defaults: the card's recipe) or, with --preset artifact, the detector of generator traces.
 
     python train.py                                          # one GPU (or the CPU)
     torchrun --nproc_per_node=8 train.py --batch-size 128    # DDP, global batch 1024
     python train.py --resume --epochs 150 --out-dir runs/cifar10   # continue or extend a run
     python train.py --preset smoke --dataset synthetic --out-dir runs/smoke   # CPU, about a minute
     python train.py --dataset folder --data-dir ~/photos --init-from runs/cifar10/model_best_checkpoint.ckpt
-    python train.py --preset coding --data-dir ~/photos --out-dir runs/coding   # the coding-cost model (coding.py)
     python train.py --preset artifact --data-dir generated/pairs/train --out-dir runs/artifact   # generator traces
 
-Writes to --out-dir: model_best_checkpoint.ckpt (best validation loss), last_checkpoint.ckpt
-(everything to resume), metrics.jsonl, loss_curve.png, results.json (test MSE), release/ (hub layout).
+Writes to --out-dir: model_best_checkpoint.ckpt, last_checkpoint.ckpt (to resume), metrics.jsonl, loss_curve.png,
+results.json and release/ (hub layout).
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -29,11 +28,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import batches, dead_leaves, load_cifar10, load_image_folder, load_pairs, split_indices
-from coding import CodingConfig, CodingModel
 from model import (ArtifactConfig, ArtifactDetector, AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model,
                    model_from_weights)
 from utils import (SEED, ArgumentParser, UserError, all_reduce_sum, atomic_write, autocast, gather, load_checkpoint_dict,
-                   lock_folder, number, peak_memory_gb, precision_name, run_cli, setup_distributed, unlock_folder,
+                   number, peak_memory_gb, precision_name, run_cli, setup_distributed,
                    weights_fingerprint, write_json)
 
 BEST_NAME = "model_best_checkpoint.ckpt"  # the card's file name
@@ -47,9 +45,8 @@ def setting(default, help, **argparse_kwargs):
 
 @dataclass
 class TrainConfig:
-    model: str = setting("autoencoder", "the card's autoencoder, the coding-cost model of real photos (coding.py), or "
-                                        "the detector of generator traces (model.ArtifactDetector)",
-                         choices=["autoencoder", "coding", "artifact"])
+    model: str = setting("autoencoder", "the card's autoencoder, or the detector of generator traces "
+                                        "(model.ArtifactDetector)", choices=["autoencoder", "artifact"])
     dataset: str = setting("cifar10", "training images (pairs: real/ and one folder per generator, make_pairs.py)",
                            choices=["cifar10", "folder", "synthetic", "pairs"])
     data_dir: str = setting("./data", "CIFAR-10 download folder, or the image tree for --dataset folder / pairs")
@@ -66,15 +63,15 @@ class TrainConfig:
                                   type=number(float, 0, 1))
     max_images: int = setting(0, "use at most this many training images, 0 = all (quick runs)", type=number(int, 0))
     crops_per_image: int = setting(0, "--dataset folder: take this many random image_size crops of the original "
-                                      "pixels per image (the coding model needs them); 0 = each whole image, resized",
+                                      "pixels per image; 0 = each whole image, resized",
                                    type=number(int, 0))
     synthetic_images: int = setting(12000, "dead-leaves images for --dataset synthetic", type=number(int, 1))
     synthetic_size: int = setting(32, "their native size, as CIFAR's 32x32", type=number(int, 1))
     seed: int = setting(0, "weights init, data split and batch order", type=SEED)
     compile: bool = setting(False, "torch.compile the model")
     image_size: int = setting(128, "model input size")
-    channels: tuple = setting(AutoencoderConfig.channels, "channels per stage (coding: per level), comma-separated")
-    blocks_per_stage: int = setting(1, "residual blocks per stage (coding: per level)")
+    channels: tuple = setting(AutoencoderConfig.channels, "channels per stage, comma-separated")
+    blocks_per_stage: int = setting(1, "residual blocks per stage")
     latent_dim: int = setting(512, "bottleneck width")
     init_from: str = setting(None, "fine-tune from these weights (any load_model source; sets the architecture)")
     progress: bool = setting(True, "tqdm progress bars")
@@ -82,17 +79,13 @@ class TrainConfig:
 
 
 ARCHITECTURE = ("image_size", "channels", "blocks_per_stage", "latent_dim")  # the fields that shape the model
-# A 3-stage network at 32x32 and ~500 steps: trains end to end on a 2-core CPU in under a minute.
-# (Fewer stages learn much faster in a few hundred steps; the full 5-stage model needs thousands.)
-PRESETS = {"card": {}, "smoke": dict(epochs=12, batch_size=32, image_size=32, channels=(32, 64, 128), latent_dim=256,
-                                     synthetic_images=2400, max_images=2400, lr=1e-3, lr_patience=2),
-           # photos at native resolution: 64x64 crops, 3 pyramid levels; at most 4,096 training crops x 30 epochs
-           # keeps it within ~15 minutes on a 2-core CPU whatever the folder's size
-           "coding": dict(model="coding", dataset="folder", image_size=64, channels=(32, 32, 32), blocks_per_stage=2,
-                          batch_size=32, epochs=30, lr=2e-3, lr_patience=2, crops_per_image=128, max_images=4096),
-           # aligned real / generated pairs, 64x64 tiles of native pixels: about 10 minutes on a 2-core CPU
-           "artifact": dict(model="artifact", dataset="pairs", image_size=64, channels=(32, 64, 128), blocks_per_stage=1,
-                            batch_size=64, epochs=12, lr=2e-3, lr_patience=1, weight_decay=1e-4)}
+PRESETS = {"card": {},
+           # 3 stages at 32x32 learn in a few hundred steps (5 need thousands): a minute on a 2-core CPU
+           "smoke": dict(epochs=12, batch_size=32, image_size=32, channels=(32, 64, 128), latent_dim=256,
+                         synthetic_images=2400, max_images=2400, lr=1e-3, lr_patience=2),
+           # aligned real / generated pairs, 64x64 tiles of native pixels: minutes on a 2-core CPU
+           "artifact": dict(model="artifact", dataset="pairs", image_size=64, channels=(32, 64, 128),
+                            blocks_per_stage=1, batch_size=64, epochs=12, lr=2e-3, lr_patience=1, weight_decay=1e-4)}
 # what --resume lets a user change: none alters the data, the architecture or what the saved optimizer state means
 RESUMABLE = ("epochs", "lr", "weight_decay", "lr_factor", "lr_patience", "progress", "out_dir", "device")
 
@@ -156,11 +149,6 @@ def saved_settings(saved, path):
 
 def load_datasets(cfg, device):
     """uint8 tensors (train, val, test) on `device`, each [N, 3, H, W], and where they came from."""
-    coding = cfg.model == "coding"
-    if coding and (cfg.dataset == "cifar10" or cfg.dataset == "folder" and not cfg.crops_per_image):
-        raise UserError("the coding model learns the finest scale of real photos, which downscaled images (CIFAR-10's "
-                        "32x32 thumbnails, resized photos) do not have: train it on crops of a folder of photos "
-                        "(--preset coding --data-dir DIR, or --dataset folder --crops-per-image N)")
     if (cfg.model == "artifact") != (cfg.dataset == "pairs"):
         raise UserError("the artifact detector trains on labelled pairs and only it does: use --preset artifact "
                         "--data-dir PAIRS (real/ and one folder per generator, scripts/generated/make_pairs.py)")
@@ -180,9 +168,8 @@ def load_datasets(cfg, device):
             dist.barrier()
         source = f"CIFAR-10 in {cfg.data_dir}"
     elif cfg.dataset == "synthetic":
-        size = cfg.image_size if coding else cfg.synthetic_size  # the coding model takes its input at native size
-        pool = dead_leaves(cfg.synthetic_images, size, seed=cfg.seed)
-        source = f"{cfg.synthetic_images:,} dead-leaves images at {size}x{size}"
+        pool = dead_leaves(cfg.synthetic_images, cfg.synthetic_size, seed=cfg.seed)
+        source = f"{cfg.synthetic_images:,} dead-leaves images at {cfg.synthetic_size}x{cfg.synthetic_size}"
     else:
         skipped = []
         pool, _, n_skipped = load_image_folder(cfg.data_dir, cfg.image_size, lambda *e: skipped.append(e),
@@ -199,6 +186,33 @@ def load_datasets(cfg, device):
         train, val, test = train[:cfg.max_images], val[:n], test[:n]
     # the whole data set lives on the device as uint8 at native size; batches are cut there
     return train.to(device), val.to(device), test.to(device), source
+
+
+LOCKS = {}  # folder -> its open lock file, for the folders this process holds
+
+
+def lock_folder(folder):
+    """An exclusive lock on --out-dir for this process (re-entrant), or a UserError naming the pid that holds it:
+    two runs in one folder would mix their checkpoints. The kernel drops it when the process ends, however it ends."""
+    if (key := os.path.realpath(folder)) in LOCKS:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    f = open(Path(folder) / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise UserError(f"{folder} is in use by another training run (pid {f.read().strip() or '?'}); wait for it "
+                        f"or choose another --out-dir") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    LOCKS[key] = f  # kept open: closing the file releases the lock
+
+
+def unlock_folder(folder):
+    if (f := LOCKS.pop(os.path.realpath(folder), None)) is not None:
+        f.close()
 
 
 def split_by_photo(photos, fraction, seed):
@@ -220,7 +234,7 @@ def epoch_shard(n, batch_size, seed, epoch, rank, world, device):
 
 @torch.no_grad()
 def evaluate(model, images, cfg, device, rank=0, world=1):
-    """Mean per-image loss (MSE, or bits per sub-pixel for the coding model) over `images`, sharded across ranks."""
+    """Mean per-image loss (MSE, or BCE for the artifact detector) over `images`, sharded across ranks."""
     model.eval()
     shard = torch.arange(rank, images.shape[0], world, device=images.device)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of errors, count]
@@ -245,8 +259,8 @@ def train_one_epoch(net, image_loss, opt, images, cfg, device, epoch, rank, worl
         x, target = x if isinstance(x, tuple) else (x, x)  # the artifact detector's target is its labels
         x = x.contiguous(memory_format=torch.channels_last)  # [B, 3, S, S]
         with autocast(device):
-            out = net(x)  # the reconstruction [B, 3, S, S] (bf16 on CUDA), the coding model's bits [B], or logits [B]
-        loss = image_loss(out, target).mean()  # in fp32: MSE, the card's loss, bits per sub-pixel, or BCE
+            out = net(x)  # the reconstruction [B, 3, S, S] (bf16 on CUDA), or logits [B]
+        loss = image_loss(out, target).mean()  # in fp32: MSE, the card's loss, or BCE
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -263,9 +277,6 @@ def new_model(cfg):
         if cfg.model == "artifact":
             return ArtifactDetector(ArtifactConfig(image_size=cfg.image_size, channels=cfg.channels,
                                                    blocks_per_stage=cfg.blocks_per_stage))
-        if cfg.model == "coding":
-            return CodingModel(CodingConfig(image_size=cfg.image_size, channels=cfg.channels,
-                                            blocks_per_stage=cfg.blocks_per_stage))
         return ResidualAutoencoder(AutoencoderConfig(**{k: getattr(cfg, k) for k in ARCHITECTURE}))
     except ValueError as e:
         raise UserError(f"bad architecture flags: {e}") from None
@@ -288,7 +299,7 @@ def build(cfg, device, resume, overwrite, typed):
         raise UserError(f"{cfg.out_dir} already holds a run ({LAST_NAME}); pass --resume to continue it, "
                         f"--overwrite to replace it, or another --out-dir")
     if not dist.is_initialized() or dist.get_rank() == 0:
-        lock_folder(cfg.out_dir)  # one run per --out-dir: two would mix their checkpoints and metrics
+        lock_folder(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     # existing weights (the run's on --resume, or --init-from's) decide the architecture and input size
     if resume:  # the checkpoint read above: not a second read of a file that may be gigabytes
@@ -389,7 +400,7 @@ def train(cfg, resume=False, overwrite=False, typed=()):
         dist.barrier()  # rank 0 has written the best checkpoint
     best = load_model(out_dir / BEST_NAME, device)
     test_loss = evaluate(best, test_u8, cfg, device, rank, world)
-    loss_name = {"coding": "bits_per_dim", "artifact": "bce"}.get(cfg.model, "mse")
+    loss_name = "bce" if cfg.model == "artifact" else "mse"
     fingerprints = gather(weights_fingerprint(model))  # one per rank: equal if DDP kept them in step
     if rank == 0:
         best.save_pretrained(out_dir / "release")
@@ -402,7 +413,7 @@ def train(cfg, resume=False, overwrite=False, typed=()):
             first_val_loss=history[0]["val_loss"], epochs=len(history),
             train_time_min=round(sum(h["epoch_time_s"] for h in history) / 60, 3), world_size=world, device=str(device),
             final_weights_per_rank=fingerprints, best_weights=weights_fingerprint(best), config=asdict(cfg)))
-        log(f"test {dict(bits_per_dim='bits/dim', bce='BCE').get(loss_name, 'MSE')} {test_loss:.6f} (best val {top['val_loss']:.6f} at epoch {top['epoch']}); "
+        log(f"test {loss_name.upper()} {test_loss:.6f} (best val {top['val_loss']:.6f} at epoch {top['epoch']}); "
             f"checkpoints, release/, metrics, loss curve and results.json are in {out_dir}")
     if dist.is_initialized():
         dist.destroy_process_group()

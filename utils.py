@@ -1,8 +1,7 @@
-"""Helpers every script shares: the one user-error class, atomic writes, safe checkpoint loading,
-weight fingerprints, the precision policy, device choice and the torchrun setup."""
+"""Helpers every script shares: the command line (UserError, ArgumentParser, run_cli), safe file writes,
+checkpoint loading and weight fingerprints, and the device, precision and torchrun setup."""
 
 import argparse
-import fcntl
 import hashlib
 import json
 import math
@@ -17,25 +16,23 @@ import torch
 import torch.distributed as dist
 
 
+# ---- command line
 class UserError(Exception):
-    """A problem the user can fix (bad flag, missing file, unusable checkpoint); the
-    message says what and how in one line. Each script prints it as `error: ...` and exits 2."""
+    """A problem the user can fix, said in one line: run_cli prints it as `error: ...` and exits 2."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help prints the script's docstring as written, and every flag's default (a None default is
-    described in the flag's own help)."""
+    """--help prints the docstring as written and each flag's default, unless None, False or empty."""
 
     def _get_help_string(self, action):
-        quiet = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
-        if quiet or "%(default)" in (action.help or ""):
+        d = action.default
+        if d is None or d is False or d in ([], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
             return action.help
         return f"{action.help or ''} (default: %(default)s)".lstrip()
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse as every script here uses it: --help shows the docstring and the defaults, and a bad
-    flag is one `error: ...` line and exit 2, like every other user error."""
+    """argparse with HelpFormatter, where a bad or empty flag value is one `error: ...` line and exit 2."""
 
     def __init__(self, description, **kwargs):
         super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
@@ -54,32 +51,22 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def number(kind=int, low=None, high=None):
-    """An argparse type: a finite `kind` in [low, high], checked when the flag is read."""
+    """An argparse type: a finite `kind` in [low, high] (None: unbounded)."""
+    lo, hi = -math.inf if low is None else low, math.inf if high is None else high
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{text} is outside [{low if low is not None else '-inf'}, "
-                                             f"{high if high is not None else 'inf'}]")
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is outside [{lo}, {hi}]")
         return value
     return parse
 
 
 SEED = number(int, 0, 2**63 - 1)  # what torch.manual_seed and numpy both take
-
-
-def printable(text):
-    """text with control characters escaped: a file name must not be able to forge or split a printed line."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in str(text))
-
-
-def csv_cell(value):
-    """None -> empty; text that starts like a formula gets a leading ' so spreadsheets show it as text (OWASP)."""
-    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
-        return "'" + value
-    return "" if value is None else value
 
 
 def run_cli(main, argv=None):
@@ -89,14 +76,27 @@ def run_cli(main, argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:  # Ctrl-C: every output is whole (atomic writes) or untouched
+    except KeyboardInterrupt:  # every output is whole (atomic writes) or untouched
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
 
 
+def printable(text):
+    """text with control characters escaped, so that a file name cannot forge or split a printed line."""
+    escape = lambda c: c.encode("unicode_escape", "backslashreplace").decode()
+    return "".join(c if c.isprintable() else escape(c) for c in str(text))
+
+
+# ---- output files
+def csv_cell(value):
+    """None -> empty; text that starts like a formula gets a leading ' so spreadsheets show it as text."""
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + value
+    return "" if value is None else value
+
+
 def atomic_write(path, write_fn):
-    """write_fn(tmp) writes a temp file beside `path`, which is then renamed over it: a crash
-    at any moment leaves the old file or the new one, never half of one."""
+    """write_fn(tmp) writes a temp file that then replaces `path`: it is old or new, never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -114,20 +114,19 @@ def atomic_write(path, write_fn):
             os.remove(tmp)
 
 
-def check_not_an_input(path, reads):
-    """A one-line UserError if the output `path` is one of the files the run reads (its weights, say)."""
+def check_output(path, reads=(), probe=True):
+    """Fails early: UserError if `path` is one of `reads` or (probe) its folder cannot take a 1 MiB file."""
     for read in reads:
         if read and os.path.isfile(read) and os.path.isfile(path) and os.path.samefile(read, path):
-            raise UserError(f"cannot write {path}: it is {read}, which this run reads; choose another output path")
-
-
-def check_writable(path):
-    """A one-line UserError now, not after an hour of work, if `path`'s folder cannot take a file."""
+            raise UserError(f"cannot write {path}: it is {read}, which this run reads; "
+                            f"choose another output path")
+    if not probe:
+        return
     if Path(path).is_dir():
         raise UserError(f"cannot write {path}: is a directory")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=Path(path).parent) as f:  # real bytes: a full disk must fail here
+        with tempfile.TemporaryFile(dir=Path(path).parent) as f:  # real bytes: a full disk fails here
             f.write(bytes(1 << 20))
             f.flush()
             os.fsync(f.fileno())
@@ -140,6 +139,7 @@ def write_json(path, obj):
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+# ---- checkpoints
 def clean_state_dict(state_dict):
     """Strips the prefixes DDP ('module.') and torch.compile ('_orig_mod.') add to keys."""
     prefix = re.compile(r"^((module|_orig_mod)\.)+")
@@ -147,13 +147,12 @@ def clean_state_dict(state_dict):
 
 
 def weights_fingerprint(model_or_state_dict):
-    """sha256 over parameter names, dtypes, shapes and bytes: the same for the same weights
-    whatever file they came from, so a thresholds file can be bound to them. An exported model (export.py)
-    carries the fingerprint of the weights it was exported from."""
+    """sha256 hex over parameter names, dtypes, shapes and bytes, whatever file the weights came from; an
+    exported model (export.py) gives the fingerprint it carries."""
     if hasattr(model_or_state_dict, "fingerprint"):
         return model_or_state_dict.fingerprint
     sd = model_or_state_dict
-    sd = sd.state_dict() if isinstance(sd, torch.nn.Module) else sd  # prefixes of DDP / compile are cleaned below
+    sd = sd.state_dict() if isinstance(sd, torch.nn.Module) else sd
     h = hashlib.sha256()
     for name, t in sorted(clean_state_dict(sd).items()):
         t = t.detach().to("cpu").contiguous()
@@ -163,10 +162,9 @@ def weights_fingerprint(model_or_state_dict):
 
 
 def load_checkpoint_dict(path):
-    """torch.load with weights_only=True: tensors and plain data only, never code."""
+    """torch.load with weights_only=True (tensors and plain data, never code) -> dict; UserError otherwise."""
     try:
-        # torch.save writes a zip with a CRC32 per tensor, which torch.load never checks: a flipped bit would
-        # otherwise be trained on as if it were a weight
+        # torch.load never checks the CRC32 that torch.save's zip keeps per tensor: a flipped bit would load
         if zipfile.is_zipfile(path) and (bad := zipfile.ZipFile(path).testzip()):
             raise UserError(f"{path}: corrupt: its record {bad} fails its checksum (a damaged file)")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -180,43 +178,17 @@ def load_checkpoint_dict(path):
         except Exception:  # not even a pickle: no globals to name
             unsafe = []
         if unsafe:
-            raise UserError(f"{path}: refused to load: it pickles {', '.join(unsafe[:3])}, objects other than "
-                            f"tensors and plain data, which could run code") from None
+            raise UserError(f"{path}: refused to load: it pickles {', '.join(unsafe[:3])}, objects other "
+                            f"than tensors and plain data, which could run code") from None
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:160]})") from None
     if not isinstance(ckpt, dict):
-        raise UserError(f"{path}: not a checkpoint of this repo (holds a {type(ckpt).__name__}, expected a dict)")
+        raise UserError(f"{path}: not a checkpoint of this repo (holds a {type(ckpt).__name__}, "
+                        f"expected a dict)")
     return ckpt
 
 
-LOCKS = {}  # folder -> its open lock file, for the folders this process holds
-
-
-def lock_folder(folder):
-    """An exclusive lock on `folder` for this process, or a UserError naming the pid that holds it. The kernel
-    drops it when the process ends, however it ends; re-entrant within a process."""
-    key = os.path.realpath(folder)
-    if key in LOCKS:
-        return
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    f = open(Path(folder) / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise UserError(f"{folder} is in use by another training run (pid {f.read().strip() or '?'}); wait for it "
-                        f"or choose another --out-dir") from None
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    LOCKS[key] = f  # kept open: closing the file releases the lock
-
-
-def unlock_folder(folder):
-    if (f := LOCKS.pop(os.path.realpath(folder), None)) is not None:
-        f.close()
-
-
+# ---- devices, precision and torchrun
 def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -226,8 +198,7 @@ def pick_device(name="auto"):
 
 
 def autocast(device):
-    """The precision policy everywhere: bf16 autocast on CUDA; fp32 on CPU (the CPUs we
-    target have no fast bf16). Errors and losses are always taken in fp32."""
+    """The precision policy: bf16 autocast on CUDA, fp32 on CPU (no fast bf16); errors and losses in fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
@@ -236,8 +207,7 @@ def precision_name(device):
 
 
 def setup_distributed(device_name="auto"):
-    """(rank, world, device). One process unless torchrun set RANK; then NCCL on
-    cuda:LOCAL_RANK, or gloo on the CPU."""
+    """(rank, world, device): one process unless torchrun set RANK; then NCCL on cuda:LOCAL_RANK, or gloo."""
     device = pick_device(device_name)
     if "RANK" not in os.environ:
         return 0, 1, device
@@ -272,5 +242,5 @@ def all_reduce_sum(t):
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource  # here: POSIX only, and only training and bench.py ask
+    import resource  # here: POSIX only
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB

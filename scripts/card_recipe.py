@@ -1,4 +1,4 @@
-"""The model card's inference code, as the baseline that bench.py and the README's speed figures compare against:
+"""The model card's inference code, the baseline that bench.py and the README's speed figures compare against:
 PIL decode at full size, torchvision Resize + ToTensor + Normalize, fp32 eager, one MSE per image.
 
     python scripts/card_recipe.py photos/ --checkpoint runs/cifar10/model_best_checkpoint.ckpt

@@ -1,9 +1,8 @@
 """app.py: started through its CLI and driven in headless Chromium. The page must show, for each uploaded file,
 exactly what the Detector API gives for that file (verdict, score, p-value, heatmap), the decoder's reason for a
-file that is not a usable image, follow the threshold selector, and keep serving. A tiny untrained model.
-
-Needs gradio and selenium (requirements-app.txt) and Chromium with its driver (Debian: chromium,
-chromium-driver); without them the browser test is skipped, saying which is missing."""
+file that is not a usable image, follow the threshold selector, and keep serving: a tiny untrained model; with no
+flags, the shipped artifact detector. The browser test needs gradio, selenium (requirements-app.txt), Chromium and
+its driver (Debian: chromium, chromium-driver); without them it is skipped, saying which is missing."""
 
 import importlib.util
 import os
@@ -17,17 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import app
 import data
 import detector
 import fakes
+import thresholds
 from detector import Detector
 from utils import run_cli, weights_fingerprint
 from tests.conftest import ROOT, run_script, save_checkpoint
-from tests.test_inference import bomb_png, write_thresholds
+from tests.test_inference import bomb_png
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -75,24 +74,24 @@ def wait_for_server(proc, url, log):
 
 @pytest.fixture
 def model_files(tiny_model, tmp_path):
-    """A checkpoint and a thresholds file whose calibration scores are real-like images (dead leaves). The mse and
-    local thresholds sit halfway between the photo's and the noise's scores, so that the page must show both
-    verdicts, and the strict one (twice as high) turns the noise REAL."""
+    """A checkpoint and a thresholds file whose calibration scores are real-like images (dead leaves). The mse
+    threshold sits halfway between the photo's and the noise's scores, so that the page must show both verdicts,
+    and the strict one (twice as high) turns the noise REAL."""
     ckpt = save_checkpoint(tiny_model, tmp_path / "model" / "model_best_checkpoint.ckpt")
-    uploads = tmp_path / "uploads"
-    uploads.mkdir()
+    (uploads := tmp_path / "uploads").mkdir()
     Image.fromarray(skdata.chelsea()).save(uploads / "chelsea.png")  # a real photograph, 451x300
     Image.fromarray(fakes.uniform_noise(1, 32, seed=1)[0].permute(1, 2, 0).numpy()).save(uploads / "noise.png")
     (uploads / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this JPEG stops here")
     (uploads / "notes.png").write_text("this is not a picture\n")
     bomb_png(uploads / "bomb.png")  # 18 kB on disk, 144 Mpixels decoded
-    with torch.no_grad():
-        cal = detector.score_images(tiny_model, data.dead_leaves(40, 32, seed=1))
+    cal = detector.score_images(tiny_model, data.dead_leaves(40, 32, seed=1))  # every autoencoder score
     photo, noise = Detector(ckpt, workers=0).score_paths([uploads / "chelsea.png", uploads / "noise.png"])
     assert photo["mse"] < noise["mse"]  # else no threshold separates them
-    middle = {s: (photo[s] + noise[s]) / 2 for s in ("mse", "local")}
-    th = write_thresholds(tmp_path / "thresholds.json", weights_fingerprint(tiny_model), cal,
-                          {**middle, "complexity": float(np.median(cal["complexity"]))})
+    balanced = {"mse": (photo["mse"] + noise["mse"]) / 2, "complexity": float(np.median(cal["complexity"]))}
+    tables = {s: {name: {"value": f * b} for name, f in (("strict", 2), ("balanced", 1), ("sensitive", 0.5))}
+              for s, b in balanced.items()}
+    thresholds.write(th := tmp_path / "thresholds.json", thresholds.build(
+        tables, {}, cal, binding={"weights_fingerprint": weights_fingerprint(tiny_model)}))
     return ckpt, th, sorted(uploads.iterdir())
 
 
@@ -110,12 +109,8 @@ def server(model_files, tmp_path):
     try:
         yield proc, f"http://127.0.0.1:{port}/", log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.kill()  # the server holds nothing that needs a clean stop: its files are in tmp_path
+        proc.wait()
 
 
 @pytest.fixture
@@ -177,11 +172,9 @@ def test_page_shows_what_the_detector_says_for_each_upload(model_files, server, 
     proc, url, log = server
     def rows(label):  # what the page must show: the Detector API's rows for the same files (the CLI's decode path)
         return {Path(r["path"]).name: r for r in Detector(ckpt, th, threshold=label, workers=0).score_paths(uploads)}
-
     expected = {label: rows(label) for label in ("balanced", "strict")}
-    assert expected["balanced"]["noise.png"]["verdict"] == "FAKE"
-    assert expected["balanced"]["chelsea.png"]["verdict"] == "REAL"
-    assert expected["strict"]["noise.png"]["verdict"] == "REAL"
+    assert [expected[label][name]["verdict"] for label, name in (("balanced", "noise.png"), ("balanced", "chelsea.png"),
+                                                                 ("strict", "noise.png"))] == ["FAKE", "REAL", "REAL"]
     assert expected["balanced"]["notes.png"]["error"] == "not an image (unknown format)"
     assert expected["balanced"]["bomb.png"]["error"].startswith("decompression bomb")
 
@@ -190,7 +183,7 @@ def test_page_shows_what_the_detector_says_for_each_upload(model_files, server, 
     wait = WebDriverWait(browser, PAGE_S)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#uploads input[type=file]"))
     assert str(ckpt) in browser.page_source and str(th) in browser.page_source  # the files in use are named
-    assert "not a reliable detector of modern generated images" in browser.find_element(By.TAG_NAME, "body").text
+    assert "anomaly scores, not detectors of generated images" in browser.find_element(By.TAG_NAME, "body").text
     browser.find_element(By.CSS_SELECTOR, "#uploads input[type=file]").send_keys("\n".join(map(str, uploads)))
     wait.until(lambda d: shows(d, expected["balanced"], "balanced"))
     check_cards(browser, expected["balanced"])
@@ -203,23 +196,32 @@ def test_page_shows_what_the_detector_says_for_each_upload(model_files, server, 
     assert "Traceback" not in log.read_text()
 
 
-def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path):
+def test_the_page_offers_the_scores_of_the_loaded_models(model_files, tmp_path):
+    th, own = model_files[1], str(ROOT / "artifact_detector" / "thresholds_calibrated.json")  # own: the artifact's
+    dets = app.load_detectors(app.parse_args([]))  # no flags: the shipped detector, nothing to make first
+    assert list(dets) == ["artifact"] and dets["artifact"].model is None and dets["artifact"].thresholds_source == own
+    # chelsea is one of the detector's calibration photos; astronaut and coffee are test photos it never saw
+    photos = [tmp_path / "chelsea.png", tmp_path / "astronaut.jpg", tmp_path / "coffee.png"]
+    for photo in photos:
+        Image.fromarray(getattr(skdata, photo.stem)()).save(photo, quality=90)
+    page = app.score_uploads(dets, photos, "artifact", "balanced")
+    for row in Detector(None, score="artifact", workers=0).score_paths(photos):
+        assert row["verdict"] == "REAL" and f'data-name="{Path(row["path"]).name}" data-verdict="REAL"' in page
+        assert f"artifact = {row['score']:.4g} &lt;= threshold (balanced = " in page
+        assert f"p-value {row['p_value']:.3g}" in page
+    assert page.count('src="data:image/png;base64,') == 3  # each card shows its picture
+    if importlib.util.find_spec("gradio"):  # the page itself builds (the browser test serves the autoencoder's)
+        app.build_app(dets, app.parse_args([]))
+    # with an autoencoder: its scores, one copy of its weights; the artifact score keeps its own thresholds
+    dets = app.load_detectors(app.parse_args(["--checkpoint", str(model_files[0]), "--thresholds", str(th)]))
+    assert list(dets) == ["mse", "complexity", "artifact", "combined"] and dets["artifact"].thresholds_source == own
+    assert dets["mse"].model is dets["complexity"].model is dets["combined"].model is not None
+
+
+def test_a_missing_checkpoint_or_a_bad_thresholds_file_is_one_line_and_exit_2(model_files, tmp_path, capsys):
     proc = run_script("app.py", "--checkpoint", tmp_path / "nope.ckpt", check=False, env=ONE_THREAD, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == f"error: checkpoint not found: {tmp_path / 'nope.ckpt'}\n"
-
-
-def test_without_the_demo_files_it_says_to_run_the_demo(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # no demo_output/ here
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(app.main, [])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1
-    assert err.startswith("error: demo_output/model/model_best_checkpoint.ckpt and demo_output/thresholds_calibrated"
-                          ".json not found: run `python demo.py` first, or pass --checkpoint")
-
-
-def test_bad_thresholds_file_is_one_line(model_files, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"reconstruction_thresholds": {', encoding="utf-8")
     with pytest.raises(SystemExit) as exit_:

@@ -9,6 +9,7 @@ from scipy.stats import beta
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import calibrate
+import fakes
 from data import dead_leaves
 from detector import Detector
 import thresholds
@@ -89,7 +90,7 @@ def test_calibrate_cli_on_a_folder(tiny_ckpt, real_dir, tmp_path):
         np.mean([float(r["mse"]) for r in rows if r["set"] == "noise"]) / np.mean([float(r["mse"]) for r in real]))
     assert cfg["binding"]["weights_fingerprint"] == weights_fingerprint(load_model(tiny_ckpt))
     assert cfg["binding"]["real_split"] == {"seed": 0, "holdout_fraction": 0.5, "n_calibration": 110, "n_heldout": 110}
-    assert set(cfg["score_thresholds"]) == {"local", "complexity", "combined"}
+    assert set(cfg["score_thresholds"]) == {"complexity", "combined"}
 
 
 def test_calibration_and_inference_score_a_file_identically(tiny_ckpt, real_dir, tmp_path):
@@ -99,7 +100,7 @@ def test_calibration_and_inference_score_a_file_identically(tiny_ckpt, real_dir,
     det = Detector(tiny_ckpt, thresholds=tmp_path / "out" / "thr.json", device="cpu", workers=0, score="combined")
     assert det.warnings == []  # the file is bound to these weights
     for row in det.score(paths):
-        for score in ("mse", "local", "complexity"):
+        for score in ("mse", "complexity"):
             assert row[score] == float(by_path[row["path"]][score]), (row["path"], score)
 
 
@@ -188,3 +189,28 @@ def test_thresholds_from_another_precision_warn(tiny_ckpt, real_dir, tmp_path):
 def test_default_output_for_a_hub_id_never_touches_the_card_file():
     out = thresholds.beside("someone/detector@v2")
     assert out.name == "thresholds_calibrated.json" and out.parent.name == "someone--detector--v2"
+
+
+def test_inference_warns_once_when_a_folder_is_unlike_the_calibration_images(tiny_ckpt, tmp_path, capsys):
+    import inference_example
+
+    real, noise = tmp_path / "real", tmp_path / "noise"
+    for folder, images in ((real, dead_leaves(120, 32, seed=21)), (noise, fakes.uniform_noise(25, 32, seed=3))):
+        folder.mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    out = tmp_path / "thr.json"
+    run_script("calibrate.py", "--checkpoint", tiny_ckpt, "--real-dir", real, "--num-noise", "50", "--num-hard", "0",
+               "--num-benign", "0", "--bootstrap", "0", "--holdout-fraction", "0.2", "--output", out, "--no-progress",
+               "--workers", "0", "--device", "cpu")
+
+    def infer(folder):
+        status = inference_example.main([str(folder), "--checkpoint", str(tiny_ckpt), "--thresholds", str(out),
+                                         "--score", "combined", "--device", "cpu", "--workers", "0"])
+        return status, capsys.readouterr()
+
+    status, got = infer(noise)
+    assert status == 0 and got.out.count("\tFAKE") == 25
+    assert got.err.count("do not look like the calibration images") == 1  # the domain check, once
+    status, got = infer(real)
+    assert status == 0 and "do not look like" not in got.err  # like its calibration set

@@ -16,7 +16,7 @@ import export
 import inference_example
 from data import dead_leaves, preprocess, to_uint8
 from detector import Detector, score_batch
-from export import OnnxAutoencoder
+from runtimes import OnnxAutoencoder
 from model import ResidualAutoencoder
 from utils import run_cli, weights_fingerprint
 from tests.conftest import TINY, run_script, save_checkpoint
@@ -72,7 +72,7 @@ def test_exported_scores_equal_torch_on_real_photos_of_any_size_and_batch(env, n
                               .permute(2, 0, 1) for n in PHOTOS[:batch]])  # uint8 [B, 3, h, w]
         resized = to_uint8(preprocess(photos, size))  # as the runtime switch feeds the graph: exact
         ours, theirs = score_batch(runtime, resized, keep_maps=True), score_batch(env["model"], resized, keep_maps=True)
-        for name in ("mse", "local"):
+        for name in ("mse",):
             assert np.allclose(ours[name], theirs[name], rtol=1e-5, atol=0), (h, w, name)
         assert torch.allclose(ours["recon"], theirs["recon"], atol=1e-5)
         assert torch.allclose(ours["maps"], theirs["maps"], rtol=1e-4, atol=1e-6)
@@ -102,7 +102,7 @@ def test_inference_cli_gives_the_same_rows_and_status_with_either_runtime(env):
         for path, row in rows[exported].items():
             other = rows["torch"][path]
             assert (row["verdict"], row["error"]) == (other["verdict"], other["error"])
-            for name in ("mse", "local", "complexity", "p_value"):
+            for name in ("mse", "complexity", "p_value"):
                 assert (row[name] == other[name] == "") or float(row[name]) == pytest.approx(float(other[name]), rel=1e-5)
 
 
@@ -153,7 +153,7 @@ def test_the_page_scores_uploads_with_an_exported_runtime(env):
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "openvino"])
-@pytest.mark.parametrize("case", ["not onnx", "no metadata", "missing", "cuda", "three outputs", "other size",
+@pytest.mark.parametrize("case", ["not onnx", "no metadata", "missing", "cuda", "two outputs", "other size",
                                   "batch of two only", "metadata nested too deep"])
 def test_bad_onnx_inputs_are_one_line(env, tmp_path, capsys, case, runtime):
     path = tmp_path / "model.onnx"
@@ -169,7 +169,7 @@ def test_bad_onnx_inputs_are_one_line(env, tmp_path, capsys, case, runtime):
         meta = {p.key: p.value for p in onnx.load(str(env["onnx"])).metadata_props}
         s, h = TINY.image_size, onnx.helper
         const = [h.make_node("Constant", [], [n], value=onnx.numpy_helper.from_array(np.full(shape, 0.1, np.float32), n))
-                 for n, shape in (("recon", (2, 3, s, s)), ("error_map", (2, s, s)), ("mse", (2,)), ("local", (2,)))]
+                 for n, shape in (("recon", (2, 3, s, s)), ("error_map", (2, s, s)), ("mse", (2,)))]
         graph = h.make_graph(const, "fixed", [h.make_tensor_value_info("images", onnx.TensorProto.UINT8, ["B", 3, s, s])],
                              [h.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None) for n in const])
         model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
@@ -182,8 +182,8 @@ def test_bad_onnx_inputs_are_one_line(env, tmp_path, capsys, case, runtime):
         onnx.save(graph, str(path))
     elif case != "missing":  # a graph whose outputs, or whose size, differ from what its metadata promises
         graph = onnx.load(str(env["onnx"]))
-        if case == "three outputs":
-            del graph.graph.output[3]
+        if case == "two outputs":
+            del graph.graph.output[2]
         else:
             config = next(p for p in graph.metadata_props if p.key == "config")
             config.value = json.dumps({**json.loads(config.value), "image_size": 2 * TINY.image_size})
@@ -196,7 +196,7 @@ def test_bad_onnx_inputs_are_one_line(env, tmp_path, capsys, case, runtime):
     err = capsys.readouterr().err
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert {"not onnx": "cannot load ONNX model", "no metadata": "not written by export.py", "missing": "not found",
-            "cuda": f"--runtime {runtime} runs on the CPU", "three outputs": "does not return export.py's",
+            "cuda": f"--runtime {runtime} runs on the CPU", "two outputs": "does not return export.py's",
             "other size": "does not return export.py's", "batch of two only": "does not return export.py's",
             "metadata nested too deep": "its metadata is not what export.py writes"}[case] in err
 

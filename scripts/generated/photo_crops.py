@@ -1,8 +1,9 @@
-"""Deterministic 256x256 crops of the original pixels of a folder of photos: per photo, the PER_PHOTO most detailed
-(mean |Laplacian| of the grey crop) of a fixed grid of candidate positions, so that crops of shallow depth-of-field
-photos are not defocused blur. The evaluation sets' real crops and the calibration crops are cut alike.
+"""Deterministic 256x256 crops of the original pixels of a folder of photos: per photo, the PER_PHOTO most
+detailed (mean |Laplacian| of the grey crop) of a fixed grid of candidate positions, so that crops of shallow
+depth-of-field photos are not defocused blur. The evaluation sets' real crops and the calibration crops alike.
 
-    python scripts/generated/photo_crops.py generated/calib_real generated/calib_crops --per-photo 24 --grid 10x8
+    python scripts/generated/photo_crops.py generated/calib_real generated/calib_crops --per-photo 24 \
+        --grid 10x8
 """
 import argparse
 from pathlib import Path
@@ -23,7 +24,8 @@ def detailed_crops(path, per_photo, cols, rows):
             x0, y0 = int(round(fx * (w - CROP))), int(round(fy * (h - CROP)))
             box = (x0, y0, x0 + CROP, y0 + CROP)
             g = np.asarray(im.crop(box).convert("L"), np.float32)
-            detail = np.abs(4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]).mean()
+            laplacian = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
+            detail = np.abs(laplacian).mean()
             scored.append((-detail, len(scored), box))
     return [(box, im.crop(box)) for _, _, box in sorted(scored)[:per_photo]]
 

@@ -1,9 +1,9 @@
-"""Pairing rule shared by every super-resolution set (no torch needed, so the native-runtime venv can use it too).
+"""Pairing rule shared by every super-resolution set (no torch needed: the native-runtime venv uses it too).
 
-real = a 256x256 crop of ORIGINAL pixels of an eval-pool photo (photo_crops.detailed_crops: the 6 most detailed of
-a fixed 5x4 grid of positions); fake = that crop downscaled by the network's factor (PIL bicubic, antialiased) and
-super-resolved back to 256x256. Both are saved as lossless PNG under the same stem in <set>/real/ and <set>/fake/,
-with one row per pair in <set>/pairs.csv. Library module: used by make_sr_sets.py and make_sr_ncnn_native.py.
+real = a 256x256 crop of ORIGINAL pixels of an eval-pool photo (photo_crops.detailed_crops: the 6 most
+detailed of a fixed 5x4 grid of positions); fake = that crop downscaled by the network's factor (PIL bicubic,
+antialiased) and super-resolved back to 256x256. Both are lossless PNGs of one stem in <set>/real/ and
+<set>/fake/, one row per pair in <set>/pairs.csv. Used by make_sr_sets.py and make_sr_ncnn_native.py.
 """
 import csv
 import os
@@ -42,5 +42,6 @@ def write_set(set_dir, crops, scale, upscale, generator):
             assert sr.size == crop.size, (sr.size, crop.size)
             crop.save(f'{set_dir}/real/{stem}.png')
             sr.save(f'{set_dir}/fake/{stem}.png')
-            w.writerow([stem, src, ' '.join(map(str, box)), f'{lr_side}x{lr_side}', f'{CROP}x{CROP}', generator])
+            w.writerow([stem, src, ' '.join(map(str, box)), f'{lr_side}x{lr_side}', f'{CROP}x{CROP}',
+                        generator])
     print(os.path.basename(set_dir), len(crops), 'pairs', round(time.time() - t, 1), 's', flush=True)

