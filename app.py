@@ -19,13 +19,12 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from data import read_image
-from detector import ARTIFACT_WEIGHTS, SCORES, Detector, add_model_flags, check_model_flags
+from detector import ARTIFACT_WEIGHTS, SCORES, Detector
 from thresholds import P_VALUE_SCORES
-from utils import ArgumentParser, UserError, number, run_cli
+from utils import ArgumentParser, UserError, add_model_flags, check_model_flags, number, run_cli
 
 MAX_IMAGES = 24  # per request: each one costs a heatmap figure or a thumbnail
 MAX_FILE_SIZE = "50mb"  # larger uploads are refused by the server before they reach the decoder
-THUMBNAIL = 160  # pixels high: the picture on a card without a heatmap
 
 HEADER = """# Does this image carry the traces of an up-sampling network?
 The `artifact` score detects images made or enlarged by super-resolution and restoration networks; it was
@@ -58,8 +57,9 @@ def load_detectors(args):
     """score -> a Detector deciding with it, for each score the loaded models can decide with. The artifact
     score decides with its own detector's thresholds; the autoencoder's scores share one copy of its weights
     (with_rule). workers=0: a few uploads decode faster in this process than in freshly started workers."""
+    artifact_model = args.artifact_model or ARTIFACT_WEIGHTS  # decides with the thresholds file beside it
     dets = {"artifact": Detector(None, None if args.checkpoint else args.thresholds, args.device, "artifact",
-                                 "balanced", workers=0, artifact_model=args.artifact_model or ARTIFACT_WEIGHTS)}
+                                 "balanced", workers=0, artifact_model=artifact_model)}
     if args.checkpoint:  # mse, balanced: a bad checkpoint or thresholds file fails here, in one line
         main = Detector(args.checkpoint, args.thresholds or "find", args.device, "mse", "balanced", workers=0,
                         runtime=args.runtime, artifact_model=args.artifact_model)
@@ -70,14 +70,14 @@ def load_detectors(args):
 
 
 def picture(row, title):
-    """PNG bytes: the row's heatmap (the CLI's --heatmaps picture), else (no error map) a thumbnail."""
+    """PNG bytes: the row's heatmap (the CLI's --heatmaps picture), else a thumbnail (160 pixels high)."""
     if "map" in row:
         import plots  # here: matplotlib's import is not paid by a start that fails on a bad flag or file
         with tempfile.TemporaryDirectory() as folder:
             plots.save_heatmap(row, folder, title)
             return (Path(folder) / plots.heatmap_name(row["path"])).read_bytes()
-    buf, image = io.BytesIO(), Image.fromarray(read_image(row["path"], THUMBNAIL).permute(1, 2, 0).numpy())
-    ImageOps.contain(image, (4 * THUMBNAIL, THUMBNAIL)).save(buf, format="PNG")
+    buf, image = io.BytesIO(), Image.fromarray(read_image(row["path"], 160).permute(1, 2, 0).numpy())
+    ImageOps.contain(image, (640, 160)).save(buf, format="PNG")
     return buf.getvalue()
 
 

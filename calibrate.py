@@ -1,14 +1,14 @@
 """Scores real images against fakes, writes thresholds in the card's schema, and reports how well each score
 separates real from each kind of fake (docs/method.md: the thresholds, p-values and metrics).
 
-    python calibrate.py --checkpoint runs/cifar10/model_best_checkpoint.ckpt      # the card: CIFAR-10 test vs noise
+    python calibrate.py --checkpoint runs/cifar10/model_best_checkpoint.ckpt  # the card's: CIFAR-10 vs noise
     python calibrate.py --checkpoint runs/smoke/model_best_checkpoint.ckpt --real-dir photos/ \\
         --fake-dir cifake=CIFAKE/test/FAKE --output out/thresholds_calibrated.json --plots-dir out/
     python calibrate.py --artifact-model runs/artifact/release --real-dir generated/pairs/calib/real \\
-        --fake-dir generated/pairs/test/span_x4 --num-noise 0 --hard-fakes none    # the artifact detector alone
+        --fake-dir generated/pairs/test/span_x4 --num-noise 0 --hard-fakes none  # the artifact detector alone
 
 Real images are split, seeded, into a calibration part (split-conformal thresholds at 1% / 5% / 10% false
-positives, and the p-values' reference) and a held-out part that measures them, with benignly processed copies.
+positives; the p-values' reference) and a held-out part that measures them, with benign edits of its photos.
 """
 
 import argparse
@@ -30,70 +30,86 @@ import fakes
 import metrics
 import thresholds
 import plots
-from data import PREPROCESSING, ImageReadError, load_cifar10, load_image_folder, preprocess, read_image, to_uint8
-from detector import (BASE_SCORES, add_model_flags, check_model_flags, load_models, model_device, score_batch,
-                      score_files, score_images)
+from data import (PREPROCESSING, ImageReadError, load_cifar10, load_image_folder, preprocess, read_image,
+                  to_uint8)
+from detector import BASE_SCORES, load_models, model_device, score_batch, score_files, score_images
 from thresholds import FPR_LEVELS
-from utils import (SEED, ArgumentParser, UserError, atomic_write, check_output, csv_cell, number,
-                   pick_device, precision_name, printable, run_cli, weights_fingerprint)
+from checkpoints import weights_fingerprint
+from utils import (SEED, ArgumentParser, UserError, add_model_flags, atomic_write, check_model_flags,
+                   check_output, csv_cell, number, pick_device, precision_name, printable, run_cli)
 
-CONVENTION = ("fake = positive class, real = negative; higher score = more fake (for combined, lower p-value); "
-              "AUROC / AUPR computed on held-out real images vs each fake set; AUPR-In takes real as positive; "
-              "FPR@95TPR = fraction of held-out real images flagged at the threshold that catches 95% of the fakes")
+CONVENTION = ("fake = positive class, real = negative; higher score = more fake (for combined, lower "
+              "p-value); AUROC / AUPR computed on held-out real images vs each fake set; AUPR-In takes real "
+              "as positive; FPR@95TPR = fraction of held-out real images flagged at the threshold that "
+              "catches 95% of the fakes")
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(__doc__)
+    p, natural = ArgumentParser(__doc__), number(int, 0)
     add = p.add_argument
-    add_model_flags(p, "the autoencoder, anything load_model accepts (default: runs/cifar10/model_best_checkpoint.ckpt, "
-                    "unless --artifact-model is given alone)")
+    add_model_flags(p, "the autoencoder, anything load_model accepts (default: "
+                    "runs/cifar10/model_best_checkpoint.ckpt, unless --artifact-model is given alone)")
     add("--data-dir", default="./data", help="CIFAR-10 folder, used when no --real-dir")
-    add("--real-dir", action="append", default=[], help="real images (files, folders, globs; repeatable) instead of CIFAR-10 test")
-    add("--max-real", type=number(int, 0), default=0, help="use at most this many real images, 0 = all")
-    add("--num-noise", type=number(int, 0), default=10000, help="uniform-noise fakes, the card's set")
+    add("--real-dir", action="append", default=[],
+        help="real images (files, folders, globs; repeatable) instead of CIFAR-10 test")
+    add("--max-real", type=natural, default=0, help="use at most this many real images, 0 = all")
+    add("--num-noise", type=natural, default=10000, help="uniform-noise fakes, the card's set")
     add("--fake-dir", action="append", default=[], metavar="[NAME=]DIR",
         help="a folder of known fakes, scored and reported as NAME (repeatable)")
-    add("--hard-fakes", default="flat,gradient,blur,jpeg,splice", help="built-in hard sets (see fakes.py), or 'none'")
-    add("--num-hard", type=number(int, 0), default=1000, help="images per built-in hard set")
-    add("--num-benign", type=number(int, 0), default=100,
-        help="held-out real photos re-saved as JPEG, downscaled and sharpened, to measure false positives; 0 = off")
-    add("--optimal-against", default=None, help="fake set that the 'optimal' threshold separates (default: noise, if made)")
-    add("--holdout-fraction", type=number(float, 0, 1), default=0.5, help="real images held out to measure FPR")
+    add("--hard-fakes", default="flat,gradient,blur,jpeg,splice",
+        help="built-in hard sets (see fakes.py), or 'none'")
+    add("--num-hard", type=natural, default=1000, help="images per built-in hard set")
+    add("--num-benign", type=natural, default=100, help="held-out real photos re-saved as JPEG, downscaled "
+        "and sharpened, to measure false positives; 0 = off")
+    add("--optimal-against", help="fake set that the 'optimal' threshold separates (default: noise, if made)")
+    add("--holdout-fraction", type=number(float, 0, 1), default=0.5,
+        help="real images held out to measure FPR")
     add("--seed", type=SEED, default=0, help="seed of the real split and the built-in fakes")
-    add("--output", default=None, help="thresholds JSON to write (default: thresholds_calibrated.json beside the "
-        "checkpoint)")
-    add("--plots-dir", default=None, help="where the three PNGs go (default: the --output folder)")
-    add("--scores-out", default=None, help="CSV of every scored image (set, index or path, split, scores)")
+    add("--output",
+        help="thresholds JSON to write (default: thresholds_calibrated.json beside the checkpoint)")
+    add("--plots-dir", help="where the three PNGs go (default: the --output folder)")
+    add("--scores-out", help="CSV of every scored image (set, index or path, split, scores)")
     add("--batch-size", type=number(int, 1), default=128, help="images per forward pass")
-    add("--workers", type=number(int, 0), default=None, help="decode processes for folders (default: min(4, CPUs))")
-    add("--bootstrap", type=number(int, 0), default=200, help="bootstrap resamples for AUROC intervals, 0 = off")
+    add("--workers", type=natural, default=None, help="decode processes for folders (default: min(4, CPUs))")
+    add("--bootstrap", type=natural, default=200, help="bootstrap resamples for AUROC intervals, 0 = off")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     args = check_model_flags(p, p.parse_args(argv))
     if args.thresholds:
         p.error("--thresholds: calibrate.py writes thresholds; name the file to write with --output")
-    # every set's name is its key in the report and in --scores-out: two sets of one name would merge silently
+    # a set's name is its key in the report and in --scores-out: two sets of one name would merge silently
     args.hard = [n.strip() for n in args.hard_fakes.split(",") if n.strip() not in ("", "none")]
     args.fake_dirs, names = [], ["real", *(["noise"] if args.num_noise else []), *args.hard]
     for spec in args.fake_dir:
         name, sep, folder = spec.partition("=")
         name, folder = (name, folder) if sep else (Path(spec.rstrip("/")).name or "fakes", spec)
         if name in names:
-            p.error(f"--fake-dir {spec}: the set name {name!r} is taken (the real set, a built-in set or another "
-                    f"--fake-dir); name it with NAME=DIR")
+            p.error(f"--fake-dir {spec}: the set name {name!r} is taken (the real set, a built-in set or "
+                    f"another --fake-dir); name it with NAME=DIR")
         names.append(name)
         args.fake_dirs.append((name, folder))
     if args.optimal_against not in (None, *names[1:]):
-        p.error(f"--optimal-against {args.optimal_against!r} is not one of the fake sets: {', '.join(names[1:])}")
+        p.error(f"--optimal-against {args.optimal_against!r} is not one of the fake sets: "
+                f"{', '.join(names[1:])}")
     args.optimal_against = args.optimal_against or "noise"
-    args.checkpoint = args.checkpoint or (None if args.artifact_model else "runs/cifar10/model_best_checkpoint.ckpt")
+    if not (args.checkpoint or args.artifact_model):
+        args.checkpoint = "runs/cifar10/model_best_checkpoint.ckpt"
     return args
 
 
 # ---- scoring every set
+def progress(args, label, **tqdm_kwargs):
+    return tqdm(desc=f"scoring {label}", disable=not args.progress, leave=False, **tqdm_kwargs)
+
+
+def columns(rows, names):
+    """[{score: value}] -> {score: [N] array}, for each score in names."""
+    return {s: np.asarray([r[s] for r in rows]) for s in names}
+
+
 def score_folder(model, artifact, paths, args, label):
-    """Scores image files exactly as inference does; returns (scores dict, paths, skipped files)."""
+    """Scores image files exactly as inference does -> ({score: [N]}, the N paths, unreadable files)."""
     rows, skipped = [], []
-    with tqdm(desc=f"scoring {label}", unit="img", disable=not args.progress, leave=False) as bar:
+    with progress(args, label, unit="img") as bar:
         for row in score_files(model, paths, args.batch_size, args.workers, artifact=artifact):
             if "error" in row:
                 skipped.append(f"{row['path']}: {row['error']}")
@@ -105,19 +121,19 @@ def score_folder(model, artifact, paths, args, label):
     if not rows:
         raise UserError(f"no readable images for {label} in {', '.join(map(str, paths))}"
                         + (f" ({len(skipped)} unreadable)" if skipped else ""))
-    return {s: np.asarray([r[s] for r in rows]) for s in BASE_SCORES if s in rows[0]}, [r["path"] for r in rows], skipped
+    return columns(rows, [s for s in BASE_SCORES if s in rows[0]]), [r["path"] for r in rows], skipped
 
 
 def score_set(model, artifact, images, args, label):
-    with tqdm(total=len(images), desc=f"scoring {label}", unit="img", disable=not args.progress, leave=False) as bar:
+    with progress(args, label, total=len(images), unit="img") as bar:
         return score_images(model, images, batch_size=args.batch_size, progress=bar, artifact=artifact)
 
 
 def score_benign(model, artifact, paths, args):
-    """{name: scores} of benignly processed copies of real photos (fakes.benign_versions), at their original
+    """{name: {score: [N]}} of benignly processed copies (fakes.benign_versions) of real photos, at full
     resolution; a copy too small for the artifact score's tiles is left out of every score."""
     out = {name: [] for name in fakes.BENIGN}
-    for i, path in enumerate(tqdm(paths, desc="scoring benign", disable=not args.progress, leave=False)):
+    for i, path in enumerate(progress(args, "benign", iterable=paths)):
         try:
             versions = fakes.benign_versions(read_image(path), seed=args.seed + i)
             scores = score_images(model, list(versions.values()), batch_size=len(versions), artifact=artifact)
@@ -125,7 +141,7 @@ def score_benign(model, artifact, paths, args):
             continue
         for j, name in enumerate(versions):
             out[name].append({s: v[j] for s, v in scores.items()})
-    return {name: {s: np.array([r[s] for r in rows]) for s in rows[0]} for name, rows in out.items() if rows}
+    return {name: columns(rows, rows[0]) for name, rows in out.items() if rows}
 
 
 def collect(model, artifact, args):
@@ -149,9 +165,9 @@ def collect(model, artifact, args):
         real_source = f"CIFAR-10 test set, {real_u8.shape[0]:,} images"
     samples = {"real": real_u8[:4]} if real_u8 is not None else {}  # for reconstruction_comparison.png
     for name in (["noise"] if args.num_noise else []) + args.hard:
+        n = args.num_noise if name == "noise" else args.num_hard
         try:
-            images = fakes.make_fake_sets([name], real=real_u8, n=args.num_noise if name == "noise" else args.num_hard,
-                                          size=size, seed=args.seed)[name]
+            images = fakes.make_fake_sets([name], real=real_u8, n=n, size=size, seed=args.seed)[name]
         except ValueError as e:
             raise UserError(f"--hard-fakes: {e}") from None
         sets[name] = score_set(model, artifact, images.to(device), args, name)
@@ -169,80 +185,81 @@ def collect(model, artifact, args):
 def split_real(n, holdout_fraction, seed):
     """Seeded (calibration, held-out) indices of the n real images."""
     perm = np.random.default_rng(seed).permutation(n)
-    n_held = int(round(n * holdout_fraction))
-    need = round(1 / min(FPR_LEVELS.values())) - 1  # k = ceil((n + 1)(1 - a)) <= n needs n >= 1/a - 1
+    n_held, alpha = int(round(n * holdout_fraction)), min(FPR_LEVELS.values())
+    need = round(1 / alpha) - 1  # k = ceil((n + 1)(1 - a)) <= n needs n >= 1/a - 1
     if n_held < 1 or n - n_held < need:
-        raise UserError(f"{n} real images, {n_held} of them held out, leave {n - n_held} to calibrate: need at least "
-                        f"{need} for a {min(FPR_LEVELS.values()):.0%} false-positive threshold, and at least 1 held out "
-                        f"(give more real images or change --holdout-fraction)")
+        raise UserError(f"{n} real images, {n_held} of them held out, leave {n - n_held} to calibrate: need "
+                        f"at least {need} for a {alpha:.0%} false-positive threshold, and at least 1 held "
+                        f"out (give more real images or change --holdout-fraction)")
     return np.sort(perm[n_held:]), np.sort(perm[:n_held])
 
 
-def rates(flagged, held, fakes, benign):
-    """What the rule flagged(scores) flags: the held-out reals and each benignly processed set (real too: their
-    flagged share is a false-positive rate, with an exact 95% interval), and each fake set (its TPR)."""
+def rates(flagged, held, fake_sets, benign):
+    """What flagged(scores) flags: of held-out reals and of each benign set, a false-positive rate (with an
+    exact 95% interval); of each fake set, its TPR."""
     def fpr(values):
         k, n = int(np.sum(flagged(values))), len(values)
-        return k / n, list(metrics.clopper_pearson(k, n)), n
+        return {"fpr": k / n, "ci95": list(metrics.clopper_pearson(k, n)), "n": n}
 
-    (rate, ci, n), benign_fpr = fpr(held), {name: fpr(v) for name, v in benign.items()}
-    return {"heldout_fpr": rate, "heldout_fpr_ci95": ci, "heldout_n": n,
-            "benign_fpr": {name: {"fpr": r, "ci95": c, "n": m} for name, (r, c, m) in benign_fpr.items()},
-            "tpr": {name: float(np.mean(flagged(f))) for name, f in fakes.items()}}
+    held_fpr = fpr(held)
+    return {"heldout_fpr": held_fpr["fpr"], "heldout_fpr_ci95": held_fpr["ci95"], "heldout_n": held_fpr["n"],
+            "benign_fpr": {name: fpr(v) for name, v in benign.items()},
+            "tpr": {name: float(np.mean(flagged(f))) for name, f in fake_sets.items()}}
 
 
-def threshold_table(cal, held, fakes, benign, optimal_against):
-    """One score's thresholds (FAKE when score > value), fakes: {set name: that score of the set}."""
-    table = {name: {"value": metrics.conformal_threshold(cal, a), "target_fpr": a, "percentile": 100 * (1 - a),
-                    "method": "split-conformal: k-th smallest calibration score",
+def threshold_table(cal, held, fake_sets, benign, optimal_against):
+    """One score's thresholds (FAKE when score > value); fake_sets: {set name: that score of the set}."""
+    table = {name: {"value": metrics.conformal_threshold(cal, a), "target_fpr": a,
+                    "percentile": 100 * (1 - a), "method": "split-conformal: k-th smallest calibration score",
                     "k": metrics.conformal_rank(len(cal), a), "n_calibration": len(cal)}
              for name, a in FPR_LEVELS.items()}
-    if optimal_against in fakes:
-        value, _, fpr = metrics.youden_threshold(cal, fakes[optimal_against])
-        table["optimal"] = {"value": value, "target_fpr": None,
-                            "method": f"maximum TPR - FPR (Youden's J) against {optimal_against}, on the calibration part",
-                            "calibration_fpr": fpr}
+    if optimal_against in fake_sets:
+        value, _, fpr = metrics.youden_threshold(cal, fake_sets[optimal_against])
+        method = f"maximum TPR - FPR (Youden's J) against {optimal_against}, on the calibration part"
+        table["optimal"] = {"value": value, "target_fpr": None, "method": method, "calibration_fpr": fpr}
     for entry in table.values():
-        entry.update(rates(lambda s: s > entry["value"], held, fakes, benign))
+        entry.update(rates(lambda s: s > entry["value"], held, fake_sets, benign))
     return table
 
 
-def level_table(held_p, fake_p, benign_p, rule):
-    """A p-value score's levels (FAKE when p <= level) and what each flags."""
-    return {name: {"value": a, "rule": rule, **rates(lambda p: p <= a, held_p, fake_p, benign_p)}
-            for name, a in FPR_LEVELS.items()}
+def level_table(held_p, fake_p, benign_p, rule, smallest):
+    """A p-value score's levels (FAKE when p <= level), what each flags, and the smallest p possible."""
+    return {name: {"value": a, "rule": rule, **rates(lambda p: p <= a, held_p, fake_p, benign_p),
+                   "smallest_possible_p": smallest} for name, a in FPR_LEVELS.items()}
 
 
-def evaluation_table(held, fakes, n_boot, seed):
+def evaluation_table(held, fake_sets, n_boot, seed):
+    """AUROC (with a bootstrap interval if n_boot), AUPR, AUPR-In and FPR@95TPR of each fake set."""
     table = {name: {"auroc": metrics.auroc(held, f), "aupr": metrics.aupr(held, f),
-                    "aupr_in": metrics.aupr(held, f, positive="real"), "fpr_at_95_tpr": metrics.fpr_at_tpr(held, f)}
-             for name, f in fakes.items()}
+                    "aupr_in": metrics.aupr(held, f, positive="real"),
+                    "fpr_at_95_tpr": metrics.fpr_at_tpr(held, f)} for name, f in fake_sets.items()}
     if n_boot:
-        for name, row in table.items():
-            row["auroc_ci95"] = list(metrics.bootstrap_ci(metrics.auroc, held, fakes[name], n_boot=n_boot, seed=seed))
+        for name, f in fake_sets.items():
+            ci = metrics.bootstrap_ci(metrics.auroc, held, f, n_boot=n_boot, seed=seed)
+            table[name]["auroc_ci95"] = list(ci)
     return table
 
 
 def analyse(real, sets, benign, split, args):
-    """Thresholds from the calibration part; what they flag on the held-out reals, the benign sets and the fakes;
-    AUROC of every score. combined (a p-value) is evaluated as 1 - p: higher = more fake."""
+    """Thresholds from the calibration part; what they flag on the held-out reals, the benign sets and the
+    fakes; AUROC of every score. combined (a p-value) is evaluated as 1 - p: higher = more fake."""
     (cal_idx, held_idx), names = split, list(real)
     cal = {s: np.sort(real[s][cal_idx]) for s in names}
     held = {s: real[s][held_idx] for s in names}
-    fakes = {s: {n: v[s] for n, v in sets.items()} for s in names}
-    good = {s: {n: v[s] for n, v in benign.items()} for s in names}
-    tables = {s: threshold_table(cal[s], held[s], fakes[s], good[s], args.optimal_against) for s in names}
-    roc = {s: (held[s], fakes[s]) for s in names}  # what each score's ROC compares: held-out real vs fakes
-    pvalue = lambda values: thresholds.combined_pvalue(cal, values)  # noqa: E731
-    held_p, fake_p = pvalue(held), {n: pvalue(v) for n, v in sets.items()}
-    levels = {"combined": level_table(held_p, fake_p, {n: pvalue(v) for n, v in benign.items()},
-                                      "FAKE when combined p-value <= value")}
-    smallest = float(pvalue({x: np.array([np.inf]) for x in names})[0])  # of the most extreme image possible
-    for entry in levels["combined"].values():
-        entry["smallest_possible_p"] = smallest
+    by_score = lambda groups: {s: {n: v[s] for n, v in groups.items()} for s in names}  # noqa: E731
+    fake, good = by_score(sets), by_score(benign)
+    tables = {s: threshold_table(cal[s], held[s], fake[s], good[s], args.optimal_against) for s in names}
+    roc = {s: (held[s], fake[s]) for s in names}  # what each score's ROC compares: held-out real vs fakes
+    pvalues = lambda groups: {n: thresholds.combined_pvalue(cal, v) for n, v in groups.items()}  # noqa: E731
+    held_p, fake_p = thresholds.combined_pvalue(cal, held), pvalues(sets)
+    # the p-value of the most extreme image possible
+    smallest = float(thresholds.combined_pvalue(cal, {s: np.array([np.inf]) for s in names})[0])
+    rule = "FAKE when combined p-value <= value"
+    levels = {"combined": level_table(held_p, fake_p, pvalues(benign), rule, smallest)}
     roc["combined"] = (1 - held_p, {n: 1 - p for n, p in fake_p.items()})
     evaluation = {s: evaluation_table(r, f, args.bootstrap, args.seed) for s, (r, f) in roc.items()}
-    return dict(cal_idx=cal_idx, held_idx=held_idx, cal=cal, tables=tables, levels=levels, evaluation=evaluation, roc=roc)
+    return dict(cal_idx=cal_idx, held_idx=held_idx, cal=cal, tables=tables, levels=levels,
+                evaluation=evaluation, roc=roc)
 
 
 # ---- report
@@ -250,8 +267,10 @@ def build_report(model, artifact, args, device, real, real_source, sets, sources
     stats = {s: {n: metrics.summary_stats(v[s]) for n, v in {"real": real, **sets}.items()} for s in real}
     ckpt = Path(args.checkpoint or args.artifact_model)
     weights_file = ckpt / "model.safetensors" if ckpt.is_dir() else ckpt
-    artifact_binding = dict(artifact_model=args.artifact_model, artifact_fingerprint=weights_fingerprint(artifact),
-                            artifact_config=asdict(artifact.config)) if artifact is not None else {}
+    sha256 = hashlib.sha256(weights_file.read_bytes()).hexdigest() if weights_file.is_file() else None
+    artifact_binding = {} if artifact is None else dict(
+        artifact_model=args.artifact_model, artifact_fingerprint=weights_fingerprint(artifact),
+        artifact_config=asdict(artifact.config))
     mse = stats.get("mse", {})  # the card's sections, with an autoencoder only
     card = dict(statistics=mse, mean_error_ratio={n: s["mean"] / mse["real"]["mean"] for n, s in mse.items()
                                                   if n != "real"}) if model else {}
@@ -260,9 +279,9 @@ def build_report(model, artifact, args, device, real, real_source, sets, sources
         score_statistics={s: stats[s] for s in real if s != "mse"},
         evaluation={"convention": CONVENTION, "scores": result["evaluation"]},
         binding={
-            "checkpoint": str(args.checkpoint),
-            "checkpoint_sha256": hashlib.sha256(weights_file.read_bytes()).hexdigest() if weights_file.is_file() else None,
-            "weights_fingerprint": model and weights_fingerprint(model), "model_config": model and asdict(model.config),
+            "checkpoint": str(args.checkpoint), "checkpoint_sha256": sha256,
+            "weights_fingerprint": model and weights_fingerprint(model),
+            "model_config": model and asdict(model.config),
             **artifact_binding,
             "preprocessing": PREPROCESSING, "precision": precision_name(device), "device": str(device),
             "real": real_source,
@@ -271,7 +290,8 @@ def build_report(model, artifact, args, device, real, real_source, sets, sources
             "fake_sets": sources, "benign_sets": {n: fakes.BENIGN_DESCRIPTION for n in fakes.BENIGN},
             "unreadable_skipped": {n: len(v) for n, v in skipped.items()}, "seed": args.seed,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": {m: version(m) for m in ("torch", "torchvision", "numpy", "pillow", "huggingface_hub")}})
+            "versions": {m: version(m) for m in ("torch", "torchvision", "numpy", "pillow",
+                                                 "huggingface_hub")}})
 
 
 def print_summary(report, output):
@@ -284,27 +304,34 @@ def print_summary(report, output):
     print("\nthresholds (FAKE when score > value; combined: FAKE when p <= value) and the share "
           "of real images flagged: held-out [95% interval], benignly processed")
     sections = report["score_thresholds"]
-    for kind, table in [*((("mse", report["reconstruction_thresholds"]["thresholds"]),) if "mse" in ev else ()),
-                        *((s, sections[s]["thresholds"]) for s in sections if s == "artifact"),
-                        *((s, sections[s]["levels"]) for s in sections if "levels" in sections[s])]:
+    tables = [("mse", report["reconstruction_thresholds"]["thresholds"])] if "mse" in ev else []
+    tables += [(s, t["thresholds"]) for s, t in sections.items() if s == "artifact"]
+    tables += [(s, t["levels"]) for s, t in sections.items() if "levels" in t]
+    for kind, table in tables:
         for name, t in table.items():
             lo, hi = t["heldout_fpr_ci95"]
             benign = "".join(f", {n} {b['fpr']:.1%}" for n, b in t["benign_fpr"].items())
-            print(f"  {kind + ' ' + name:<20} {t['value']:<10.6g} real {t['heldout_fpr']:.2%} [{lo:.2%}, {hi:.2%}]"
-                  f"{benign}  TPR {', '.join(f'{n} {v:.1%}' for n, v in t['tpr'].items())}")
+            tpr = ", ".join(f"{n} {v:.1%}" for n, v in t["tpr"].items())
+            print(f"  {kind + ' ' + name:<20} {t['value']:<10.6g} real {t['heldout_fpr']:.2%} "
+                  f"[{lo:.2%}, {hi:.2%}]{benign}  TPR {tpr}")
             if t["value"] < t.get("smallest_possible_p", 0):  # too few calibration images for this level
-                n = report["calibration_scores"]["n"]
-                print(f"    note: no image can reach p <= {t['value']:g}: with {n} calibration images the smallest "
-                      f"{kind} p-value is {t['smallest_possible_p']:.3g}; calibrate on at least "
-                      f"{math.ceil(t['smallest_possible_p'] * (n + 1) / t['value']) - 1} calibration images")
+                n, p = report["calibration_scores"]["n"], t["smallest_possible_p"]
+                print(f"    note: no image can reach p <= {t['value']:g}: with {n} calibration images the "
+                      f"smallest {kind} p-value is {p:.3g}; calibrate on at least "
+                      f"{math.ceil(p * (n + 1) / t['value']) - 1} calibration images")
     print(f"\nwrote {output}")
 
 
+def count(scores):
+    """N of a {score: [N] array} dict."""
+    return len(next(iter(scores.values())))
+
+
 def write_scores_csv(path, real, real_paths, result, sets):
-    split = np.where(np.isin(np.arange(len(next(iter(real.values())))), result["cal_idx"]), "calibration", "heldout")
+    split = np.where(np.isin(np.arange(count(real)), result["cal_idx"]), "calibration", "heldout")
     rows = [[csv_cell(name), i, csv_cell(real_paths[i]) if name == "real" and real_paths else "",
              split[i] if name == "real" else "fake", *(repr(float(values[s][i])) for s in real)]
-            for name, values in {"real": real, **sets}.items() for i in range(len(next(iter(values.values()))))]
+            for name, values in {"real": real, **sets}.items() for i in range(count(values))]
     text = io.StringIO()  # csv's own \r\n line ends, written as bytes: no newline translation
     csv.writer(text).writerows([["set", "index", "path", "split", *real], *rows])
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.getvalue().encode("utf-8")))
@@ -321,26 +348,29 @@ def main(argv=None):
     real, real_paths, real_source, sets, sources, skipped, samples = collect(model, artifact, args)
     for name, items in skipped.items():
         if items:
-            print(f"skipped {len(items)} unreadable {printable(name)} file(s), e.g. {printable(items[0])}", file=sys.stderr)
-    split = split_real(len(next(iter(real.values()))), args.holdout_fraction, args.seed)
+            print(f"skipped {len(items)} unreadable {printable(name)} file(s), e.g. {printable(items[0])}",
+                  file=sys.stderr)
+    split = split_real(count(real), args.holdout_fraction, args.seed)
     # benign copies of held-out photos only: the calibration part must not see them
-    benign = score_benign(model, artifact, [real_paths[i] for i in split[1][:args.num_benign]], args) if real_paths else {}
+    benign = (score_benign(model, artifact, [real_paths[i] for i in split[1][:args.num_benign]], args)
+              if real_paths else {})
     result = analyse(real, sets, benign, split, args)
     report = build_report(model, artifact, args, device, real, real_source, sets, sources, skipped, result)
-    try:  # the thresholds file last: if any write fails (a full disk), no new thresholds without their evidence
+    try:  # thresholds last: if a write fails (a full disk), no new thresholds without their evidence
         if args.scores_out:
             write_scores_csv(args.scores_out, real, real_paths, result, sets)
         shown = None
         if samples and model is not None:  # a few images per set, reconstructed as the model sees them
-            x = torch.cat([to_uint8(preprocess(batch.cpu(), model.config.image_size)) for batch in samples.values()])
-            shown = ([name for name, batch in samples.items() for _ in batch], score_batch(model, x, keep_maps=True))
+            x = torch.cat([to_uint8(preprocess(b.cpu(), model.config.image_size)) for b in samples.values()])
+            shown = ([name for name, b in samples.items() for _ in b], score_batch(model, x, keep_maps=True))
         plots.calibration_plots(report, real, sets, result, model is not None, shown, plots_dir)
         thresholds.write(output, report)
     except OSError as e:
         raise UserError(f"cannot write {e.filename or output}: {e.strerror or e}") from None
     print_summary(report, output)
-    pictures = ["threshold_calibration.png", "reconstruction_comparison.png"] * (model is not None) + ["roc_curve.png"]
-    print("plots: " + ", ".join(str(plots_dir / p) for p in pictures) + (f"; scores: {args.scores_out}" * bool(args.scores_out)))
+    pictures = ["threshold_calibration.png", "reconstruction_comparison.png"] * (model is not None)
+    print("plots: " + ", ".join(str(plots_dir / p) for p in pictures + ["roc_curve.png"])
+          + (f"; scores: {args.scores_out}" if args.scores_out else ""))
 
 
 if __name__ == "__main__":

@@ -72,8 +72,7 @@ def tile_origins(length, tile, per_side=MAX_TILES_PER_SIDE):
 
 
 def tiles_of(image, tile):
-    """uint8 [3, H, W] at its original resolution -> uint8 [T, 3, tile, tile], T <= MAX_TILES_PER_SIDE^2.
-    ValueError if the image is smaller than one tile."""
+    """uint8 [3, H, W] -> [T, 3, tile, tile], T <= MAX_TILES_PER_SIDE^2; ValueError if smaller than a tile."""
     h, w = image.shape[-2:]
     if h < tile or w < tile:
         raise ValueError(f"too small to tile for the artifact score: {w}x{h} pixels, "
@@ -230,8 +229,7 @@ def load_image_folder(paths, size, on_error=None, crops_per_image=0, seed=0):
 
 
 def dead_leaves(n, size=64, seed=0, leaves=150):
-    """Seeded dead-leaves images (opaque discs, power-law radii: the 1/f spectrum of photos), mildly blurred
-    and noisy: uint8 [n, 3, size, size]."""
+    """Seeded dead leaves (discs with power-law radii, as photos' 1/f spectrum): uint8 [n, 3, size, size]."""
     g = torch.Generator().manual_seed(seed)
     out = torch.empty(n, 3, size, size, dtype=torch.uint8)
     px, rmin, rmax = torch.arange(size, dtype=torch.float32), size / 16, size / 2  # pixel coordinates, radii

@@ -6,7 +6,7 @@
         print(row["path"], row["score"], row.get("p_value"), row["verdict"])
     strict = det.with_rule("combined", "strict")   # the same weights, another decision rule
 
-SCORES names every score; docs/method.md defines them. Higher = more fake, except combined (a p-value).
+SCORES names every score (docs/method.md defines them); higher = more fake, except combined, a p-value.
 """
 
 import copy
@@ -22,10 +22,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import thresholds as thresholds_file
-from data import ImageReadError, box_reduce, from_pil, iter_image_files, preprocess, read_image, tiles_of, to_uint8
+from checkpoints import weights_fingerprint
+from data import (ImageReadError, box_reduce, from_pil, iter_image_files, preprocess, read_image, tiles_of,
+                  to_uint8)
 from model import ArtifactDetector, ResidualAutoencoder, load_model, pixel_error
-from runtimes import RUNTIMES, OnnxAutoencoder
-from utils import UserError, autocast, pick_device, precision_name, weights_fingerprint
+from runtimes import OnnxAutoencoder
+from utils import UserError, autocast, pick_device, precision_name
 
 SCORES = {  # the registry: name -> what it measures (the CLIs' --score, the page, the result files)
     "mse": "the card's: mean squared reconstruction error at the autoencoder's input size",
@@ -35,7 +37,7 @@ SCORES = {  # the registry: name -> what it measures (the CLIs' --score, the pag
 }
 AE_SCORES = ("mse", "complexity")  # the autoencoder's
 BASE_SCORES = AE_SCORES + ("artifact",)  # what a model computes; combined derives from them
-ARTIFACT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifact_detector")  # the shipped one
+ARTIFACT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifact_detector")  # shipped
 BIN_WIDTH = 2 / 255  # one 8-bit level in [-1, 1] units
 NOISE_FLOOR = BIN_WIDTH ** 2 / 12  # variance of the rounding to 8 bits
 PNG_COMPRESS_LEVEL = 6  # zlib's default; 9 is <= 0.1% shorter on 128x128 images but up to 30% slower
@@ -53,18 +55,17 @@ def model_device(model):
 # ---- the scores
 def png_bits(images_uint8):
     """Input complexity (Serra et al., ICLR 2020): bits of each image's PNG file, headers included.
-    uint8 [N, 3, H, W] or [3, H, W], numpy or torch -> float64 [N]; a pure function, so workers can map it."""
+    uint8 [N, 3, H, W] or [3, H, W], numpy or torch -> float64 [N]; a pure function: workers can map it."""
     a = np.asarray(images_uint8.detach().cpu() if isinstance(images_uint8, torch.Tensor) else images_uint8)
     a = a[None] if a.ndim == 3 else a
     if a.dtype != np.uint8 or a.ndim != 4 or a.shape[1] != 3:
         raise ValueError(f"png_bits expects uint8 [N, 3, H, W], got {a.dtype} {a.shape}")
-    bits = np.empty(a.shape[0], dtype=np.float64)
-    for i, img in enumerate(a):
+    bits = []
+    for img in a:
         buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0))).save(buf, format="PNG",
-                                                                          compress_level=PNG_COMPRESS_LEVEL)
-        bits[i] = 8 * buf.tell()
-    return bits
+        Image.fromarray(img.transpose(1, 2, 0).copy()).save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+        bits.append(8.0 * buf.tell())
+    return np.array(bits, dtype=np.float64)
 
 
 def model_bits_per_dim(mse):
@@ -77,8 +78,8 @@ def complexity_score(mse, png, dims):
 
 
 def reconstruction_scores(model, x):
-    """float [B, 3, S, S] from preprocess -> (recon [B, 3, S, S], pixel error [B, S, S], mse [B]): plain tensor
-    ops, so that export.py puts this very code in the ONNX graph."""
+    """float [B, 3, S, S] from preprocess -> (recon [B, 3, S, S], pixel error [B, S, S], mse [B]): plain
+    tensor ops, so that export.py puts this very code in the ONNX graph."""
     recon = model(x)
     pixel = pixel_error(recon, x)
     return recon, pixel, pixel.flatten(1).mean(dim=1)
@@ -86,9 +87,9 @@ def reconstruction_scores(model, x):
 
 @torch.no_grad()
 def score_batch(model, x, png=None, keep_maps=False):
-    """x: uint8 [B, 3, S, S] (preprocessed, moved as bytes and normalized on the device) or float [B, 3, S, S]
-    -> dict score -> float64 numpy [B] (complexity with PNG bits), plus 'maps' [B, S, S], 'recon' and 'input'
-    (float) if keep_maps. model: a torch autoencoder, or runtimes.OnnxAutoencoder (uint8 input only)."""
+    """x: uint8 [B, 3, S, S] (preprocessed; moved as bytes, normalized on the device) or float [B, 3, S, S]
+    -> dict score -> float64 numpy [B] (complexity with PNG bits), plus 'maps' [B, S, S], 'recon' and
+    'input' if keep_maps. model: a torch autoencoder, or runtimes.OnnxAutoencoder (uint8 input only)."""
     if not isinstance(model, torch.nn.Module):  # an exported graph in its runtime
         recon, pixel, mse = model(x)
         x = preprocess(x, model.config.image_size) if keep_maps else x
@@ -108,9 +109,10 @@ def score_batch(model, x, png=None, keep_maps=False):
 
 @torch.no_grad()
 def tile_scores(model, tiles, counts):
-    """The artifact detector on tiles of several images, uint8 [sum(counts), 3, t, t] -> float64 numpy
+    """The artifact detector on tiles of several images, uint8 [sum(counts), 3, t, t] -> float64
     [len(counts)]: each image's mean tile logit, in fp32 on every device."""
-    x = preprocess(tiles.to(model_device(model)), tiles.shape[-1]).contiguous(memory_format=torch.channels_last)
+    x = preprocess(tiles.to(model_device(model)), tiles.shape[-1]).contiguous(
+        memory_format=torch.channels_last)
     return np.array([part.mean().item() for part in model(x).double().cpu().split(list(counts))])
 
 
@@ -121,22 +123,22 @@ def image_tiles(images, tile):
 
 
 def reduced(image, size):
-    """uint8 [3, H, W] -> box-reduced as read_image reduces a file, so that an image scores the same in memory."""
+    """uint8 [3, H, W] -> box-reduced as read_image reduces a file: an image scores the same in memory."""
     if min(image.shape[-2:]) < 4 * size:
         return image  # box_reduce would keep it as it is
     return from_pil(box_reduce(Image.fromarray(image.permute(1, 2, 0).numpy()), size))
 
 
 def score_images(model, images, with_complexity=True, batch_size=32, progress=None, artifact=None):
-    """In-memory uint8 images, [N, 3, H, W] or a list of [3, H, W] of any sizes -> dict score -> float64 [N]: the
-    autoencoder's scores at its input size (model None: none), the artifact score on tiles of original pixels."""
+    """In-memory uint8 images, [N, 3, H, W] or a list of [3, H, W] of any sizes -> dict score -> float64 [N]:
+    the autoencoder's scores at its input size (model None: none), the artifact score on original pixels."""
     parts = []
     with ThreadPoolExecutor(max_workers=1) as pool:  # PNG coding beside the model: zlib releases the GIL
         for start in range(0, len(images), batch_size):
             batch, part = images[start:start + batch_size], {}
             if model is not None:
                 size = model.config.image_size
-                x = torch.cat([to_uint8(preprocess(reduced(im.cpu(), size), size)) for im in batch])  # [B, 3, S, S]
+                x = torch.cat([to_uint8(preprocess(reduced(im.cpu(), size), size)) for im in batch])
                 png = pool.submit(png_bits, x) if with_complexity else None
                 part = score_batch(model, x)
                 if png is not None:
@@ -151,9 +153,9 @@ def score_images(model, images, with_complexity=True, batch_size=32, progress=No
 
 # ---- files: decoded in worker processes while the model runs
 class ImageFiles(IterableDataset):
-    """Lists `paths` lazily and yields (path, uint8 input [3, S, S] or None, PNG bits or None, tiles [T, 3, t, t] or
-    None, error). Worker w of W on rank r of R takes every (W*R)-th file; one of them reports listing errors. Tiles
-    come from a second, full-resolution decode, so the autoencoder's (reduced) input never depends on them."""
+    """Lists `paths` lazily; yields (path, uint8 input [3, S, S], PNG bits, tiles [T, 3, t, t], None) (each
+    None when not asked for) or (path, None, None, None, error). Worker w of W on rank r of R takes every
+    (W*R)-th file; one reports listing errors. Tiles come from a full-resolution decode of their own."""
 
     def __init__(self, paths, size, rank=0, world=1, with_complexity=True, tile=0):
         self.paths, self.size, self.rank, self.world = list(map(str, paths)), size, rank, world
@@ -172,31 +174,36 @@ class ImageFiles(IterableDataset):
             errors.clear()
             if i % shards == shard:
                 try:
-                    x = to_uint8(preprocess(read_image(path, min_size=self.size), self.size))[0] if self.size else None
-                    tiles = tiles_of(read_image(path), self.tile) if self.tile else None
-                    yield path, x, png_bits(x)[0] if self.with_complexity else None, tiles, None
+                    yield path, *self.read(path), None
                 except (ImageReadError, ValueError) as e:  # ValueError: too small to tile
                     yield path, None, None, None, str(e)
         yield from errors
 
+    def read(self, path):
+        """(autoencoder input uint8 [3, S, S], its PNG bits, tiles [T, 3, t, t]), None where not asked for."""
+        x = to_uint8(preprocess(read_image(path, min_size=self.size), self.size))[0] if self.size else None
+        tiles = tiles_of(read_image(path), self.tile) if self.tile else None
+        return x, png_bits(x)[0] if self.with_complexity else None, tiles
+
 
 def collate(items):
-    """In the worker: one tensor per batch, not one per image (each is a shared-memory file descriptor, and
-    batch x prefetch x workers of them ran out of descriptors). -> ([(path, error)], uint8 x [G, 3, S, S] or None,
-    PNG bits [G] or None, (tiles [T, 3, t, t], tiles per image [G]) or None)"""
+    """In the worker: one tensor per batch, not one per image (each is a shared-memory file descriptor:
+    they ran out). -> ([(path, error)], x [G, 3, S, S], PNG bits [G], (tiles [T, 3, t, t], tiles per
+    image [G])), the last three None when absent."""
     good = [it for it in items if it[4] is None]
     x = torch.stack([it[1] for it in good]) if good and good[0][1] is not None else None
     png = np.array([it[2] for it in good]) if good and good[0][2] is not None else None
-    tiles = (torch.cat([it[3] for it in good]), [len(it[3]) for it in good]) if good and good[0][3] is not None else None
+    tiles = None if not good or good[0][3] is None else (torch.cat([it[3] for it in good]),
+                                                          [len(it[3]) for it in good])
     return [(it[0], it[4]) for it in items], x, png, tiles
 
 
-def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with_complexity=True, keep_maps=False,
-                artifact=None):
-    """Yields one dict per input: its path and scores, or its error. Streams: memory stays flat.
+def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with_complexity=True,
+                keep_maps=False, artifact=None):
+    """Yields one dict per input: its path and scores, or its error; streams, so memory stays flat.
     model None: no autoencoder scores (the artifact detector gives its own)."""
-    files = ImageFiles(paths, model.config.image_size if model is not None else 0, rank, world, with_complexity,
-                       artifact.config.image_size if artifact is not None else 0)
+    size = lambda m: m.config.image_size if m is not None else 0  # noqa: E731
+    files = ImageFiles(paths, size(model), rank, world, with_complexity, size(artifact))
     device = model_device(model if model is not None else artifact)
     loader = DataLoader(files, collate_fn=collate, batch_size=batch_size, pin_memory=device.type == "cuda",
                         num_workers=min(4, os.cpu_count() or 1) if workers is None else workers)
@@ -209,45 +216,21 @@ def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with
             if error is not None:
                 yield {"path": path, "error": error}
                 continue
-            row = {"path": path, **{k: float(v[j]) for k, v in scores.items() if k not in ("maps", "recon", "input")}}
+            row = {"path": path, **{k: float(v[j]) for k, v in scores.items() if k in BASE_SCORES}}
             if keep_maps:
                 row.update(input=scores["input"][j], map=scores["maps"][j], recon=scores["recon"][j])
             yield row
             j += 1
 
 
-# ---- the models and their flags
-def add_model_flags(parser, checkpoint_help="the autoencoder: train.py checkpoint, hub-layout folder or hub repo id",
-                    artifact=True):
-    """The flags every script that scores declares alike: the models, the thresholds file, device and runtime."""
-    add = parser.add_argument
-    add("--checkpoint", default=None, help=checkpoint_help)
-    if artifact:
-        add("--artifact-model", default=None, help="an artifact detector (train.py --preset artifact; "
-            "--score artifact alone defaults to the shipped artifact_detector/)")
-    add("--thresholds", default=None, help="thresholds JSON (default: docs/method.md#which-thresholds-apply)")
-    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available (cpu for onnx / "
-        "openvino)")
-    add("--runtime", choices=RUNTIMES, default="torch", help="onnx / openvino: --checkpoint is export.py's .onnx "
-        "file, run by ONNX Runtime / OpenVINO on the CPU")
-
-
-def check_model_flags(parser, args):
-    """The exported runtimes run on the CPU: auto means cpu there, and cuda is a usage error."""
-    if args.runtime != "torch":
-        if args.device == "cuda":
-            parser.error(f"--runtime {args.runtime} runs on the CPU: use --device cpu, or --runtime torch on the GPU")
-        args.device = "cpu"
-    return args
-
-
 def load_kind(source, kind, device):
-    """The model in `source`, checked to be of class `kind` (the flag named a model of that kind), ready to score."""
+    """The model in `source`, checked to be of class `kind` (its flag names that kind), ready to score."""
     model = load_model(source, device)
     if not isinstance(model, kind):
         what = {ResidualAutoencoder: ("an autoencoder", "--checkpoint"),
                 ArtifactDetector: ("an artifact detector", "--artifact-model")}
-        raise UserError(f"{source} holds {what[type(model)][0]}, not {what[kind][0]}: give it with {what[type(model)][1]}")
+        got = what[type(model)]
+        raise UserError(f"{source} holds {got[0]}, not {what[kind][0]}: give it with {got[1]}")
     return prepare_model(model, device)
 
 
@@ -257,7 +240,8 @@ def load_models(checkpoint, device, runtime="torch", artifact_checkpoint=None):
     artifact = artifact_checkpoint and load_kind(artifact_checkpoint, ArtifactDetector, device)
     if checkpoint and runtime != "torch":
         if device.type != "cpu":
-            raise UserError(f"--runtime {runtime} runs on the CPU: add --device cpu, or use --runtime torch on the GPU")
+            raise UserError(f"--runtime {runtime} runs on the CPU: add --device cpu, or --runtime torch "
+                            "on a GPU")
         return OnnxAutoencoder(checkpoint, runtime), artifact
     return checkpoint and load_kind(checkpoint, ResidualAutoencoder, device), artifact
 
@@ -266,11 +250,11 @@ def load_models(checkpoint, device, runtime="torch", artifact_checkpoint=None):
 class Detector:
     """Loaded models, their thresholds file, and a decision rule (score, threshold); scores anything.
 
-    checkpoint: the autoencoder (None: the artifact score only). artifact_model: an artifact detector; the shipped
-    one (ARTIFACT_WEIGHTS) when the score is artifact and none is given. thresholds: a file, "find" for the
-    scripts' rule (thresholds.resolve), or None: scores only, unless the weights carry their own calibration (an
-    exported graph, the artifact detector alone). threshold: a name in the file (default balanced) or a number;
-    for combined a p-value level. runtime: 'torch', or 'onnx' / 'openvino' for export.py's graph on the CPU."""
+    checkpoint: the autoencoder (None: the artifact score only). artifact_model: an artifact detector; the
+    shipped one (ARTIFACT_WEIGHTS) when the score is artifact and none is given. thresholds: a file, "find"
+    (the scripts' rule, thresholds.resolve), or None: scores only, unless the weights carry their own
+    calibration (an exported graph, the artifact detector alone). threshold: a name in the file (default
+    balanced) or a number; for combined a p-value level. runtime: 'torch', or 'onnx' / 'openvino'."""
 
     def __init__(self, checkpoint, thresholds=None, device="auto", score="mse", threshold=None,
                  batch_size=None, workers=None, runtime="torch", artifact_model=None):
@@ -279,19 +263,18 @@ class Detector:
         artifact_model = artifact_model or (ARTIFACT_WEIGHTS if score == "artifact" else None)
         self.device = pick_device("cpu" if runtime != "torch" and device == "auto" else device)
         self.model, self.artifact = load_models(checkpoint, self.device, runtime, artifact_model)
-        self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)  # a GPU wants large batches
+        self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)  # a GPU wants large ones
         self.workers = workers
         cfg, self.thresholds_source = None, None
         if thresholds or runtime != "torch" or not checkpoint:
-            cfg, self.thresholds_source = thresholds_file.resolve(None if thresholds == "find" else thresholds,
-                                                                  checkpoint, artifact_model,
-                                                                  getattr(self.model, "thresholds", None))
+            given = None if thresholds == "find" else thresholds
+            exported = getattr(self.model, "thresholds", None)
+            cfg, self.thresholds_source = thresholds_file.resolve(given, checkpoint, artifact_model, exported)
         self.thresholds = cfg
         self.calibration = {s: v for s, v in thresholds_file.calibration(cfg).items() if s in BASE_SCORES}
-        fingerprint = weights_fingerprint(self.model) if self.model is not None else None
-        artifact_print = {"artifact": self.artifact and weights_fingerprint(self.artifact)}
-        self.warnings = thresholds_file.binding_warnings(cfg, fingerprint, precision_name(self.device),
-                                                         artifact_print) if cfg else []
+        prints = [m and weights_fingerprint(m) for m in (self.model, self.artifact)]
+        self.warnings = cfg and thresholds_file.binding_warnings(cfg, prints[0], precision_name(self.device),
+                                                                 {"artifact": prints[1]}) or []
         self._set_rule(score, threshold)
 
     def with_rule(self, score, threshold=None):
@@ -306,32 +289,34 @@ class Detector:
         if self.model is None and score != "artifact":
             raise UserError(f"--score {score} needs the autoencoder: give --checkpoint")
         if score == "combined" and not self.calibration:
-            raise UserError("--score combined needs the calibration scores of a thresholds file written by calibrate.py")
-        if (score == "artifact" or score == "combined" and "artifact" in self.calibration) and self.artifact is None:
+            raise UserError("--score combined needs the calibration scores of a calibrate.py thresholds file")
+        uses = {score} | (set(self.calibration) if score == "combined" else set())  # what it reads
+        if "artifact" in uses and self.artifact is None:
             raise UserError(f"--score {score} needs the artifact detector (--artifact-model)"
                             + ": the thresholds file includes its score" * (score == "combined"))
         self.score_name = score
         # PNG coding costs ~3 ms per image on a CPU core: only when the score uses it
-        self.needs_complexity = score == "complexity" or (score == "combined" and "complexity" in self.calibration)
-        scores_only = self.thresholds is None and threshold is None and score != "combined"  # nothing to decide with
+        self.needs_complexity = "complexity" in uses
+        scores_only = self.thresholds is None and threshold is None and score != "combined"  # no rule
         self.threshold, self.threshold_label = (None, None) if scores_only else thresholds_file.threshold(
             self.thresholds, score, "balanced" if threshold is None else threshold)
 
     def record(self, row):
         """A row as result files hold it: plain values only, None where absent."""
+        verdict = "UNREADABLE" if "error" in row else row.get("verdict")
         return {"path": row["path"], "score_name": self.score_name, "score": row.get("score"),
-                "p_value": row.get("p_value"), "verdict": "UNREADABLE" if "error" in row else row.get("verdict"),
-                "threshold": self.threshold, "error": row.get("error"), **{s: row.get(s) for s in BASE_SCORES}}
+                "p_value": row.get("p_value"), "verdict": verdict, "threshold": self.threshold,
+                "error": row.get("error"), **{s: row.get(s) for s in BASE_SCORES}}
 
     def _finish(self, rows):
         """Adds score, p-value and verdict to the scored rows (in place); a non-finite score is an error."""
         for r in rows:
             if "error" not in r and not all(math.isfinite(r[s]) for s in BASE_SCORES if r.get(s) is not None):
-                r["error"] = "the model gave a non-finite score (NaN or inf): its weights or its runtime are broken"
+                r["error"] = "the model gave a non-finite score (NaN or inf): broken weights or runtime"
         good = [r for r in rows if "error" not in r]
         name, p = self.score_name, None
         if good and (name == "combined" or name in self.calibration):
-            values = {s: [r[s] for r in good] for s in self.calibration if s in good[0]}  # combined: all are there
+            values = {s: [r[s] for r in good] for s in self.calibration if s in good[0]}
             p = thresholds_file.score_pvalues(self.calibration, values, name)
         for i, r in enumerate(good):
             r["score"] = float(p[i]) if name == "combined" else r[name]
@@ -344,30 +329,31 @@ class Detector:
 
     def score_paths(self, paths, rank=0, world=1, keep_maps=False):
         """Yields one row per input file, streamed in batches; under torchrun each rank its share."""
-        rows = score_files(self.model if self.score_name != "artifact" else None, paths, self.batch_size,
-                           self.workers, rank, world, with_complexity=self.needs_complexity,
-                           keep_maps=keep_maps and self.model is not None and self.score_name != "artifact",
-                           artifact=self.artifact)
+        model = self.model if self.score_name != "artifact" else None
+        rows = score_files(model, paths, self.batch_size, self.workers, rank, world, self.needs_complexity,
+                           keep_maps and model is not None, self.artifact)
         while batch := list(islice(rows, self.batch_size)):
             yield from self._finish(batch)
 
     def score_tensors(self, images):
         """PIL images or uint8 [3, H, W] tensors (or one uint8 [N, 3, H, W] tensor) -> rows."""
         images = [from_pil(im) if isinstance(im, Image.Image) else im for im in images]
-        if not all(torch.is_tensor(im) and im.dtype == torch.uint8 and im.dim() == 3 and im.shape[0] == 3 for im in images):
+        if not all(torch.is_tensor(im) and im.dtype == torch.uint8 and im.shape[:-2] == (3,)
+                   for im in images):
             raise UserError("cannot score that: give paths, PIL images or uint8 [3, H, W] tensors")
+        model = self.model if self.score_name != "artifact" else None
         try:
-            scores = score_images(self.model if self.score_name != "artifact" else None, images, self.needs_complexity,
-                                  self.batch_size, artifact=self.artifact)
+            scores = score_images(model, images, self.needs_complexity, self.batch_size,
+                                  artifact=self.artifact)
         except ValueError as e:  # an image too small to tile
             raise UserError(str(e)) from None
         return self._finish([{"path": f"<image {i}>", **{k: float(v[i]) for k, v in scores.items()}}
                              for i in range(len(images))])
 
     def score(self, inputs):
-        """Paths (files, folders, globs), PIL images and uint8 tensors, mixed -> a list of rows: first the files
-        (in listing order), then the in-memory images in the order given."""
+        """Paths (files, folders, globs), PIL images and uint8 tensors, mixed -> a list of rows: first the
+        files (as the decode workers deliver them), then the in-memory images in the order given."""
         inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         paths = [i for i in inputs if isinstance(i, (str, os.PathLike))]
         images = [i for i in inputs if not isinstance(i, (str, os.PathLike))]
-        return (list(self.score_paths(paths)) if paths else []) + (self.score_tensors(images) if images else [])
+        return [*(self.score_paths(paths) if paths else []), *(self.score_tensors(images) if images else [])]

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 import thresholds as thresholds_file
+from checkpoints import weights_fingerprint
 from data import (PREPROCESSING, ImageReadError, dead_leaves, iter_image_files, preprocess, read_image,
                   to_uint8)
 from detector import prepare_model, reconstruction_scores, score_batch
 from model import ResidualAutoencoder, load_model
 from runtimes import OnnxAutoencoder
-from utils import ArgumentParser, UserError, atomic_write, check_output, number, run_cli, weights_fingerprint
+from utils import ArgumentParser, UserError, atomic_write, check_output, number, run_cli
 
 ROOT = Path(__file__).resolve().parent
 OUTPUTS = ["recon", "error_map", "mse"]

@@ -19,9 +19,10 @@ import torch.distributed as dist
 
 import metrics
 import plots
-from detector import SCORES, Detector, add_model_flags, check_model_flags
+from detector import SCORES, Detector
 from results import heatmaps_folder, open_results, result_line
-from utils import ArgumentParser, UserError, gather, number, run_cli, setup_distributed
+from utils import (ArgumentParser, UserError, add_model_flags, check_model_flags, gather, number, run_cli,
+                   setup_distributed)
 
 DOMAIN_ALARM = 1e-3  # a KS p-value this small over a folder: its images are not like the calibration images
 

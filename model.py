@@ -7,17 +7,15 @@
     model.save_pretrained("release/"); model.push_to_hub("you/name")       # hub layout, via the mixin
 """
 
-import json
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
-from safetensors.torch import load_file, save_file
 
-from utils import ArgumentParser, UserError, atomic_write, clean_state_dict, load_checkpoint_dict, write_json
+from checkpoints import clean_state_dict, read_source, save_safetensors
+from utils import ArgumentParser, UserError, write_json
 
 MODEL_CARD = """---
 {{ card_data }}
@@ -226,58 +224,6 @@ class ArtifactDetector(HubModel, model_card_template=ARTIFACT_CARD, library_name
     def image_loss(self, logits, labels):
         """[B] binary cross-entropy: the training loss (labels 1 = generated)."""
         return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
-
-
-def save_safetensors(model, folder):
-    # safetensors refuses non-contiguous (channels_last) tensors
-    tensors = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(model.state_dict()).items()}
-    atomic_write(Path(folder) / "model.safetensors",
-                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
-
-def read_hub_folder(folder, weights_name="model.safetensors"):
-    weights, config = Path(folder) / weights_name, Path(folder) / "config.json"
-    for p in (weights, config):
-        if not p.is_file():
-            raise UserError(f"{folder}: hub-layout folder lacks {p.name}")
-    try:
-        return load_file(str(weights)), json.loads(config.read_text(encoding="utf-8"))
-    except Exception as e:  # safetensors' own error types, bad JSON, bad UTF-8
-        raise UserError(f"{folder}: not a readable {weights.name} + config.json ({str(e)[:160]})") from None
-
-
-def download_from_hub(repo_ref):
-    from huggingface_hub import snapshot_download  # looked up at call time (tests replace it)
-    repo_id, _, revision = repo_ref.partition("@")
-    try:
-        return snapshot_download(repo_id, revision=revision or None,
-                                 allow_patterns=["*.safetensors", "*.json"])
-    except Exception as e:  # network, auth and not-found errors all end in the same advice
-        detail = " ".join(str(e).split())[:200]
-        raise UserError(f"could not fetch {repo_ref!r} from the Hugging Face hub ({detail})") from None
-
-
-def read_source(source):
-    """(state_dict, config dict or None) from any source load_model accepts."""
-    path = Path(source)
-    if path.is_dir() or path.suffix == ".safetensors" and path.is_file():
-        return read_hub_folder(path) if path.is_dir() else read_hub_folder(path.parent, path.name)
-    if path.suffix == ".onnx" and path.is_file():
-        raise UserError(f"{path} is an exported ONNX graph: "
-                        "score it with --runtime onnx or --runtime openvino")
-    if path.is_file():
-        ckpt = load_checkpoint_dict(path)
-        keys = ("model", "model_state_dict", "state_dict")
-        weights = next((ckpt[k] for k in keys if isinstance(ckpt.get(k), dict)),
-                       ckpt if ckpt and all(torch.is_tensor(v) for v in ckpt.values()) else None)  # or bare
-        if weights is None:
-            raise UserError(f"{path}: no model weights inside (keys: {sorted(map(str, ckpt))[:8]})")
-        return weights, ckpt.get("config") if weights is not ckpt else None
-    # "user/name[@rev]" goes to the hub, unless it looks local (runs/x with runs/ here is a missing path)
-    looks_local = path.suffix in (".ckpt", ".pt", ".pth", ".safetensors") or Path(path.parts[0]).exists()
-    if str(source).count("/") == 1 and not str(source).startswith((".", "/")) and not looks_local:
-        return read_hub_folder(download_from_hub(str(source)))
-    raise UserError(f"{source}: not a regular file" if path.exists() else f"checkpoint not found: {source}")
 
 
 def load_model(source, device="cpu", config=None):

@@ -1,5 +1,4 @@
-"""`--runtime onnx|openvino`: export.py's scoring graph run on the CPU by ONNX Runtime or OpenVINO, optional
-extras (requirements-export.txt)."""
+"""--runtime onnx|openvino: export.py's graph run by ONNX Runtime or OpenVINO (requirements-export.txt)."""
 
 import json
 from pathlib import Path
@@ -11,9 +10,6 @@ import thresholds as thresholds_file
 from model import AutoencoderConfig, config_from_dict
 from utils import UserError
 
-RUNTIMES = ("torch", "onnx", "openvino")  # torch: the PyTorch weights themselves
-
-
 def onnxruntime_session(path):
     """(metadata, run: uint8 numpy [B, 3, H, W] -> the graph's outputs) with ONNX Runtime's CPU provider."""
     import onnxruntime
@@ -22,8 +18,7 @@ def onnxruntime_session(path):
 
 
 def openvino_session(path):
-    """The same with OpenVINO, in fp32 like the other runtimes (it would pick bf16 on a CPU with AMX), with
-    the latency hint: every core on one batch."""
+    """The same with OpenVINO: in fp32 like the others (not bf16 on AMX CPUs), with the latency hint."""
     import openvino
     from openvino.frontend import FrontEndManager
     onnx_reader = FrontEndManager().load_by_framework("onnx")  # only: others log noise on a bad file

@@ -2,14 +2,11 @@
 checkpoint loading and weight fingerprints, and the device, precision and torchrun setup."""
 
 import argparse
-import hashlib
 import json
 import math
 import os
-import re
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -87,6 +84,34 @@ def printable(text):
     return "".join(c if c.isprintable() else escape(c) for c in str(text))
 
 
+RUNTIMES = ("torch", "onnx", "openvino")  # onnx / openvino: export.py's graph on the CPU (runtimes.py)
+
+
+def add_model_flags(parser, checkpoint_help="the autoencoder: train.py checkpoint, hub folder or hub repo id",
+                    artifact=True):
+    """The flags every script that scores declares alike: the models, the thresholds file, device, runtime."""
+    add = parser.add_argument
+    add("--checkpoint", default=None, help=checkpoint_help)
+    if artifact:
+        add("--artifact-model", default=None, help="an artifact detector (train.py --preset artifact; "
+            "--score artifact alone defaults to the shipped artifact_detector/)")
+    add("--thresholds", default=None, help="thresholds JSON (default: docs/method.md#which-thresholds-apply)")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto",
+        help="auto: cuda if available (cpu for onnx / openvino)")
+    add("--runtime", choices=RUNTIMES, default="torch",
+        help="onnx / openvino: --checkpoint is export.py's .onnx file, run by ONNX Runtime / OpenVINO on CPU")
+
+
+def check_model_flags(parser, args):
+    """The exported runtimes run on the CPU: auto means cpu there, and cuda is a usage error."""
+    if args.runtime != "torch":
+        if args.device == "cuda":
+            parser.error(f"--runtime {args.runtime} runs on the CPU: use --device cpu, or --runtime torch "
+                         "on a GPU")
+        args.device = "cpu"
+    return args
+
+
 # ---- output files
 def csv_cell(value):
     """None -> empty; text that starts like a formula gets a leading ' so spreadsheets show it as text."""
@@ -137,55 +162,6 @@ def check_output(path, reads=(), probe=True):
 def write_json(path, obj):
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-# ---- checkpoints
-def clean_state_dict(state_dict):
-    """Strips the prefixes DDP ('module.') and torch.compile ('_orig_mod.') add to keys."""
-    prefix = re.compile(r"^((module|_orig_mod)\.)+")
-    return {prefix.sub("", k): v for k, v in state_dict.items()}
-
-
-def weights_fingerprint(model_or_state_dict):
-    """sha256 hex over parameter names, dtypes, shapes and bytes, whatever file the weights came from; an
-    exported model (export.py) gives the fingerprint it carries."""
-    if hasattr(model_or_state_dict, "fingerprint"):
-        return model_or_state_dict.fingerprint
-    sd = model_or_state_dict
-    sd = sd.state_dict() if isinstance(sd, torch.nn.Module) else sd
-    h = hashlib.sha256()
-    for name, t in sorted(clean_state_dict(sd).items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def load_checkpoint_dict(path):
-    """torch.load with weights_only=True (tensors and plain data, never code) -> dict; UserError otherwise."""
-    try:
-        # torch.load never checks the CRC32 that torch.save's zip keeps per tensor: a flipped bit would load
-        if zipfile.is_zipfile(path) and (bad := zipfile.ZipFile(path).testzip()):
-            raise UserError(f"{path}: corrupt: its record {bad} fails its checksum (a damaged file)")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint not found: {path}") from None
-    except UserError:
-        raise
-    except Exception as e:  # garbage makes the unpickler fail in many ways
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # not even a pickle: no globals to name
-            unsafe = []
-        if unsafe:
-            raise UserError(f"{path}: refused to load: it pickles {', '.join(unsafe[:3])}, objects other "
-                            f"than tensors and plain data, which could run code") from None
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:160]})") from None
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{path}: not a checkpoint of this repo (holds a {type(ckpt).__name__}, "
-                        f"expected a dict)")
-    return ckpt
 
 
 # ---- devices, precision and torchrun

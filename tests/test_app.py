@@ -24,7 +24,8 @@ import detector
 import fakes
 import thresholds
 from detector import Detector
-from utils import run_cli, weights_fingerprint
+from utils import run_cli
+from checkpoints import weights_fingerprint
 from tests.conftest import ROOT, run_script, save_checkpoint
 from tests.test_inference import bomb_png
 

@@ -15,7 +15,8 @@ import thresholds
 from conftest import ROOT, run_script
 from detector import ARTIFACT_WEIGHTS, Detector
 from model import ArtifactConfig, ArtifactDetector, count_parameters, load_model, neighbour_residual
-from utils import weights_fingerprint
+
+from checkpoints import weights_fingerprint
 
 sys.path.insert(0, str(ROOT / "scripts" / "generated"))
 import make_pairs  # noqa: E402

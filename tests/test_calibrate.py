@@ -14,7 +14,8 @@ from data import dead_leaves
 from detector import Detector
 import thresholds
 from model import load_model
-from utils import weights_fingerprint
+
+from checkpoints import weights_fingerprint
 from tests.conftest import run_script, save_checkpoint
 
 
@@ -195,22 +196,24 @@ def test_inference_warns_once_when_a_folder_is_unlike_the_calibration_images(tin
     import inference_example
 
     real, noise = tmp_path / "real", tmp_path / "noise"
-    for folder, images in ((real, dead_leaves(120, 32, seed=21)), (noise, fakes.uniform_noise(25, 32, seed=3))):
+    white = 255 - fakes.uniform_noise(25, 32, seed=3) // 16  # near-white: far from the dead leaves' colours
+    for folder, images in ((real, dead_leaves(150, 32, seed=21)), (noise, white)):
         folder.mkdir()
         for i, image in enumerate(images):
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
     out = tmp_path / "thr.json"
-    run_script("calibrate.py", "--checkpoint", tiny_ckpt, "--real-dir", real, "--num-noise", "50", "--num-hard", "0",
+    run_script("calibrate.py", "--checkpoint", tiny_ckpt, "--real-dir", real, "--num-noise", "50", "--hard-fakes", "none",
                "--num-benign", "0", "--bootstrap", "0", "--holdout-fraction", "0.2", "--output", out, "--no-progress",
                "--workers", "0", "--device", "cpu")
 
-    def infer(folder):
+    def infer(folder, score):
         status = inference_example.main([str(folder), "--checkpoint", str(tiny_ckpt), "--thresholds", str(out),
-                                         "--score", "combined", "--device", "cpu", "--workers", "0"])
+                                         "--score", score, "--device", "cpu", "--workers", "0"])
         return status, capsys.readouterr()
 
-    status, got = infer(noise)
+    status, got = infer(noise, "mse")  # every p-value small, far from uniform
     assert status == 0 and got.out.count("\tFAKE") == 25
     assert got.err.count("do not look like the calibration images") == 1  # the domain check, once
-    status, got = infer(real)
-    assert status == 0 and "do not look like" not in got.err  # like its calibration set
+    for score in ("mse", "combined"):  # like its calibration set (combined: Bonferroni, larger p-values)
+        status, got = infer(real, score)
+        assert status == 0 and "do not look like" not in got.err

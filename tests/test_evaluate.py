@@ -112,15 +112,16 @@ def test_refuses_two_sets_of_one_name(models, tmp_path, capsys):
     assert status == 2 and len(err) == 1 and "same name" in err[0], err
 
 
-def test_checks_output_before_any_scoring(models, tmp_path, capsys):
+def test_checks_output_and_scores_before_any_scoring(models, tmp_path, capsys):
     write_set(tmp_path / "set", 2)
     (tmp_path / "file").write_text("x")
     # a folder; a path under a regular file; a file the run reads (the thresholds)
     for output in (tmp_path, tmp_path / "file" / "x.json", models[3]):
         status, err = refusal(capsys, tmp_path / "set", "--thresholds", models[3], "--output", output)
         assert status == 2 and len(err) == 1 and f"cannot write {output}" in err[0], err
-    status, err = refusal(capsys, tmp_path / "set", "--thresholds", models[3], "--scores", "mse")
-    assert status == 2 and len(err) == 1 and "none of --scores mse" in err[0], err
+    for scores, want in (("mse", "none of --scores mse"), ("artifact,bogus", "unknown score 'bogus'")):
+        status, err = refusal(capsys, tmp_path / "set", "--thresholds", models[3], "--scores", scores)
+        assert status == 2 and len(err) == 1 and want in err[0], err
 
 
 def test_cli_jpeg_fakes_skip_unreadable_files_without_hanging(models, tmp_path):

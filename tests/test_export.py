@@ -18,7 +18,8 @@ from data import dead_leaves, preprocess, to_uint8
 from detector import Detector, score_batch
 from runtimes import OnnxAutoencoder
 from model import ResidualAutoencoder
-from utils import run_cli, weights_fingerprint
+from utils import run_cli
+from checkpoints import weights_fingerprint
 from tests.conftest import TINY, run_script, save_checkpoint
 
 onnx = pytest.importorskip("onnx", reason="the export extra is not installed (pip install -r requirements-export.txt)")
@@ -145,8 +146,8 @@ def test_an_onnx_file_without_runtime_says_which_runtime_reads_it(env, capsys):
 def test_the_page_scores_uploads_with_an_exported_runtime(env):
     import app
 
-    detectors = app.Detectors(str(env["onnx"]), None, runtime="onnx")
-    assert detectors.first.thresholds_source.startswith("exported inside")
+    detectors = app.load_detectors(app.parse_args(["--checkpoint", str(env["onnx"]), "--runtime", "onnx"]))
+    assert detectors["mse"].thresholds_source.startswith("exported inside")
     page = app.score_uploads(detectors, [str(env["photos"] / "chelsea.jpg")], "mse", "balanced")
     expected = Detector(env["ckpt"], env["thresholds"]).score([str(env["photos"] / "chelsea.jpg")])[0]["verdict"]
     assert f'data-verdict="{expected}"' in page and "data:image/png;base64," in page

@@ -18,14 +18,14 @@ from PIL import Image
 
 import data
 import detector
-import fakes
 import inference_example
 import metrics
 import thresholds
 from data import ImageReadError, read_image
 from detector import Detector, score_files
 from model import ResidualAutoencoder
-from utils import weights_fingerprint
+
+from checkpoints import weights_fingerprint
 from tests.conftest import ROOT, TINY, run_script, save_checkpoint
 
 skdata = pytest.importorskip("skimage.data")

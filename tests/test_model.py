@@ -9,7 +9,8 @@ from dataclasses import asdict
 
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, load_model
 from tests.conftest import ROOT
-from utils import UserError, weights_fingerprint
+from utils import UserError
+from checkpoints import weights_fingerprint
 
 CARD_PARAMS = 34_849_667
 

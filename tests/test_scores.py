@@ -4,7 +4,7 @@ import math
 import numpy as np
 import torch
 
-from detector import NOISE_FLOOR, complexity_score, model_bits_per_dim, png_bits, score_batch
+from detector import NOISE_FLOOR, complexity_score, model_bits_per_dim, png_bits
 from thresholds import combined_pvalue
 from fakes import flat_colours, uniform_noise
 

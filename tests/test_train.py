@@ -5,9 +5,11 @@ import torch
 from PIL import Image
 
 import train
-from model import load_checkpoint_dict, load_model
+from checkpoints import load_checkpoint_dict
+from model import load_model
 from tests.conftest import run_script
-from utils import run_cli, weights_fingerprint
+from utils import run_cli
+from checkpoints import weights_fingerprint
 
 # a tiny network on tiny synthetic images: each epoch takes a fraction of a second on CPU
 # --device cpu: the exact-resume and gloo tests are CPU guarantees, and must hold on a CUDA box too

@@ -1,8 +1,7 @@
 """AUROC and flagged shares of calibrated scores on matched sets of real generated images: each SET folder
 holds real/ and fake/ images. Per set and score: AUROC (fake = positive) with a bootstrap 95% interval, and
 the shares of real (table and JSON) and fake (JSON) images flagged at the balanced level. combined is ranked
-by 1 - p, the others by value. --fake-jpeg-quality Q scores every set again with its fakes re-saved as JPEG at
-Q.
+by 1 - p, the others by value. --fake-jpeg-quality Q scores the sets again with fakes re-saved as JPEG at Q.
 
     python scripts/generated/evaluate.py generated/sr_* --artifact-model artifact_detector \\
         --thresholds artifact_detector/thresholds_calibrated.json --output runs/eval/generated.json
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywher
 import metrics  # noqa: E402
 import thresholds  # noqa: E402
 from data import ImageReadError, iter_image_files, jpeg_resave, read_image, to_pil  # noqa: E402
-from detector import AE_SCORES, Detector  # noqa: E402
+from detector import AE_SCORES, SCORES, Detector  # noqa: E402
 from utils import (ArgumentParser, UserError, check_output, number, printable, run_cli,  # noqa: E402
                    write_json)
 
@@ -78,9 +77,11 @@ def set_scores(det, folder, quality=None):
 def evaluate(args):
     cfg = thresholds.read(args.thresholds)
     cal = thresholds.calibration(cfg)
+    asked = [s.strip() for s in args.scores.split(",") if s.strip()]
+    if unknown := [s for s in asked if s not in SCORES]:
+        raise UserError(f"unknown score {unknown[0]!r} in --scores; choose from {', '.join(SCORES)}")
     given = set(AE_SCORES if args.checkpoint else ()) | ({"artifact"} if args.artifact_model else set())
-    names = [s for s in map(str.strip, args.scores.split(","))
-             if s in given or s == "combined" and cal and set(cal) <= given]
+    names = [s for s in asked if s in given or s == "combined" and cal and set(cal) <= given]
     if not names:
         raise UserError(f"none of --scores {args.scores} can be computed with the models given")
     # results are named by folder name: a second set of that name would silently replace the first

@@ -1,0 +1,133 @@
+"""Weights on disk: train.py checkpoints (read with weights_only=True: tensors and plain data, never code), hub
+folders (config.json + model.safetensors), hub downloads, and the fingerprint that binds thresholds to weights."""
+
+import hashlib
+import json
+import re
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from utils import UserError, atomic_write
+
+BEST_NAME = "model_best_checkpoint.ckpt"  # the card's file name
+LAST_NAME = "last_checkpoint.ckpt"  # everything train.py --resume needs
+
+
+def clean_state_dict(state_dict):
+    """Strips the prefixes DDP ('module.') and torch.compile ('_orig_mod.') add to keys."""
+    prefix = re.compile(r"^((module|_orig_mod)\.)+")
+    return {prefix.sub("", k): v for k, v in state_dict.items()}
+
+
+def weights_fingerprint(model_or_state_dict):
+    """sha256 hex over parameter names, dtypes, shapes and bytes, whatever file the weights came from; an
+    exported model (export.py) gives the fingerprint it carries."""
+    if hasattr(model_or_state_dict, "fingerprint"):
+        return model_or_state_dict.fingerprint
+    sd = model_or_state_dict
+    sd = sd.state_dict() if isinstance(sd, torch.nn.Module) else sd
+    h = hashlib.sha256()
+    for name, t in sorted(clean_state_dict(sd).items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_checkpoint_dict(path):
+    """torch.load with weights_only=True (tensors and plain data, never code) -> dict; UserError otherwise."""
+    try:
+        # torch.load never checks the CRC32 that torch.save's zip keeps per tensor: a flipped bit would load
+        if zipfile.is_zipfile(path) and (bad := zipfile.ZipFile(path).testzip()):
+            raise UserError(f"{path}: corrupt: its record {bad} fails its checksum (a damaged file)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except UserError:
+        raise
+    except Exception as e:  # garbage makes the unpickler fail in many ways
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not even a pickle: no globals to name
+            unsafe = []
+        if unsafe:
+            raise UserError(f"{path}: refused to load: it pickles {', '.join(unsafe[:3])}, objects other "
+                            f"than tensors and plain data, which could run code") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:160]})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path}: not a checkpoint of this repo (holds a {type(ckpt).__name__}, "
+                        f"expected a dict)")
+    return ckpt
+
+
+def save_safetensors(model, folder):
+    # safetensors refuses non-contiguous (channels_last) tensors
+    tensors = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(model.state_dict()).items()}
+    atomic_write(Path(folder) / "model.safetensors",
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def read_hub_folder(folder, weights_name="model.safetensors"):
+    weights, config = Path(folder) / weights_name, Path(folder) / "config.json"
+    for p in (weights, config):
+        if not p.is_file():
+            raise UserError(f"{folder}: hub-layout folder lacks {p.name}")
+    try:
+        return load_file(str(weights)), json.loads(config.read_text(encoding="utf-8"))
+    except Exception as e:  # safetensors' own error types, bad JSON, bad UTF-8
+        raise UserError(f"{folder}: not a readable {weights.name} + config.json ({str(e)[:160]})") from None
+
+
+def download_from_hub(repo_ref):
+    from huggingface_hub import snapshot_download  # looked up at call time (tests replace it)
+    repo_id, _, revision = repo_ref.partition("@")
+    try:
+        return snapshot_download(repo_id, revision=revision or None,
+                                 allow_patterns=["*.safetensors", "*.json"])
+    except Exception as e:  # network, auth and not-found errors all end in the same advice
+        detail = " ".join(str(e).split())[:200]
+        raise UserError(f"could not fetch {repo_ref!r} from the Hugging Face hub ({detail})") from None
+
+
+def read_source(source):
+    """(state_dict, config dict or None) from any source load_model accepts."""
+    path = Path(source)
+    if path.is_dir() or path.suffix == ".safetensors" and path.is_file():
+        return read_hub_folder(path) if path.is_dir() else read_hub_folder(path.parent, path.name)
+    if path.suffix == ".onnx" and path.is_file():
+        raise UserError(f"{path} is an exported ONNX graph: "
+                        "score it with --runtime onnx or --runtime openvino")
+    if path.is_file():
+        ckpt = load_checkpoint_dict(path)
+        keys = ("model", "model_state_dict", "state_dict")
+        weights = next((ckpt[k] for k in keys if isinstance(ckpt.get(k), dict)),
+                       ckpt if ckpt and all(torch.is_tensor(v) for v in ckpt.values()) else None)  # or bare
+        if weights is None:
+            raise UserError(f"{path}: no model weights inside (keys: {sorted(map(str, ckpt))[:8]})")
+        return weights, ckpt.get("config") if weights is not ckpt else None
+    # "user/name[@rev]" goes to the hub, unless it looks local (runs/x with runs/ here is a missing path)
+    looks_local = path.suffix in (".ckpt", ".pt", ".pth", ".safetensors") or Path(path.parts[0]).exists()
+    if str(source).count("/") == 1 and not str(source).startswith((".", "/")) and not looks_local:
+        return read_hub_folder(download_from_hub(str(source)))
+    raise UserError(f"{source}: not a regular file" if path.exists() else f"checkpoint not found: {source}")
+
+
+def save_checkpoints(out_dir, model, opt, sched, cfg, history, best_val, improved):
+    """train.py's files after each epoch (rank 0), atomically: the best weights if improved, everything to
+    resume, the metrics; plain types only, for weights_only=True loading."""
+    state = {"model": model.state_dict(), "config": asdict(model.config),
+             "train_config": asdict(cfg), "epoch": history[-1]["epoch"]}
+    if improved:
+        atomic_write(out_dir / BEST_NAME, lambda tmp: torch.save({**state, "val_loss": best_val}, tmp))
+    device = next(model.parameters()).device
+    cuda = {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
+    state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), best_val_loss=best_val,
+                 rng={"torch": torch.get_rng_state(), **cuda}, history=history)
+    atomic_write(out_dir / LAST_NAME, lambda tmp: torch.save(state, tmp))
+    metrics = "".join(json.dumps(h) + "\n" for h in history)
+    atomic_write(out_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(metrics, encoding="utf-8"))
