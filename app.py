@@ -18,8 +18,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from data import read_image
 from detector import ARTIFACT_WEIGHTS, SCORES, Detector
+from images import read_image
 from thresholds import P_VALUE_SCORES
 from utils import ArgumentParser, UserError, add_model_flags, check_model_flags, number, run_cli
 

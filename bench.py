@@ -20,9 +20,10 @@ from dataclasses import asdict, fields
 import torch
 from PIL import Image
 
-from data import MAX_TILES_PER_SIDE, preprocess, read_image, to_uint8
+from data import MAX_TILES_PER_SIDE, preprocess, to_uint8
 from detector import png_bits, score_files, tile_scores
 from export import export_graph
+from images import read_image
 from model import (ArtifactDetector, AutoencoderConfig, ResidualAutoencoder, count_parameters, pixel_error,
                    summarize)
 from runtimes import onnxruntime_session, openvino_session
@@ -131,7 +132,7 @@ def bench_folder(config, device, args, folder):
             data_path[f"{fmt}_reduced_input_change_grey_levels"] = moved
     u8 = to_uint8(preprocess(read_image(paths[0], min_size=size), size)).repeat(32, 1, 1, 1)
     data_path["png_coding_images_per_s"] = rate(32, lambda: png_bits(u8), device, 3, 1)
-    from scripts.card_recipe import card_recipe  # here: its torchvision import costs every start 2 s
+    from scripts.card_recipe import card_recipe # here: its torchvision import costs every start 2 s
 
     model = ResidualAutoencoder(config).to(device).eval()  # one timed pass each
     n, bs = len(paths), min(args.batch_size, 32)

@@ -28,13 +28,13 @@ from tqdm import tqdm
 
 import fakes
 import metrics
-import thresholds
 import plots
-from data import (PREPROCESSING, ImageReadError, load_cifar10, load_image_folder, preprocess, read_image,
-                  to_uint8)
-from detector import BASE_SCORES, load_models, model_device, score_batch, score_files, score_images
-from thresholds import FPR_LEVELS
+import thresholds
 from checkpoints import weights_fingerprint
+from data import PREPROCESSING, load_cifar10, load_image_folder, preprocess, to_uint8
+from detector import BASE_SCORES, load_models, model_device, score_batch, score_files, score_images
+from images import ImageReadError, read_image
+from metrics import FPR_LEVELS, evaluation_table, level_table, threshold_table
 from utils import (SEED, ArgumentParser, UserError, add_model_flags, atomic_write, check_model_flags,
                    check_output, csv_cell, number, pick_device, precision_name, printable, run_cli)
 
@@ -192,52 +192,6 @@ def split_real(n, holdout_fraction, seed):
                         f"at least {need} for a {alpha:.0%} false-positive threshold, and at least 1 held "
                         f"out (give more real images or change --holdout-fraction)")
     return np.sort(perm[n_held:]), np.sort(perm[:n_held])
-
-
-def rates(flagged, held, fake_sets, benign):
-    """What flagged(scores) flags: of held-out reals and of each benign set, a false-positive rate (with an
-    exact 95% interval); of each fake set, its TPR."""
-    def fpr(values):
-        k, n = int(np.sum(flagged(values))), len(values)
-        return {"fpr": k / n, "ci95": list(metrics.clopper_pearson(k, n)), "n": n}
-
-    held_fpr = fpr(held)
-    return {"heldout_fpr": held_fpr["fpr"], "heldout_fpr_ci95": held_fpr["ci95"], "heldout_n": held_fpr["n"],
-            "benign_fpr": {name: fpr(v) for name, v in benign.items()},
-            "tpr": {name: float(np.mean(flagged(f))) for name, f in fake_sets.items()}}
-
-
-def threshold_table(cal, held, fake_sets, benign, optimal_against):
-    """One score's thresholds (FAKE when score > value); fake_sets: {set name: that score of the set}."""
-    table = {name: {"value": metrics.conformal_threshold(cal, a), "target_fpr": a,
-                    "percentile": 100 * (1 - a), "method": "split-conformal: k-th smallest calibration score",
-                    "k": metrics.conformal_rank(len(cal), a), "n_calibration": len(cal)}
-             for name, a in FPR_LEVELS.items()}
-    if optimal_against in fake_sets:
-        value, _, fpr = metrics.youden_threshold(cal, fake_sets[optimal_against])
-        method = f"maximum TPR - FPR (Youden's J) against {optimal_against}, on the calibration part"
-        table["optimal"] = {"value": value, "target_fpr": None, "method": method, "calibration_fpr": fpr}
-    for entry in table.values():
-        entry.update(rates(lambda s: s > entry["value"], held, fake_sets, benign))
-    return table
-
-
-def level_table(held_p, fake_p, benign_p, rule, smallest):
-    """A p-value score's levels (FAKE when p <= level), what each flags, and the smallest p possible."""
-    return {name: {"value": a, "rule": rule, **rates(lambda p: p <= a, held_p, fake_p, benign_p),
-                   "smallest_possible_p": smallest} for name, a in FPR_LEVELS.items()}
-
-
-def evaluation_table(held, fake_sets, n_boot, seed):
-    """AUROC (with a bootstrap interval if n_boot), AUPR, AUPR-In and FPR@95TPR of each fake set."""
-    table = {name: {"auroc": metrics.auroc(held, f), "aupr": metrics.aupr(held, f),
-                    "aupr_in": metrics.aupr(held, f, positive="real"),
-                    "fpr_at_95_tpr": metrics.fpr_at_tpr(held, f)} for name, f in fake_sets.items()}
-    if n_boot:
-        for name, f in fake_sets.items():
-            ci = metrics.bootstrap_ci(metrics.auroc, held, f, n_boot=n_boot, seed=seed)
-            table[name]["auroc_ci95"] = list(ci)
-    return table
 
 
 def analyse(real, sets, benign, split, args):

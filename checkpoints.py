@@ -1,5 +1,5 @@
-"""Weights on disk: train.py checkpoints (read with weights_only=True: tensors and plain data, never code), hub
-folders (config.json + model.safetensors), hub downloads, and the fingerprint that binds thresholds to weights."""
+"""Weights on disk: train.py's checkpoints and run files, hub folders (config.json + model.safetensors), hub
+downloads, and the fingerprint that binds thresholds to weights. Checkpoints load with weights_only=True."""
 
 import hashlib
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from utils import UserError, atomic_write
+from utils import UserError, atomic_write, write_json
 
 BEST_NAME = "model_best_checkpoint.ckpt"  # the card's file name
 LAST_NAME = "last_checkpoint.ckpt"  # everything train.py --resume needs
@@ -84,7 +84,7 @@ def read_hub_folder(folder, weights_name="model.safetensors"):
 
 
 def download_from_hub(repo_ref):
-    from huggingface_hub import snapshot_download  # looked up at call time (tests replace it)
+    from huggingface_hub import snapshot_download # looked up at call time (tests replace it)
     repo_id, _, revision = repo_ref.partition("@")
     try:
         return snapshot_download(repo_id, revision=revision or None,
@@ -131,3 +131,20 @@ def save_checkpoints(out_dir, model, opt, sched, cfg, history, best_val, improve
     atomic_write(out_dir / LAST_NAME, lambda tmp: torch.save(state, tmp))
     metrics = "".join(json.dumps(h) + "\n" for h in history)
     atomic_write(out_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(metrics, encoding="utf-8"))
+
+
+def write_results(out_dir, cfg, history, best, test_loss, fingerprints, world, device, log):
+    """Rank 0, after training: release/, the loss curve and results.json of the best model."""
+    best.save_pretrained(out_dir / "release")
+    import plots  # here: matplotlib costs every start (--help, a bad flag) a second otherwise
+
+    plots.loss_curve(history, out_dir / "loss_curve.png")
+    top, loss_name = min(history, key=lambda h: h["val_loss"]), "bce" if cfg.model == "artifact" else "mse"
+    write_json(out_dir / "results.json", {
+        f"test_{loss_name}": test_loss, "best_val_loss": top["val_loss"], "best_epoch": top["epoch"],
+        "first_val_loss": history[0]["val_loss"], "epochs": len(history),
+        "train_time_min": round(sum(h["epoch_time_s"] for h in history) / 60, 3), "world_size": world,
+        "device": str(device), "final_weights_per_rank": fingerprints,
+        "best_weights": weights_fingerprint(best), "config": asdict(cfg)})
+    log(f"test {loss_name.upper()} {test_loss:.6f} (best val {top['val_loss']:.6f} at epoch {top['epoch']}); "
+        f"checkpoints, release/, metrics, loss curve and results.json are in {out_dir}")

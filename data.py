@@ -1,29 +1,25 @@
 """Images in, model inputs out: `preprocess` (the one uint8 -> model input path of every script), the robust
 image reader, and the data sets (CIFAR-10, image folders, synthetic dead leaves, real / generated pairs)."""
 
-import glob
 import io
 import os
 import socket
-import stat
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
 
+from images import ImageReadError, box_reduce, iter_image_files, pil_to_rgb, read_image
 from utils import UserError
 
-IMAGE_EXTENSIONS = set(".jpg .jpeg .png .webp .bmp .gif .tif .tiff .ppm .pgm .jfif".split())
 PREPROCESSING = ("uint8 RGB -> float / 255 -> bilinear resize to image_size x image_size "
                  "(antialiased, as PIL's Resize) -> rounded to 8 bits (as PIL's Resize) -> (x - 0.5) / 0.5, "
                  "giving [-1, 1]")
-MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # larger images are refused as decompression bombs
-MAX_SIDE = 65_535  # JPEG's and WebP's limit
 
 
 def preprocess(images, size=128):
@@ -81,112 +77,22 @@ def tiles_of(image, tile):
     return torch.stack([image[:, y:y + tile, x:x + tile] for y in ys for x in xs])
 
 
-class ImageReadError(Exception):
-    """An input that is not a usable image; the message is the reason, in one line."""
+def image_tiles(images, tile):
+    """uint8 images [3, H, W] (a list, or a batch) -> (their tiles [T, 3, tile, tile], tiles per image)."""
+    tiles = [tiles_of(im, tile) for im in images]
+    return torch.cat(tiles), [len(t) for t in tiles]
 
 
-def pil_to_rgb(img):
-    """Any PIL mode (grayscale, palette, RGBA, CMYK, 16-bit, float) -> 8-bit RGB."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "I;16N", "F"):
-        # 16/32-bit or float grayscale: scale its full range to 8 bits instead of clipping at 255
-        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        if img.mode == "F":  # float: [0, 1] by convention, but PIL's own convert("F") keeps the 0-255 levels
-            top = 1.0 if a.max() <= 1 else 255.0
-        else:
-            top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = Image.fromarray((a / top * 255).round().clip(0, 255).astype(np.uint8), mode="L")
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def read_image(path, min_size=None):
-    """One file -> uint8 [3, H, W] RGB, EXIF orientation applied, first frame only; raises ImageReadError.
-    With min_size, a large image is decoded at reduced scale, both sides kept >= 2 x min_size."""
-    try:
-        # O_NONBLOCK: opening a FIFO or a device must not wait forever for a writer
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f, warnings.catch_warnings():
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ImageReadError("not a regular file")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(f) as img:
-                w, h = img.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise ImageReadError(f"decompression bomb: {w}x{h} pixels exceeds {MAX_IMAGE_PIXELS:,}")
-                if max(img.size) > MAX_SIDE:
-                    raise ImageReadError(f"{w}x{h} pixels: a side longer than {MAX_SIDE:,}")
-                # libjpeg silently greys out a JPEG that ends early; every 8x8 block costs at least a bit
-                if img.format == "JPEG" and (nbytes := os.fstat(f.fileno()).st_size) * 8 < w * h / 64:
-                    raise ImageReadError(f"truncated: {nbytes:,} bytes cannot hold a {w}x{h} JPEG")
-                img.seek(0)
-                if min_size and img.format == "JPEG":
-                    img.draft("RGB", (2 * min_size, 2 * min_size))  # the smallest 1/2^k scale >= 2 x min_size
-                img.load()
-                rgb = pil_to_rgb(ImageOps.exif_transpose(img) or img)
-                rgb = box_reduce(rgb, min_size) if min_size and img.format != "JPEG" else rgb
-                return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        why = ("file not found (vanished?)" if isinstance(e, FileNotFoundError) else
-               "is a directory" if isinstance(e, IsADirectoryError) else "permission denied")
-        raise ImageReadError(why) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageReadError(f"decompression bomb: {e}") from None
-    except Image.UnidentifiedImageError:
-        empty = not os.path.exists(path) or os.path.getsize(path) == 0
-        raise ImageReadError("empty file (0 bytes)" if empty else "not an image (unknown format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageReadError(f"cannot decode: {reason}") from None
-
-
-def box_reduce(img, min_size):
-    """img box-reduced by the largest integer factor >= 2 keeping both sides >= 2 x min_size, else img."""
-    factor = min(img.size) // (2 * min_size)
-    return img.reduce(factor) if factor >= 2 else img
-
-
-def iter_image_files(paths, on_error=None):
-    """Lazily yields image paths from files (any extension), folders (recursive, sorted) and glob patterns;
-    problems (no match, a symlink loop) go to on_error(path, reason)."""
-    report = on_error or (lambda path, reason: None)
-    for p in map(str, [paths] if isinstance(paths, (str, os.PathLike)) else paths):
-        # a name that exists (even as a broken symlink) is taken literally, else as a glob pattern
-        magic = glob.has_magic(p)
-        matches = [p] if os.path.lexists(p) else sorted(glob.iglob(p, recursive=True)) if magic else []
-        if not matches:
-            report(p, "pattern matches nothing" if magic else "no such file or directory")
-        for m in matches:
-            yield from (_walk(m, report) if os.path.isdir(m) else [m])
-
-
-def _walk(top, report):
-    # depth-first in name order, following directory symlinks into each directory once; a stack, not
-    # recursion (os.walk recurses on Python 3.11), so any depth works
-    seen, stack = set(), [top]
-    while stack:
-        d = stack.pop()
-        try:
-            st = os.stat(d)  # (device, inode) names a directory in one stat; realpath costs one per level
-            if (st.st_dev, st.st_ino) in seen:
-                report(d, "directory symlink loop (already visited), skipped")
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            with os.scandir(d) as listing:
-                entries = sorted(listing, key=lambda e: e.name)
-        except OSError as e:
-            report(d, f"cannot list directory: {e.strerror or e}")
-            continue
-        dirs, files = [], []
-        for e in entries:
-            try:
-                (dirs if e.is_dir() else files).append(e.path)  # is_dir follows symlinks
-            except OSError as err:  # a symlink to itself (ELOOP) cannot be followed at all
-                report(e.path, f"cannot follow: {err.strerror or err}")
-        yield from (f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
-        stack.extend(reversed(dirs))  # popped in name order
+def reduced(image, size):
+    """uint8 [3, H, W] -> box-reduced as read_image reduces a file: an image scores the same in memory."""
+    if min(image.shape[-2:]) < 4 * size:
+        return image  # box_reduce would keep it as it is
+    return from_pil(box_reduce(Image.fromarray(image.permute(1, 2, 0).numpy()), size))
 
 
 # ---- data sets, each returned as one uint8 tensor [N, 3, H, W]
 def load_cifar10(data_dir, train=True):
-    from torchvision.datasets import CIFAR10  # here: torchvision is slow to import and only CIFAR-10 needs it
+    from torchvision.datasets import CIFAR10 # here: torchvision is slow to import and only CIFAR-10 needs it
     try:
         ds = CIFAR10(str(data_dir), train=train, download=False)
     except RuntimeError:
@@ -203,21 +109,13 @@ def load_cifar10(data_dir, train=True):
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # [N, 3, 32, 32] uint8
 
 
-def load_image_folder(paths, size, on_error=None, crops_per_image=0, seed=0):
-    """Readable images under `paths` -> (uint8 [N, 3, size, size], each sample's path, number skipped): each
-    image resized by preprocess or, with crops_per_image, that many seeded random crops of its own pixels."""
-    kept, skipped, g = [], 0, torch.Generator().manual_seed(seed)  # (path, samples [n, 3, size, size]) pairs
+def load_image_folder(paths, size, on_error=None):
+    """Readable images under `paths`, resized by preprocess -> (uint8 [N, 3, size, size], their paths,
+    number skipped); each unreadable one goes to on_error(path, reason)."""
+    kept, skipped = [], 0
     for path in iter_image_files(paths, on_error):
         try:
-            if not crops_per_image:
-                kept.append((path, to_uint8(preprocess(read_image(path, min_size=size), size))))
-                continue
-            image = read_image(path)  # [3, H, W], every original pixel
-            h, w = image.shape[-2:]
-            if h < size or w < size:
-                raise ImageReadError(f"{w}x{h} is smaller than one {size}x{size} crop")
-            ys, xs = (torch.randint(0, n - size + 1, [crops_per_image], generator=g).tolist() for n in (h, w))
-            kept.append((path, torch.stack([image[:, y:y + size, x:x + size] for y, x in zip(ys, xs)])))
+            kept.append((path, to_uint8(preprocess(read_image(path, min_size=size), size))))
         except ImageReadError as e:
             skipped += 1
             if on_error:
@@ -225,7 +123,7 @@ def load_image_folder(paths, size, on_error=None, crops_per_image=0, seed=0):
     if not kept:
         names = ", ".join(map(str, paths if isinstance(paths, list) else [paths]))
         raise UserError(f"no readable images under {names}")
-    return torch.cat([images for _, images in kept]), [p for p, images in kept for _ in images], skipped
+    return torch.cat([images for _, images in kept]), [p for p, _ in kept], skipped
 
 
 def dead_leaves(n, size=64, seed=0, leaves=150):
@@ -344,3 +242,52 @@ def load_pairs(data_dir, size, seed=0, fakes_per_image=2):
     if not tiles:
         raise UserError(f"{data_dir}: no readable pairs (real/*.png with a fake of the same name)")
     return Labeled(torch.stack(tiles), torch.tensor(labels)), photos, generators
+
+
+# ---- what train.py trains on
+def load_datasets(cfg, device):
+    """train.py's data (cfg: its TrainConfig) -> uint8 tensors (train, val, test) on `device`, each
+    [N, 3, H, W] (Labeled for pairs), and where they came from."""
+    if (cfg.model == "artifact") != (cfg.dataset == "pairs"):
+        raise UserError("only the artifact detector trains on labeled pairs: use --preset artifact --data-dir"
+                        " PAIRS (real/ and one folder per generator, scripts/generated/make_pairs.py)")
+    if cfg.dataset == "pairs":  # val and test hold whole source photos: no scene is on both sides of a split
+        pool, photos, generators = load_pairs(cfg.data_dir, cfg.image_size, cfg.seed)
+        rest, test = split_by_photo(photos, cfg.test_fraction, cfg.seed + 1)
+        train, val = (rest[i] for i in split_by_photo([photos[i] for i in rest], cfg.val_fraction, cfg.seed))
+        pool = pool.to(device)
+        source = f"{len(set(photos))} photos' pairs in {cfg.data_dir}, generators {', '.join(generators)}"
+        return pool[train], pool[val], pool[test], source
+    if cfg.dataset == "cifar10":  # one download per node: local rank 0 fetches it while the others wait
+        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        if dist.is_initialized() and not first:
+            dist.barrier()
+        pool, test = load_cifar10(cfg.data_dir, train=True), load_cifar10(cfg.data_dir, train=False)
+        if dist.is_initialized() and first:
+            dist.barrier()
+        source = f"CIFAR-10 in {cfg.data_dir}"
+    elif cfg.dataset == "synthetic":
+        pool = dead_leaves(cfg.synthetic_images, cfg.synthetic_size, seed=cfg.seed)
+        source = f"{cfg.synthetic_images:,} dead-leaves images at {cfg.synthetic_size}x{cfg.synthetic_size}"
+    else:
+        skipped = []
+        pool, _, n_skipped = load_image_folder(cfg.data_dir, cfg.image_size, lambda *e: skipped.append(e))
+        for path, reason in skipped[:5]:  # enough to see what is wrong, without flooding the terminal
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        source = f"{pool.shape[0]:,} images from {cfg.data_dir} ({n_skipped} unreadable skipped)"
+    if cfg.dataset != "cifar10":  # a fixed test split, seeded apart from the validation split
+        pool, test = (pool[i] for i in split_indices(pool.shape[0], cfg.test_fraction, cfg.seed + 1))
+    train, val = (pool[i] for i in split_indices(pool.shape[0], cfg.val_fraction, cfg.seed))
+    if cfg.max_images:
+        n = max(cfg.max_images // 8, 1)
+        train, val, test = train[:cfg.max_images], val[:n], test[:n]
+    # the whole data set lives on the device as uint8 at native size; batches are cut there
+    return train.to(device), val.to(device), test.to(device), source
+
+
+def split_by_photo(photos, fraction, seed):
+    """(kept, held) sample indices: `fraction` of the distinct photos (seeded) are held, all their samples."""
+    names = sorted(set(photos))
+    held = {names[i] for i in split_indices(len(names), fraction, seed)[1].tolist()}
+    is_held = torch.tensor([p in held for p in photos])
+    return (~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)

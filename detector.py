@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import thresholds as thresholds_file
 from checkpoints import weights_fingerprint
-from data import (ImageReadError, box_reduce, from_pil, iter_image_files, preprocess, read_image, tiles_of,
-                  to_uint8)
+from data import from_pil, image_tiles, preprocess, reduced, tiles_of, to_uint8
+from images import ImageReadError, iter_image_files, read_image
 from model import ArtifactDetector, ResidualAutoencoder, load_model, pixel_error
 from runtimes import OnnxAutoencoder
 from utils import UserError, autocast, pick_device, precision_name
@@ -114,19 +114,6 @@ def tile_scores(model, tiles, counts):
     x = preprocess(tiles.to(model_device(model)), tiles.shape[-1]).contiguous(
         memory_format=torch.channels_last)
     return np.array([part.mean().item() for part in model(x).double().cpu().split(list(counts))])
-
-
-def image_tiles(images, tile):
-    """uint8 images [3, H, W] (a list, or a batch) -> (their tiles [T, 3, tile, tile], tiles per image)."""
-    tiles = [tiles_of(im, tile) for im in images]
-    return torch.cat(tiles), [len(t) for t in tiles]
-
-
-def reduced(image, size):
-    """uint8 [3, H, W] -> box-reduced as read_image reduces a file: an image scores the same in memory."""
-    if min(image.shape[-2:]) < 4 * size:
-        return image  # box_reduce would keep it as it is
-    return from_pil(box_reduce(Image.fromarray(image.permute(1, 2, 0).numpy()), size))
 
 
 def score_images(model, images, with_complexity=True, batch_size=32, progress=None, artifact=None):

@@ -22,9 +22,9 @@ import torch
 
 import thresholds as thresholds_file
 from checkpoints import weights_fingerprint
-from data import (PREPROCESSING, ImageReadError, dead_leaves, iter_image_files, preprocess, read_image,
-                  to_uint8)
+from data import PREPROCESSING, dead_leaves, preprocess, to_uint8
 from detector import prepare_model, reconstruction_scores, score_batch
+from images import ImageReadError, iter_image_files, read_image
 from model import ResidualAutoencoder, load_model
 from runtimes import OnnxAutoencoder
 from utils import ArgumentParser, UserError, atomic_write, check_output, number, run_cli

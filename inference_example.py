@@ -1,15 +1,15 @@
 """Classifies images as REAL or FAKE: one line per image, then a summary; optionally a CSV / JSON / JSON Lines
 file and per-image heatmaps.
 
-    python inference_example.py photos/ --score artifact      # the shipped detector of generator traces, no flags
-    python inference_example.py photos/ img.jpg "scans/**/*.png" --checkpoint runs/cifar10/model_best_checkpoint.ckpt
+    python inference_example.py photos/ --score artifact    # the shipped detector of generator traces
+    python inference_example.py photos/ img.jpg "scans/**/*.png" --checkpoint CKPT   # CKPT: train.py's best
     python inference_example.py photos/ --checkpoint CKPT --threshold strict --output results.csv
     python inference_example.py photos/ --checkpoint CKPT --score combined --heatmaps heatmaps/
-    python inference_example.py photos/ --checkpoint model.onnx --runtime openvino    # export.py's file (or: onnx)
+    python inference_example.py photos/ --checkpoint model.onnx --runtime openvino  # export.py's file
     torchrun --nproc_per_node=8 inference_example.py photos/ --checkpoint CKPT --output results.jsonl
 
-Which thresholds apply: docs/method.md#which-thresholds-apply. Exit status: 0 every input scored; 1 some inputs
-unreadable (the rest are still scored and written); 2 usage or configuration error (one line on stderr).
+Which thresholds apply: docs/method.md#which-thresholds-file-applies. Exit status: 0 every input scored;
+1 some inputs unreadable (the rest are scored and written); 2 a usage or configuration error (one line).
 """
 
 import sys
@@ -31,25 +31,25 @@ def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     add = p.add_argument
     add("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
-    add_model_flags(p, "the autoencoder: train.py checkpoint, hub-layout folder, hub repo id or export.py's .onnx "
-                    "(needed by every score but artifact)")
-    add("--threshold", default="balanced", help="strict | balanced | sensitive | optimal | a number; for "
-        "--score combined a p-value level")
+    add_model_flags(p, "the autoencoder: train.py checkpoint, hub folder, hub repo id or export.py's .onnx "
+                    "(every score but artifact needs it)")
+    add("--threshold", default="balanced",
+        help="strict | balanced | sensitive | optimal | a number; for --score combined a p-value level")
     add("--score", choices=list(SCORES), default="mse", help="which score decides")
     add("--output", default=None, help="also write the rows to this .csv, .json or .jsonl file")
-    add("--heatmaps", default=None, metavar="DIR", help="write one PNG per image: input, reconstruction, error map")
-    add("--batch-size", type=number(int, 1), default=None, help="images per forward pass (default: 32 on CPU, 256 on CUDA)")
-    add("--workers", type=number(int, 0), default=None, help="decoding processes per rank (default: min(4, CPU count))")
+    add("--heatmaps", metavar="DIR", help="write one PNG per image: input, reconstruction, error map")
+    add("--batch-size", type=number(int, 1), help="images per forward pass (default: 32 on CPU, 256 on CUDA)")
+    add("--workers", type=number(int, 0), help="decoding processes per rank (default: min(4, CPU count))")
     return check_model_flags(p, p.parse_args(argv))
 
 
 def setup(args, rank, world, device):
-    """(detector, results writer or None): everything that can fail on a bad flag or file, before any image."""
-    det = Detector(args.checkpoint, args.thresholds or "find", device=str(device), score=args.score,
-                   threshold=args.threshold, batch_size=args.batch_size, workers=args.workers, runtime=args.runtime,
-                   artifact_model=args.artifact_model)
+    """(detector, results writer or None): all that can fail on a bad flag or file, before any image."""
+    det = Detector(args.checkpoint, args.thresholds or "find", str(device), args.score, args.threshold,
+                   args.batch_size, args.workers, args.runtime, args.artifact_model)
     if args.heatmaps and (det.model is None or det.score_name == "artifact"):
-        raise UserError("--heatmaps draws the autoencoder's error maps: give --checkpoint and one of its scores")
+        raise UserError("--heatmaps draws the autoencoder's error maps: give --checkpoint and one of its "
+                        "scores")
     if args.heatmaps:
         heatmaps_folder(args.heatmaps, args.paths)
     reads = [args.checkpoint, det.thresholds_source, args.artifact_model, *args.paths]
@@ -73,15 +73,17 @@ def detect(args, rank, world, device):
         for row in det.score_paths(args.paths, rank=rank, world=world, keep_maps=bool(args.heatmaps)):
             if writer:  # first: a line on screen means its row is on disk
                 writer.write(det.record(row))
-            print(result_line(row, det.score_name) + "\n", end="", flush=True)  # one write: whole lines across ranks
+            print(result_line(row, det.score_name) + "\n", end="", flush=True)  # one write: whole lines
             counts["unreadable" if "error" in row else row["verdict"]] += 1
             if row.get("p_value") is not None:
                 p_values.append(row["p_value"])
             if args.heatmaps and "error" not in row:
-                plots.save_heatmap(row, args.heatmaps, f"{row['verdict']}  ({det.score_name} {row['score']:.6g})")
+                title = f"{row['verdict']}  ({det.score_name} {row['score']:.6g})"
+                plots.save_heatmap(row, args.heatmaps, title)
         complete = True
     except OSError as e:  # a full disk, say: one line, not a traceback
-        raise UserError(f"cannot write {e.filename or args.output or args.heatmaps}: {e.strerror or e}") from None
+        what = e.filename or args.output or args.heatmaps
+        raise UserError(f"cannot write {what}: {e.strerror or e}") from None
     finally:
         if writer:
             writer.close(complete)  # even on Ctrl-C: a .json file keeps its closing bracket
@@ -96,16 +98,17 @@ def detect(args, rank, world, device):
 
 
 def summary(args, det, counts, total, p_values):
-    rule = "FAKE when p <= level" if det.score_name == "combined" else f"FAKE when {det.score_name} > threshold"
+    name = det.score_name
+    rule = "FAKE when p <= level" if name == "combined" else f"FAKE when {name} > threshold"
     print(f"{total} input{'s' * (total != 1)}: {counts['REAL']} REAL, {counts['FAKE']} FAKE, "
           f"{counts['unreadable']} unreadable")
-    print(f"threshold: {det.threshold_label} (score {det.score_name}, {rule}; thresholds file: "
+    print(f"threshold: {det.threshold_label} (score {name}, {rule}; thresholds file: "
           f"{det.thresholds_source or 'none'})")
     if (uniform := metrics.uniformity_pvalue(p_values)) is not None and uniform < DOMAIN_ALARM:
-        print(f"warning: these images do not look like the calibration images (their {len(p_values)} p-values are "
-              f"far from uniform: Kolmogorov-Smirnov p = {uniform:.2g}); the false-positive rate is not guaranteed; "
-              f"calibrate on images like these (calibrate.py --real-dir), unless most of them are indeed fake",
-              file=sys.stderr)
+        print(f"warning: these images do not look like the calibration images (their {len(p_values)} "
+              f"p-values are smaller than real ones': one-sided Kolmogorov-Smirnov p = {uniform:.2g}); the "
+              f"false-positive rate is not guaranteed; calibrate on images like these (calibrate.py "
+              f"--real-dir), unless most of them are indeed fake", file=sys.stderr)
     if args.output:
         print(f"wrote {args.output}")
     if args.heatmaps:

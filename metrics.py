@@ -7,6 +7,8 @@ from fractions import Fraction
 
 import numpy as np
 
+FPR_LEVELS = {"strict": 0.01, "balanced": 0.05, "sensitive": 0.10}  # conformal false-positive levels
+
 
 def as_scores(x, name="scores"):
     """A flat float64 numpy array of scores; ValueError if None, empty or if any is NaN."""
@@ -50,11 +52,11 @@ def conformal_pvalues(cal_scores_sorted, scores):
 
 
 def uniformity_pvalue(p_values, min_count=20):
-    """One-sided KS-test p-value of "these conformal p-values are no smaller than uniform ones", as real images'
-    are (combined's Bonferroni p-values are larger: that keeps the guarantee); None if < min_count."""
+    """One-sided KS-test p-value of "these conformal p-values are no smaller than uniform ones", as real
+    images' are (combined's Bonferroni p-values are larger: that keeps the guarantee); None if < min_count."""
     if len(p_values) < min_count:
         return None
-    from scipy.stats import kstest  # here: scipy.stats takes ~0.8 s to import, which scoring rarely needs
+    from scipy.stats import kstest # here: scipy.stats takes ~0.8 s to import, which scoring rarely needs
     return float(kstest(np.asarray(p_values, dtype=np.float64), "uniform", alternative="greater").pvalue)
 
 
@@ -150,3 +152,50 @@ def summary_stats(scores):
     return {"n": int(s.size), "mean": float(s.mean()), "median": float(np.median(s)), "std": float(s.std()),
             "min": float(s.min()), "max": float(s.max()),
             **{f"p{p}": float(v) for p, v in zip(percentiles, np.percentile(s, percentiles))}}
+
+
+# ---- the tables calibrate.py reports, per score
+def rates(flagged, held, fake_sets, benign):
+    """What flagged(scores) flags: of held-out reals and of each benign set, a false-positive rate (with an
+    exact 95% interval); of each fake set, its TPR."""
+    def fpr(values):
+        k, n = int(np.sum(flagged(values))), len(values)
+        return {"fpr": k / n, "ci95": list(clopper_pearson(k, n)), "n": n}
+
+    held_fpr = fpr(held)
+    return {"heldout_fpr": held_fpr["fpr"], "heldout_fpr_ci95": held_fpr["ci95"], "heldout_n": held_fpr["n"],
+            "benign_fpr": {name: fpr(v) for name, v in benign.items()},
+            "tpr": {name: float(np.mean(flagged(f))) for name, f in fake_sets.items()}}
+
+
+def threshold_table(cal, held, fake_sets, benign, optimal_against):
+    """One score's thresholds (FAKE when score > value); fake_sets: {set name: that score of the set}."""
+    table = {name: {"value": conformal_threshold(cal, a), "target_fpr": a,
+                    "percentile": 100 * (1 - a), "method": "split-conformal: k-th smallest calibration score",
+                    "k": conformal_rank(len(cal), a), "n_calibration": len(cal)}
+             for name, a in FPR_LEVELS.items()}
+    if optimal_against in fake_sets:
+        value, _, fpr = youden_threshold(cal, fake_sets[optimal_against])
+        method = f"maximum TPR - FPR (Youden's J) against {optimal_against}, on the calibration part"
+        table["optimal"] = {"value": value, "target_fpr": None, "method": method, "calibration_fpr": fpr}
+    for entry in table.values():
+        entry.update(rates(lambda s: s > entry["value"], held, fake_sets, benign))
+    return table
+
+
+def level_table(held_p, fake_p, benign_p, rule, smallest):
+    """A p-value score's levels (FAKE when p <= level), what each flags, and the smallest p possible."""
+    return {name: {"value": a, "rule": rule, **rates(lambda p: p <= a, held_p, fake_p, benign_p),
+                   "smallest_possible_p": smallest} for name, a in FPR_LEVELS.items()}
+
+
+def evaluation_table(held, fake_sets, n_boot, seed):
+    """AUROC (with a bootstrap interval if n_boot), AUPR, AUPR-In and FPR@95TPR of each fake set."""
+    table = {name: {"auroc": auroc(held, f), "aupr": aupr(held, f),
+                    "aupr_in": aupr(held, f, positive="real"),
+                    "fpr_at_95_tpr": fpr_at_tpr(held, f)} for name, f in fake_sets.items()}
+    if n_boot:
+        for name, f in fake_sets.items():
+            ci = bootstrap_ci(auroc, held, f, n_boot=n_boot, seed=seed)
+            table[name]["auroc_ci95"] = list(ci)
+    return table

@@ -10,6 +10,7 @@ import thresholds as thresholds_file
 from model import AutoencoderConfig, config_from_dict
 from utils import UserError
 
+
 def onnxruntime_session(path):
     """(metadata, run: uint8 numpy [B, 3, H, W] -> the graph's outputs) with ONNX Runtime's CPU provider."""
     import onnxruntime

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 
 import metrics
+from metrics import FPR_LEVELS
 from utils import UserError, printable, write_json
 
 THRESHOLDS_NAME = "thresholds_calibrated.json"
 REPO_THRESHOLDS = Path(__file__).resolve().parent / THRESHOLDS_NAME  # the card's published values
-FPR_LEVELS = {"strict": 0.01, "balanced": 0.05, "sensitive": 0.10}  # conformal false-positive levels
 MAX_BYTES = 256 << 20  # a file with 10,000 scores per score is ~1 MB
 P_VALUE_SCORES = ("combined",)  # decided by a p-value level, not by a threshold on the score
 

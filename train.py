@@ -15,7 +15,6 @@ import argparse
 import fcntl
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
@@ -26,12 +25,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import BEST_NAME, LAST_NAME, load_checkpoint_dict, save_checkpoints, weights_fingerprint
-from data import batches, dead_leaves, load_cifar10, load_image_folder, load_pairs, split_indices
-from model import (ArtifactConfig, ArtifactDetector, AutoencoderConfig, ResidualAutoencoder, count_parameters,
-                   load_model, model_from_weights)
+from checkpoints import (BEST_NAME, LAST_NAME, load_checkpoint_dict, save_checkpoints, weights_fingerprint,
+                         write_results)
+from data import batches, load_datasets
+from model import (ArtifactConfig, ArtifactDetector, AutoencoderConfig, ResidualAutoencoder,
+                   count_parameters, load_model, model_from_weights)
 from utils import (SEED, ArgumentParser, UserError, all_reduce_sum, autocast, gather, number, peak_memory_gb,
-                   precision_name, run_cli, setup_distributed, write_json)
+                   precision_name, run_cli, setup_distributed)
 
 RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best_val_loss", "rng", "config", "train_config"}
 
@@ -60,8 +60,6 @@ class TrainConfig:
     test_fraction: float = setting(0.1, "test split of folder / synthetic data (CIFAR-10 has its own)",
                                    type=number(float, 0, 1))
     max_images: int = setting(0, "use at most this many training images, 0 = all", type=number(int, 0))
-    crops_per_image: int = setting(0, "--dataset folder: random image_size crops of original pixels per "
-                                   "image; 0 = each whole image, resized", type=number(int, 0))
     synthetic_images: int = setting(12000, "dead-leaves images for --dataset synthetic", type=number(int, 1))
     synthetic_size: int = setting(32, "their native size, as CIFAR's 32x32", type=number(int, 1))
     seed: int = setting(0, "weights init, data split and batch order", type=SEED)
@@ -139,56 +137,6 @@ def saved_settings(saved, path):
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
         raise UserError(f"{path}: its saved settings are not ones train.py can resume ({where}{e})") from None
     return cfg
-
-
-def load_datasets(cfg, device):
-    """uint8 tensors (train, val, test) on `device`, each [N, 3, H, W], and where they came from."""
-    if (cfg.model == "artifact") != (cfg.dataset == "pairs"):
-        raise UserError("only the artifact detector trains on labeled pairs: use --preset artifact --data-dir"
-                        " PAIRS (real/ and one folder per generator, scripts/generated/make_pairs.py)")
-    if cfg.dataset == "pairs":  # val and test hold whole source photos: no scene is on both sides of a split
-        pool, photos, generators = load_pairs(cfg.data_dir, cfg.image_size, cfg.seed)
-        rest, test = split_by_photo(photos, cfg.test_fraction, cfg.seed + 1)
-        train, val = (rest[i] for i in split_by_photo([photos[i] for i in rest], cfg.val_fraction, cfg.seed))
-        pool = pool.to(device)
-        source = f"{len(set(photos))} photos' pairs in {cfg.data_dir}, generators {', '.join(generators)}"
-        return pool[train], pool[val], pool[test], source
-    if cfg.dataset == "cifar10":  # one download per node: local rank 0 fetches it while the others wait
-        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-        if dist.is_initialized() and not first:
-            dist.barrier()
-        pool, test = load_cifar10(cfg.data_dir, train=True), load_cifar10(cfg.data_dir, train=False)
-        if dist.is_initialized() and first:
-            dist.barrier()
-        source = f"CIFAR-10 in {cfg.data_dir}"
-    elif cfg.dataset == "synthetic":
-        pool = dead_leaves(cfg.synthetic_images, cfg.synthetic_size, seed=cfg.seed)
-        source = f"{cfg.synthetic_images:,} dead-leaves images at {cfg.synthetic_size}x{cfg.synthetic_size}"
-    else:
-        skipped = []
-        pool, _, n_skipped = load_image_folder(cfg.data_dir, cfg.image_size, lambda *e: skipped.append(e),
-                                               cfg.crops_per_image, cfg.seed)
-        for path, reason in skipped[:5]:  # enough to see what is wrong, without flooding the terminal
-            print(f"skipped {path}: {reason}", file=sys.stderr)
-        what = (f"crops ({cfg.crops_per_image} per image, original pixels)" if cfg.crops_per_image
-                else "images")
-        source = f"{pool.shape[0]:,} {what} from {cfg.data_dir} ({n_skipped} unreadable skipped)"
-    if cfg.dataset != "cifar10":  # a fixed test split, seeded apart from the validation split
-        pool, test = (pool[i] for i in split_indices(pool.shape[0], cfg.test_fraction, cfg.seed + 1))
-    train, val = (pool[i] for i in split_indices(pool.shape[0], cfg.val_fraction, cfg.seed))
-    if cfg.max_images:
-        n = max(cfg.max_images // 8, 1)
-        train, val, test = train[:cfg.max_images], val[:n], test[:n]
-    # the whole data set lives on the device as uint8 at native size; batches are cut there
-    return train.to(device), val.to(device), test.to(device), source
-
-
-def split_by_photo(photos, fraction, seed):
-    """(kept, held) sample indices: `fraction` of the distinct photos (seeded) are held, all their samples."""
-    names = sorted(set(photos))
-    held = {names[i] for i in split_indices(len(names), fraction, seed)[1].tolist()}
-    is_held = torch.tensor([p in held for p in photos])
-    return (~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)
 
 
 LOCKS = {}  # folder -> its open lock file, for the folders this process holds
@@ -324,23 +272,6 @@ def build(cfg, device, resume, overwrite, typed):
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{last}: cannot resume from it: {why}") from None
-
-
-def write_results(out_dir, cfg, history, best, test_loss, fingerprints, world, device, log):
-    """Rank 0, after training: release/, the loss curve and results.json of the best model."""
-    best.save_pretrained(out_dir / "release")
-    import plots  # here: matplotlib costs every start (--help, a bad flag) a second otherwise
-
-    plots.loss_curve(history, out_dir / "loss_curve.png")
-    top, loss_name = min(history, key=lambda h: h["val_loss"]), "bce" if cfg.model == "artifact" else "mse"
-    write_json(out_dir / "results.json", {
-        f"test_{loss_name}": test_loss, "best_val_loss": top["val_loss"], "best_epoch": top["epoch"],
-        "first_val_loss": history[0]["val_loss"], "epochs": len(history),
-        "train_time_min": round(sum(h["epoch_time_s"] for h in history) / 60, 3), "world_size": world,
-        "device": str(device), "final_weights_per_rank": fingerprints,
-        "best_weights": weights_fingerprint(best), "config": asdict(cfg)})
-    log(f"test {loss_name.upper()} {test_loss:.6f} (best val {top['val_loss']:.6f} at epoch {top['epoch']}); "
-        f"checkpoints, release/, metrics, loss curve and results.json are in {out_dir}")
 
 
 def train(cfg, resume=False, overwrite=False, typed=()):

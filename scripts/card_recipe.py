@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: the repo's modules
-from data import iter_image_files  # noqa: E402
+from images import iter_image_files  # noqa: E402
 from model import load_model  # noqa: E402
 from utils import ArgumentParser, number, run_cli  # noqa: E402
 

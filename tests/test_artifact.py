@@ -59,7 +59,7 @@ def write_pairs(root, photos=10, per_photo=4, seed=0):
 
 
 def test_pairs_load_balanced_and_train_keeps_photos_apart(tmp_path):
-    from train import split_by_photo
+    from data import split_by_photo
 
     pairs, photos, generators = data.load_pairs(write_pairs(tmp_path / "pairs"), 32, seed=0, fakes_per_image=2)
     assert generators == ["nearest_x2"] and pairs.images.dtype == torch.uint8 and pairs.shape[1:] == (3, 32, 32)

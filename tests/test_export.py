@@ -143,6 +143,13 @@ def test_an_onnx_file_without_runtime_says_which_runtime_reads_it(env, capsys):
     assert len(err.strip().splitlines()) == 1 and "score it with --runtime onnx or --runtime openvino" in err, err
 
 
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_a_pytorch_checkpoint_under_an_exported_runtime_says_to_export_it(env, capsys, runtime):
+    status = inference_example.main([str(env["photos"]), "--checkpoint", str(env["ckpt"]), "--runtime", runtime])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "export the weights first" in err, err
+
+
 def test_the_page_scores_uploads_with_an_exported_runtime(env):
     import app
 

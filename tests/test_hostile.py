@@ -265,7 +265,7 @@ def test_a_jpeg_that_declares_more_than_it_holds_is_truncated_not_grey(tmp_path)
     import io
     import struct
 
-    from data import ImageReadError, read_image
+    from images import ImageReadError, read_image
 
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
@@ -315,7 +315,7 @@ def test_a_full_disk_during_calibration_writes_no_thresholds(ckpt, tmp_path, mon
 
 
 def test_a_line_of_pixels_is_refused_before_it_is_decoded(tmp_path):
-    from data import ImageReadError, read_image
+    from images import ImageReadError, read_image
 
     Image.new("RGB", (70_000, 1), (200, 10, 10)).save(tmp_path / "thin.png")  # 89M x 1 took seconds and gigabytes
     with pytest.raises(ImageReadError, match="a side longer than 65,535"):
@@ -323,7 +323,7 @@ def test_a_line_of_pixels_is_refused_before_it_is_decoded(tmp_path):
 
 
 def test_a_folder_1100_levels_deep_is_listed(tmp_path):
-    from data import iter_image_files
+    from images import iter_image_files
 
     deep = str(tmp_path)
     for _ in range(1100):  # one level at a time: os.makedirs and os.walk recurse, and would hit Python's limit (1000)

@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 
 import data
+import images
 import detector
 import inference_example
 import metrics
 import thresholds
-from data import ImageReadError, read_image
+from images import ImageReadError, read_image
 from detector import Detector, score_files
 from model import ResidualAutoencoder
 
@@ -317,7 +318,7 @@ def test_file_vanishing_between_listing_and_decoding(env, tmp_path, monkeypatch)
     victim = tmp_path / "vanishing.png"
     photo("astronaut").save(victim)
     photo("chelsea").save(tmp_path / "stays.png")
-    listed = data.iter_image_files
+    listed = images.iter_image_files
 
     def list_then_delete(paths, on_error=None):
         for p in listed(paths, on_error):
@@ -352,7 +353,7 @@ def test_permission_error_and_directory_become_reasons(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied", str(args[0]))
 
     photo("astronaut").save(tmp_path / "locked.png")
-    monkeypatch.setattr(data.os, "open", refuse)  # what opening a file we may not read raises
+    monkeypatch.setattr(images.os, "open", refuse)  # what opening a file we may not read raises
     with pytest.raises(ImageReadError, match="^permission denied$"):
         read_image(tmp_path / "locked.png")
 

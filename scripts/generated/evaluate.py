@@ -19,7 +19,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere: the repo's modules
 import metrics  # noqa: E402
 import thresholds  # noqa: E402
-from data import ImageReadError, iter_image_files, jpeg_resave, read_image, to_pil  # noqa: E402
+from data import jpeg_resave, to_pil  # noqa: E402
+from images import ImageReadError, iter_image_files, read_image  # noqa: E402
 from detector import AE_SCORES, SCORES, Detector  # noqa: E402
 from utils import (ArgumentParser, UserError, check_output, number, printable, run_cli,  # noqa: E402
                    write_json)
