@@ -45,7 +45,8 @@ STYLE = """<style>.results .result {border: 1px solid #ccc; border-radius: 8px; 
 def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     add_model_flags(p, "the autoencoder, for its scores and heatmaps (default: none): train.py checkpoint, "
-                    "hub-layout folder, hub repo id or export.py's .onnx")
+                    "hub-layout folder, hub repo id or export.py's .onnx",
+                    "the artifact detector (default: the shipped artifact_detector/)")
     p.add_argument("--host", help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1; "
                    "0.0.0.0 serves the local network)")
     p.add_argument("--port", type=number(int, 1, 65535), help="port (default: $GRADIO_SERVER_PORT, else the "
@@ -62,7 +63,7 @@ def load_detectors(args):
                                  "balanced", workers=0, artifact_model=artifact_model)}
     if args.checkpoint:  # mse, balanced: a bad checkpoint or thresholds file fails here, in one line
         main = Detector(args.checkpoint, args.thresholds or "find", args.device, "mse", "balanced", workers=0,
-                        runtime=args.runtime, artifact_model=args.artifact_model)
+                        runtime=args.runtime, artifact_model=artifact_model)  # for combined, if calibrated
         for score in SCORES.keys() - {"artifact"}:
             with contextlib.suppress(UserError):  # e.g. a score the thresholds file has no thresholds for
                 dets[score] = main.with_rule(score, "balanced")

@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p, natural = ArgumentParser(__doc__), number(int, 0)
     add = p.add_argument
     add_model_flags(p, "the autoencoder, anything load_model accepts (default: "
-                    "runs/cifar10/model_best_checkpoint.ckpt, unless --artifact-model is given alone)")
+                    "runs/cifar10/model_best_checkpoint.ckpt, unless --artifact-model is given alone)",
+                    "an artifact detector (train.py --preset artifact): adds its score", thresholds=False)
     add("--data-dir", default="./data", help="CIFAR-10 folder, used when no --real-dir")
     add("--real-dir", action="append", default=[],
         help="real images (files, folders, globs; repeatable) instead of CIFAR-10 test")
@@ -59,8 +60,8 @@ def parse_args(argv=None):
     add("--hard-fakes", default="flat,gradient,blur,jpeg,splice",
         help="built-in hard sets (see fakes.py), or 'none'")
     add("--num-hard", type=natural, default=1000, help="images per built-in hard set")
-    add("--num-benign", type=natural, default=100, help="held-out real photos re-saved as JPEG, downscaled "
-        "and sharpened, to measure false positives; 0 = off")
+    add("--num-benign", type=natural, default=100, help="held-out real photos benignly processed (JPEG, "
+        "halved, sharpened, up-scaled: fakes.benign_versions) to measure false positives; 0 = off")
     add("--optimal-against", help="fake set that the 'optimal' threshold separates (default: noise, if made)")
     add("--holdout-fraction", type=number(float, 0, 1), default=0.5,
         help="real images held out to measure FPR")
@@ -74,8 +75,6 @@ def parse_args(argv=None):
     add("--bootstrap", type=natural, default=200, help="bootstrap resamples for AUROC intervals, 0 = off")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     args = check_model_flags(p, p.parse_args(argv))
-    if args.thresholds:
-        p.error("--thresholds: calibrate.py writes thresholds; name the file to write with --output")
     # a set's name is its key in the report and in --scores-out: two sets of one name would merge silently
     args.hard = [n.strip() for n in args.hard_fakes.split(",") if n.strip() not in ("", "none")]
     args.fake_dirs, names = [], ["real", *(["noise"] if args.num_noise else []), *args.hard]
@@ -233,11 +232,12 @@ def build_report(model, artifact, args, device, real, real_source, sets, sources
         score_statistics={s: stats[s] for s in real if s != "mse"},
         evaluation={"convention": CONVENTION, "scores": result["evaluation"]},
         binding={
-            "checkpoint": str(args.checkpoint), "checkpoint_sha256": sha256,
+            "checkpoint": args.checkpoint and str(args.checkpoint), "checkpoint_sha256": sha256,
             "weights_fingerprint": model and weights_fingerprint(model),
             "model_config": model and asdict(model.config),
             **artifact_binding,
-            "preprocessing": PREPROCESSING, "precision": precision_name(device), "device": str(device),
+            "preprocessing": PREPROCESSING, "device": str(device),
+            "precision": precision_name(device) if model is not None else "fp32",  # the artifact score's
             "real": real_source,
             "real_split": {"seed": args.seed, "holdout_fraction": args.holdout_fraction,
                            "n_calibration": len(result["cal_idx"]), "n_heldout": len(result["held_idx"])},
@@ -259,7 +259,7 @@ def print_summary(report, output):
           "of real images flagged: held-out [95% interval], benignly processed")
     sections = report["score_thresholds"]
     tables = [("mse", report["reconstruction_thresholds"]["thresholds"])] if "mse" in ev else []
-    tables += [(s, t["thresholds"]) for s, t in sections.items() if s == "artifact"]
+    tables += [(s, t["thresholds"]) for s, t in sections.items() if "thresholds" in t]
     tables += [(s, t["levels"]) for s, t in sections.items() if "levels" in t]
     for kind, table in tables:
         for name, t in table.items():
@@ -268,7 +268,7 @@ def print_summary(report, output):
             tpr = ", ".join(f"{n} {v:.1%}" for n, v in t["tpr"].items())
             print(f"  {kind + ' ' + name:<20} {t['value']:<10.6g} real {t['heldout_fpr']:.2%} "
                   f"[{lo:.2%}, {hi:.2%}]{benign}  TPR {tpr}")
-            if t["value"] < t.get("smallest_possible_p", 0):  # too few calibration images for this level
+            if "smallest_possible_p" in t and t["value"] < t["smallest_possible_p"]:  # too few images
                 n, p = report["calibration_scores"]["n"], t["smallest_possible_p"]
                 print(f"    note: no image can reach p <= {t['value']:g}: with {n} calibration images the "
                       f"smallest {kind} p-value is {p:.3g}; calibrate on at least "

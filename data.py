@@ -1,5 +1,5 @@
-"""Images in, model inputs out: `preprocess` (the one uint8 -> model input path of every script), the robust
-image reader, and the data sets (CIFAR-10, image folders, synthetic dead leaves, real / generated pairs)."""
+"""Images in, model inputs out: `preprocess` (the one uint8 -> model input path of every script), PIL / tensor
+helpers, tiles of original pixels, and the data sets (CIFAR-10, folders, dead leaves, real / fake pairs)."""
 
 import io
 import os

@@ -5,9 +5,7 @@
     for row in det.score(["photos/", "img.jpg", pil_image, uint8_tensor]):
         print(row["path"], row["score"], row.get("p_value"), row["verdict"])
     strict = det.with_rule("combined", "strict")   # the same weights, another decision rule
-
-SCORES names every score (docs/method.md defines them); higher = more fake, except combined, a p-value.
-"""
+SCORES names every score (docs/method.md defines them); higher = more fake, except combined, a p-value."""
 
 import copy
 import io
@@ -140,9 +138,9 @@ def score_images(model, images, with_complexity=True, batch_size=32, progress=No
 
 # ---- files: decoded in worker processes while the model runs
 class ImageFiles(IterableDataset):
-    """Lists `paths` lazily; yields (path, uint8 input [3, S, S], PNG bits, tiles [T, 3, t, t], None) (each
-    None when not asked for) or (path, None, None, None, error). Worker w of W on rank r of R takes every
-    (W*R)-th file; one reports listing errors. Tiles come from a full-resolution decode of their own."""
+    """Lists `paths` lazily; yields (path, uint8 input [3, S, S], PNG bits, tiles [T, 3, t, t], None), None
+    where not asked for, or (path, None, None, None, error). Worker w of W on rank r of R takes every
+    (W*R)-th file; one reports listing errors."""
 
     def __init__(self, paths, size, rank=0, world=1, with_complexity=True, tile=0):
         self.paths, self.size, self.rank, self.world = list(map(str, paths)), size, rank, world
@@ -174,9 +172,8 @@ class ImageFiles(IterableDataset):
 
 
 def collate(items):
-    """In the worker: one tensor per batch, not one per image (each is a shared-memory file descriptor:
-    they ran out). -> ([(path, error)], x [G, 3, S, S], PNG bits [G], (tiles [T, 3, t, t], tiles per
-    image [G])), the last three None when absent."""
+    """-> ([(path, error)], x [G, 3, S, S], PNG bits [G], (tiles [T, 3, t, t], per image [G])), None where
+    absent: one tensor per batch, made in the worker (one per image ran out of file descriptors)."""
     good = [it for it in items if it[4] is None]
     x = torch.stack([it[1] for it in good]) if good and good[0][1] is not None else None
     png = np.array([it[2] for it in good]) if good and good[0][2] is not None else None
@@ -210,14 +207,16 @@ def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with
             j += 1
 
 
+KINDS = {ResidualAutoencoder: ("an autoencoder", "--checkpoint"),
+         ArtifactDetector: ("an artifact detector", "--artifact-model")}
+
+
 def load_kind(source, kind, device):
     """The model in `source`, checked to be of class `kind` (its flag names that kind), ready to score."""
     model = load_model(source, device)
     if not isinstance(model, kind):
-        what = {ResidualAutoencoder: ("an autoencoder", "--checkpoint"),
-                ArtifactDetector: ("an artifact detector", "--artifact-model")}
-        got = what[type(model)]
-        raise UserError(f"{source} holds {got[0]}, not {what[kind][0]}: give it with {got[1]}")
+        (got, flag), (want, _) = (KINDS[type(model)], KINDS[kind])
+        raise UserError(f"{source} holds {got}, not {want}: give it with {flag}")
     return prepare_model(model, device)
 
 
@@ -245,22 +244,23 @@ class Detector:
 
     def __init__(self, checkpoint, thresholds=None, device="auto", score="mse", threshold=None,
                  batch_size=None, workers=None, runtime="torch", artifact_model=None):
-        if score not in SCORES:
-            raise UserError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
         artifact_model = artifact_model or (ARTIFACT_WEIGHTS if score == "artifact" else None)
         self.device = pick_device("cpu" if runtime != "torch" and device == "auto" else device)
         self.model, self.artifact = load_models(checkpoint, self.device, runtime, artifact_model)
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)  # a GPU wants large ones
         self.workers = workers
         cfg, self.thresholds_source = None, None
-        if thresholds or runtime != "torch" or not checkpoint:
+        if thresholds or runtime != "torch" or not checkpoint or score == "artifact":
             given = None if thresholds == "find" else thresholds
             exported = getattr(self.model, "thresholds", None)
-            cfg, self.thresholds_source = thresholds_file.resolve(given, checkpoint, artifact_model, exported)
+            # the artifact score decides with its detector's own file, unless told otherwise
+            weights = checkpoint if score != "artifact" else None
+            cfg, self.thresholds_source = thresholds_file.resolve(given, weights, artifact_model, exported)
         self.thresholds = cfg
         self.calibration = {s: v for s, v in thresholds_file.calibration(cfg).items() if s in BASE_SCORES}
         prints = [m and weights_fingerprint(m) for m in (self.model, self.artifact)]
-        self.warnings = cfg and thresholds_file.binding_warnings(cfg, prints[0], precision_name(self.device),
+        precision = precision_name(self.device) if self.model is not None else "fp32"  # tiles: always fp32
+        self.warnings = cfg and thresholds_file.binding_warnings(cfg, prints[0], precision,
                                                                  {"artifact": prints[1]}) or []
         self._set_rule(score, threshold)
 
@@ -273,15 +273,15 @@ class Detector:
     def _set_rule(self, score, threshold):
         if score not in SCORES:
             raise UserError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-        if self.model is None and score != "artifact":
-            raise UserError(f"--score {score} needs the autoencoder: give --checkpoint")
         if score == "combined" and not self.calibration:
             raise UserError("--score combined needs the calibration scores of a calibrate.py thresholds file")
         uses = {score} | (set(self.calibration) if score == "combined" else set())  # what it reads
+        if self.model is None and uses & set(AE_SCORES):
+            raise UserError(f"--score {score} needs the autoencoder: give --checkpoint")
         if "artifact" in uses and self.artifact is None:
             raise UserError(f"--score {score} needs the artifact detector (--artifact-model)"
                             + ": the thresholds file includes its score" * (score == "combined"))
-        self.score_name = score
+        self.score_name, self.uses = score, uses
         # PNG coding costs ~3 ms per image on a CPU core: only when the score uses it
         self.needs_complexity = "complexity" in uses
         scores_only = self.thresholds is None and threshold is None and score != "combined"  # no rule
@@ -314,11 +314,16 @@ class Detector:
                 r["verdict"] = "FAKE" if fake else "REAL"
         return rows
 
+    def _models(self):
+        """(autoencoder, artifact detector), each None unless the rule reads its scores: only they run."""
+        return (self.model if self.uses & set(AE_SCORES) else None,
+                self.artifact if "artifact" in self.uses else None)
+
     def score_paths(self, paths, rank=0, world=1, keep_maps=False):
         """Yields one row per input file, streamed in batches; under torchrun each rank its share."""
-        model = self.model if self.score_name != "artifact" else None
+        model, artifact = self._models()
         rows = score_files(model, paths, self.batch_size, self.workers, rank, world, self.needs_complexity,
-                           keep_maps and model is not None, self.artifact)
+                           keep_maps and model is not None, artifact)
         while batch := list(islice(rows, self.batch_size)):
             yield from self._finish(batch)
 
@@ -328,10 +333,9 @@ class Detector:
         if not all(torch.is_tensor(im) and im.dtype == torch.uint8 and im.shape[:-2] == (3,)
                    for im in images):
             raise UserError("cannot score that: give paths, PIL images or uint8 [3, H, W] tensors")
-        model = self.model if self.score_name != "artifact" else None
+        model, artifact = self._models()
         try:
-            scores = score_images(model, images, self.needs_complexity, self.batch_size,
-                                  artifact=self.artifact)
+            scores = score_images(model, images, self.needs_complexity, self.batch_size, artifact=artifact)
         except ValueError as e:  # an image too small to tile
             raise UserError(str(e)) from None
         return self._finish([{"path": f"<image {i}>", **{k: float(v[i]) for k, v in scores.items()}}

@@ -134,8 +134,9 @@ def table(cfg, score):
     section = (cfg.get("reconstruction_thresholds", {}) if score == "mse"
                else cfg.get("score_thresholds", {}).get(score, {}))
     if not section.get("thresholds"):
-        raise UserError(f"the thresholds file has no thresholds for score {score!r}; "
-                        "rerun calibrate.py, or use --score mse")
+        hint = ", or use --score mse" * (score != "mse" and "mse" in calibration(cfg))
+        raise UserError(f"the thresholds file has no thresholds for score {score!r}; calibrate it with "
+                        f"calibrate.py{hint}")
     return section["thresholds"]
 
 

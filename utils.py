@@ -1,5 +1,5 @@
-"""Helpers every script shares: the command line (UserError, ArgumentParser, run_cli), safe file writes,
-checkpoint loading and weight fingerprints, and the device, precision and torchrun setup."""
+"""Helpers every script shares: the command line (UserError, ArgumentParser, the model flags, run_cli), the
+output guards (check_output, atomic_write), and the device, precision and torchrun setup."""
 
 import argparse
 import json
@@ -88,14 +88,14 @@ RUNTIMES = ("torch", "onnx", "openvino")  # onnx / openvino: export.py's graph o
 
 
 def add_model_flags(parser, checkpoint_help="the autoencoder: train.py checkpoint, hub folder or hub repo id",
-                    artifact=True):
+                    artifact_help="an artifact detector (train.py --preset artifact; --score artifact alone "
+                                  "defaults to the shipped artifact_detector/)", thresholds=True):
     """The flags every script that scores declares alike: the models, the thresholds file, device, runtime."""
     add = parser.add_argument
     add("--checkpoint", default=None, help=checkpoint_help)
-    if artifact:
-        add("--artifact-model", default=None, help="an artifact detector (train.py --preset artifact; "
-            "--score artifact alone defaults to the shipped artifact_detector/)")
-    add("--thresholds", default=None, help="thresholds JSON (default: docs/method.md#which-thresholds-apply)")
+    add("--artifact-model", default=None, help=artifact_help)
+    if thresholds:
+        add("--thresholds", help="thresholds JSON (default: docs/method.md#which-thresholds-file-applies)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto",
         help="auto: cuda if available (cpu for onnx / openvino)")
     add("--runtime", choices=RUNTIMES, default="torch",
