@@ -88,10 +88,12 @@ def test_every_score_the_models_give_plain_and_with_jpeg_fakes(models, tmp_path,
     ("artifact", "both", ["artifact"]),  # combined needs mse too, which no autoencoder gives
     ("artifact", "artifact", ["artifact", "combined"]),
     ("autoencoder", "both", ["mse"]),  # combined needs the artifact score too
+    ("both", "both", ["mse", "artifact"]),  # --scores mse,artifact: no combined, both models still run
 ])
 def test_scores_the_models_cannot_give_are_left_out(models, tmp_path, model, thresholds, want):
     ae, art, both, art_only = models
-    flags = ["--checkpoint", str(ae)] if model == "autoencoder" else ["--artifact-model", str(art)]
+    flags = {"autoencoder": ["--checkpoint", str(ae)], "artifact": ["--artifact-model", str(art)],
+             "both": ["--checkpoint", str(ae), "--artifact-model", str(art), "--scores", "mse,artifact"]}[model]
     args = evaluate.parse_args([str(write_set(tmp_path / "s", 4)), *flags, "--bootstrap", "5", "--device",
                                 "cpu", "--thresholds", str(both if thresholds == "both" else art_only)])
     results, names = evaluate.evaluate(args)
