@@ -315,9 +315,9 @@ class Detector:
         return rows
 
     def _models(self):
-        """(autoencoder or None, artifact detector or None) to run: the autoencoder only if the rule reads it,
-        every loaded artifact detector (rows then carry its score)."""
-        return self.model if self.uses & set(AE_SCORES) else None, self.artifact
+        """(autoencoder, artifact detector), each None unless the rule reads its scores: only they run."""
+        return (self.model if self.uses & set(AE_SCORES) else None,
+                self.artifact if "artifact" in self.uses else None)
 
     def score_paths(self, paths, rank=0, world=1, keep_maps=False):
         """Yields one row per input file, streamed in batches; under torchrun each rank its share."""

@@ -77,7 +77,7 @@ def test_every_score_the_models_give_plain_and_with_jpeg_fakes(models, tmp_path,
             assert 0 <= row[s]["real_flagged"] <= 1 and 0 <= row[s]["fake_flagged"] <= 1
     # the JPEG run scores the same fakes, re-saved: every score moves
     det = Detector(str(ae), str(both), device="cpu", score="combined", artifact_model=str(art))
-    plain, jpeg = ({r["path"]: r for r in evaluate.set_scores(det, tmp_path / "sr_noise", q)[0]["fake"]}
+    plain, jpeg = ({r["path"]: r for r in evaluate.set_scores([det], tmp_path / "sr_noise", q)[0]["fake"]}
                    for q in (None, 80))
     assert plain.keys() == jpeg.keys()
     assert all(plain[p][s] != jpeg[p][s] for p in plain for s in ("mse", "artifact"))

@@ -58,11 +58,19 @@ def jpeg_fakes(det, folder, quality):
     return errors + [{**r, "path": p} for r, p in zip(det.score(images), paths)]  # not "<image i>"
 
 
-def set_scores(det, folder, quality=None):
-    """({"real": rows, "fake": rows}, number unreadable): the unreadable images are counted and left out."""
-    rows = {part: det.score([str(Path(folder) / part)]) for part in ("real", "fake")[:1 if quality else 2]}
+def merged(rows_per_detector):
+    """One row per image with every detector's scores (the rows of each list in one order); an error wins."""
+    return [{k: v for r in rows for k, v in r.items()} if not any("error" in r for r in rows)
+            else next(r for r in rows if "error" in r) for rows in zip(*rows_per_detector)]
+
+
+def set_scores(dets, folder, quality=None):
+    """({"real": rows, "fake": rows}, number unreadable), each row with the scores of every detector in dets
+    (workers=0: files in listing order); the unreadable images are counted and left out."""
+    parts = ("real", "fake")[:1 if quality else 2]
+    rows = {part: merged([det.score([str(Path(folder) / part)]) for det in dets]) for part in parts}
     if quality:
-        rows["fake"] = jpeg_fakes(det, Path(folder) / "fake", quality)
+        rows["fake"] = merged([jpeg_fakes(det, Path(folder) / "fake", quality) for det in dets])
     unreadable = 0
     for part, got in rows.items():
         if bad := [r for r in got if "error" in r]:
@@ -91,17 +99,19 @@ def evaluate(args):
         raise UserError(f"two SETs have the same name {printable(clash)} ({both}): the results are named by "
                         f"folder name; rename or link one")
     levels = {s: thresholds.threshold(cfg, s, LEVEL)[0] for s in names}
-    # the Detector's own score is unused here; this one makes it compute every score in names
-    score = next((s for s in ("combined", "complexity", "mse") if s in names and args.checkpoint), "artifact")
-    det = Detector(args.checkpoint, args.thresholds, device=args.device, score=score,
+    # the Detectors' own verdicts are unused here (threshold 0.0: no table lookup); their rules make them
+    # compute every score in names
+    rule = "complexity" if args.checkpoint else "artifact"  # complexity: the autoencoder's two scores
+    det = Detector(args.checkpoint, args.thresholds, args.device, rule, 0.0, workers=0,
                    artifact_model=args.artifact_model)
+    dets = [det, det.with_rule("artifact", 0.0)] if args.checkpoint and args.artifact_model else [det]
     for w in det.warnings:
         print(f"warning: {w}", file=sys.stderr)
     results, q = {}, args.fake_jpeg_quality
     runs = [(f, Path(f).name, None) for f in args.sets] + [(f, f"{Path(f).name} (fakes JPEG q{q})", q)
                                                            for f in args.sets if q]
     for folder, name, quality in runs:
-        rows, bad = set_scores(det, folder, quality)
+        rows, bad = set_scores(dets, folder, quality)
         results[name] = row = {"n_real": len(rows["real"]), "n_fake": len(rows["fake"]), "n_unreadable": bad}
         for s in names:
             if s in thresholds.P_VALUE_SCORES:  # ranked by p-value, flagged at p <= level
