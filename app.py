@@ -16,11 +16,11 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
+from data import to_pil
 from detector import ARTIFACT_WEIGHTS, SCORES, Detector
 from images import read_image
-from thresholds import P_VALUE_SCORES
 from utils import ArgumentParser, UserError, add_model_flags, check_model_flags, number, run_cli
 
 MAX_IMAGES = 24  # per request: each one costs a heatmap figure or a thumbnail
@@ -77,8 +77,8 @@ def picture(row, title):
         with tempfile.TemporaryDirectory() as folder:
             plots.save_heatmap(row, folder, title)
             return (Path(folder) / plots.heatmap_name(row["path"])).read_bytes()
-    buf, image = io.BytesIO(), Image.fromarray(read_image(row["path"], 160).permute(1, 2, 0).numpy())
-    ImageOps.contain(image, (640, 160)).save(buf, format="PNG")
+    buf = io.BytesIO()
+    ImageOps.contain(to_pil(read_image(row["path"], 160)), (640, 160)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -91,7 +91,7 @@ def result_html(row, det):
                 f'<p class="error">could not read this file: {html.escape(row["error"])}</p></div>')
     verdict, score, fake = row["verdict"], det.score_name, row["verdict"] == "FAKE"
     line = (f"{score} p = {row['p_value']:.3g} {'<=' if fake else '>'} level {det.threshold:g}"
-            if score in P_VALUE_SCORES else  # else e.g. 'mse = 0.41 > threshold (balanced = 0.0212)'
+            if score == "combined" else  # else e.g. 'mse = 0.41 > threshold (balanced = 0.0212)'
             f"{score} = {row['score']:.4g} {'>' if fake else '<='} threshold ({det.threshold_label})")
     p_value = "no p-value" if row.get("p_value") is None else f"p-value {row['p_value']:.3g}"
     png = picture(row, f"{verdict}  ({det.score_name} {row['score']:.6g})")  # inference_example.py's title

@@ -237,7 +237,7 @@ def build_report(model, artifact, args, device, real, real_source, sets, sources
             "model_config": model and asdict(model.config),
             **artifact_binding,
             "preprocessing": PREPROCESSING, "device": str(device),
-            "precision": precision_name(device) if model is not None else "fp32",  # the artifact score's
+            "precision": precision_name(device, model is not None),
             "real": real_source,
             "real_split": {"seed": args.seed, "holdout_fraction": args.holdout_fraction,
                            "n_calibration": len(result["cal_idx"]), "n_heldout": len(result["held_idx"])},

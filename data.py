@@ -87,7 +87,7 @@ def reduced(image, size):
     """uint8 [3, H, W] -> box-reduced as read_image reduces a file: an image scores the same in memory."""
     if min(image.shape[-2:]) < 4 * size:
         return image  # box_reduce would keep it as it is
-    return from_pil(box_reduce(Image.fromarray(image.permute(1, 2, 0).numpy()), size))
+    return from_pil(box_reduce(to_pil(image), size))
 
 
 # ---- data sets, each returned as one uint8 tensor [N, 3, H, W]

@@ -21,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image
 
 import fakes
-from data import dead_leaves
+from data import dead_leaves, to_pil
 from utils import ArgumentParser, number
 
 
@@ -32,7 +31,7 @@ def save_pngs(folder, **sets):  # prefix=uint8 images [N, 3, H, W] -> folder/pre
     folder.mkdir(parents=True, exist_ok=True)
     for prefix, images in sets.items():
         for i, image in enumerate(images):
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{prefix}_{i:04d}.png")
+            to_pil(image).save(folder / f"{prefix}_{i:04d}.png")
 
 
 def run(step, args, ok=(0,)):

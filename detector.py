@@ -259,7 +259,7 @@ class Detector:
         self.thresholds = cfg
         self.calibration = {s: v for s, v in thresholds_file.calibration(cfg).items() if s in BASE_SCORES}
         prints = [m and weights_fingerprint(m) for m in (self.model, self.artifact)]
-        precision = precision_name(self.device) if self.model is not None else "fp32"  # tiles: always fp32
+        precision = precision_name(self.device, self.model is not None)
         self.warnings = cfg and thresholds_file.binding_warnings(cfg, prints[0], precision,
                                                                  {"artifact": prints[1]}) or []
         self._set_rule(score, threshold)
@@ -282,8 +282,6 @@ class Detector:
             raise UserError(f"--score {score} needs the artifact detector (--artifact-model)"
                             + ": the thresholds file includes its score" * (score == "combined"))
         self.score_name, self.uses = score, uses
-        # PNG coding costs ~3 ms per image on a CPU core: only when the score uses it
-        self.needs_complexity = "complexity" in uses
         scores_only = self.thresholds is None and threshold is None and score != "combined"  # no rule
         self.threshold, self.threshold_label = (None, None) if scores_only else thresholds_file.threshold(
             self.thresholds, score, "balanced" if threshold is None else threshold)
@@ -315,14 +313,15 @@ class Detector:
         return rows
 
     def _models(self):
-        """(autoencoder, artifact detector), each None unless the rule reads its scores: only they run."""
+        """(autoencoder, artifact detector, PNG coding?): each only if the rule reads its scores (PNG coding
+        costs ~3 ms per image on a CPU core: complexity only)."""
         return (self.model if self.uses & set(AE_SCORES) else None,
-                self.artifact if "artifact" in self.uses else None)
+                self.artifact if "artifact" in self.uses else None, "complexity" in self.uses)
 
     def score_paths(self, paths, rank=0, world=1, keep_maps=False):
         """Yields one row per input file, streamed in batches; under torchrun each rank its share."""
-        model, artifact = self._models()
-        rows = score_files(model, paths, self.batch_size, self.workers, rank, world, self.needs_complexity,
+        model, artifact, png = self._models()
+        rows = score_files(model, paths, self.batch_size, self.workers, rank, world, png,
                            keep_maps and model is not None, artifact)
         while batch := list(islice(rows, self.batch_size)):
             yield from self._finish(batch)
@@ -333,9 +332,9 @@ class Detector:
         if not all(torch.is_tensor(im) and im.dtype == torch.uint8 and im.shape[:-2] == (3,)
                    for im in images):
             raise UserError("cannot score that: give paths, PIL images or uint8 [3, H, W] tensors")
-        model, artifact = self._models()
+        model, artifact, png = self._models()
         try:
-            scores = score_images(model, images, self.needs_complexity, self.batch_size, artifact=artifact)
+            scores = score_images(model, images, png, self.batch_size, artifact=artifact)
         except ValueError as e:  # an image too small to tile
             raise UserError(str(e)) from None
         return self._finish([{"path": f"<image {i}>", **{k: float(v[i]) for k, v in scores.items()}}

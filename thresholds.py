@@ -16,7 +16,6 @@ from utils import UserError, printable, write_json
 THRESHOLDS_NAME = "thresholds_calibrated.json"
 REPO_THRESHOLDS = Path(__file__).resolve().parent / THRESHOLDS_NAME  # the card's published values
 MAX_BYTES = 256 << 20  # a file with 10,000 scores per score is ~1 MB
-P_VALUE_SCORES = ("combined",)  # decided by a p-value level, not by a threshold on the score
 
 
 def beside(checkpoint):
@@ -143,7 +142,7 @@ def table(cfg, score):
 def threshold(cfg, score, choice):
     """(value, label) of a threshold given by name or as a number. For combined it is a p-value level
     (FAKE when p <= level) and the names mean FPR_LEVELS. UserError on an unknown or invalid choice."""
-    combined = score in P_VALUE_SCORES
+    combined = score == "combined"  # decided by a p-value level, not by a threshold on the score
     try:
         value, label = float(choice), f"{float(choice):g} (given)"
     except ValueError:

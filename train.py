@@ -77,7 +77,8 @@ ARCHITECTURE = ("image_size", "channels", "blocks_per_stage", "latent_dim")  # t
 PRESETS = {"card": {},
            # 3 stages at 32x32 learn in a few hundred steps (5 need thousands): a minute on a 2-core CPU
            "smoke": dict(epochs=12, batch_size=32, image_size=32, channels=(32, 64, 128), latent_dim=256,
-                         synthetic_images=2400, max_images=2400, lr=1e-3, lr_patience=2, out_dir="runs/smoke"),
+                         synthetic_images=2400, max_images=2400, lr=1e-3, lr_patience=2,
+                         out_dir="runs/smoke"),
            # aligned real / generated pairs, 64x64 tiles of native pixels: minutes on a 2-core CPU
            "artifact": dict(model="artifact", dataset="pairs", image_size=64, channels=(32, 64, 128),
                             blocks_per_stage=1, batch_size=64, epochs=12, lr=2e-3, lr_patience=1,

@@ -178,8 +178,9 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def precision_name(device):
-    return "bf16 autocast, scores in fp32" if device.type == "cuda" else "fp32"
+def precision_name(device, autoencoder=True):
+    """What scores run in: autocast() for the autoencoder; the artifact detector's tiles always in fp32."""
+    return "bf16 autocast, scores in fp32" if device.type == "cuda" and autoencoder else "fp32"
 
 
 def setup_distributed(device_name="auto"):

@@ -114,7 +114,7 @@ def evaluate(args):
         rows, bad = set_scores(dets, folder, quality)
         results[name] = row = {"n_real": len(rows["real"]), "n_fake": len(rows["fake"]), "n_unreadable": bad}
         for s in names:
-            if s in thresholds.P_VALUE_SCORES:  # ranked by p-value, flagged at p <= level
+            if s == "combined":  # ranked by p-value, flagged at p <= level
                 p = {part: thresholds.score_pvalues(cal, {k: np.array([r[k] for r in got]) for k in cal}, s)
                      for part, got in rows.items()}
                 ranked, flagged = {k: 1 - v for k, v in p.items()}, {k: v <= levels[s] for k, v in p.items()}
