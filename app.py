@@ -3,7 +3,7 @@
 
     python app.py                # the shipped artifact detector alone; open http://127.0.0.1:7860
     python app.py --checkpoint runs/cifar10/model_best_checkpoint.ckpt   # + its scores, heatmaps
-    python app.py --checkpoint model.onnx --runtime openvino --host 0.0.0.0 --port 8080   # export.py's file
+    python app.py --checkpoint runs/cifar10/model_best_checkpoint.ckpt --host 0.0.0.0 --port 8080
 """
 
 import base64
@@ -21,7 +21,7 @@ from PIL import ImageOps
 from data import to_pil
 from detector import ARTIFACT_WEIGHTS, SCORES, Detector
 from images import read_image
-from utils import ArgumentParser, UserError, add_model_flags, check_model_flags, number, run_cli
+from utils import ArgumentParser, UserError, add_model_flags, number, run_cli
 
 MAX_IMAGES = 24  # per request: each one costs a heatmap figure or a thumbnail
 MAX_FILE_SIZE = "50mb"  # larger uploads are refused by the server before they reach the decoder
@@ -45,13 +45,13 @@ STYLE = """<style>.results .result {border: 1px solid #ccc; border-radius: 8px; 
 def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     add_model_flags(p, "the autoencoder, for its scores and heatmaps (default: none): train.py checkpoint, "
-                    "hub-layout folder, hub repo id or export.py's .onnx",
+                    "hub-layout folder or hub repo id",
                     "the artifact detector (default: the shipped artifact_detector/)")
     p.add_argument("--host", help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1; "
                    "0.0.0.0 serves the local network)")
     p.add_argument("--port", type=number(int, 1, 65535), help="port (default: $GRADIO_SERVER_PORT, else the "
                    "first free one from 7860)")
-    return check_model_flags(p, p.parse_args(argv))
+    return p.parse_args(argv)
 
 
 def load_detectors(args):
@@ -63,7 +63,7 @@ def load_detectors(args):
                                  "balanced", workers=0, artifact_model=artifact_model)}
     if args.checkpoint:  # mse, balanced: a bad checkpoint or thresholds file fails here, in one line
         main = Detector(args.checkpoint, args.thresholds or "find", args.device, "mse", "balanced", workers=0,
-                        runtime=args.runtime, artifact_model=artifact_model)  # for combined, if calibrated
+                        artifact_model=artifact_model)  # for combined, if calibrated
         for score in SCORES.keys() - {"artifact"}:
             with contextlib.suppress(UserError):  # e.g. a score the thresholds file has no thresholds for
                 dets[score] = main.with_rule(score, "balanced")

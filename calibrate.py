@@ -35,8 +35,8 @@ from data import PREPROCESSING, load_cifar10, load_image_folder, preprocess, to_
 from detector import BASE_SCORES, load_models, model_device, score_batch, score_files, score_images
 from images import ImageReadError, read_image
 from metrics import FPR_LEVELS, evaluation_table, level_table, threshold_table
-from utils import (SEED, ArgumentParser, UserError, add_model_flags, atomic_write, check_model_flags,
-                   check_output, csv_cell, number, pick_device, precision_name, printable, run_cli)
+from utils import (SEED, ArgumentParser, UserError, add_model_flags, atomic_write, check_output,
+                   csv_cell, number, pick_device, precision_name, printable, run_cli)
 
 CONVENTION = ("fake = positive class, real = negative; higher score = more fake (for combined, lower "
               "p-value); AUROC / AUPR computed on held-out real images vs each fake set; AUPR-In takes real "
@@ -74,7 +74,7 @@ def parse_args(argv=None):
     add("--workers", type=natural, default=None, help="decode processes for folders (default: min(4, CPUs))")
     add("--bootstrap", type=natural, default=200, help="bootstrap resamples for AUROC intervals, 0 = off")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    args = check_model_flags(p, p.parse_args(argv))
+    args = p.parse_args(argv)
     # a set's name is its key in the report and in --scores-out: two sets of one name would merge silently
     args.hard = [n.strip() for n in args.hard_fakes.split(",") if n.strip() not in ("", "none")]
     args.fake_dirs, names = [], ["real", *(["noise"] if args.num_noise else []), *args.hard]
@@ -298,7 +298,7 @@ def main(argv=None):
     for path in [output, plots_dir / "roc_curve.png"] + ([Path(args.scores_out)] if args.scores_out else []):
         check_output(path, [args.checkpoint, args.artifact_model, *args.real_dir])
     device = pick_device(args.device)
-    model, artifact = load_models(args.checkpoint, device, args.runtime, args.artifact_model)
+    model, artifact = load_models(args.checkpoint, device, args.artifact_model)
     real, real_paths, real_source, sets, sources, skipped, samples = collect(model, artifact, args)
     for name, items in skipped.items():
         if items:

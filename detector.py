@@ -24,7 +24,6 @@ from checkpoints import weights_fingerprint
 from data import from_pil, image_tiles, preprocess, reduced, tiles_of, to_uint8
 from images import ImageReadError, iter_image_files, read_image
 from model import ArtifactDetector, ResidualAutoencoder, load_model, pixel_error
-from runtimes import OnnxAutoencoder
 from utils import UserError, autocast, pick_device, precision_name
 
 SCORES = {  # the registry: name -> what it measures (the CLIs' --score, the page, the result files)
@@ -47,7 +46,7 @@ def prepare_model(model, device):
 
 
 def model_device(model):
-    return next(model.parameters()).device if isinstance(model, torch.nn.Module) else model.device
+    return next(model.parameters()).device
 
 
 # ---- the scores
@@ -76,8 +75,8 @@ def complexity_score(mse, png, dims):
 
 
 def reconstruction_scores(model, x):
-    """float [B, 3, S, S] from preprocess -> (recon [B, 3, S, S], pixel error [B, S, S], mse [B]): plain
-    tensor ops, so that export.py puts this very code in the ONNX graph."""
+    """float [B, 3, S, S] from preprocess -> (recon [B, 3, S, S], pixel error [B, S, S], mse [B]); export.py
+    puts this very code in the ONNX graph."""
     recon = model(x)
     pixel = pixel_error(recon, x)
     return recon, pixel, pixel.flatten(1).mean(dim=1)
@@ -87,16 +86,12 @@ def reconstruction_scores(model, x):
 def score_batch(model, x, png=None, keep_maps=False):
     """x: uint8 [B, 3, S, S] (preprocessed; moved as bytes, normalized on the device) or float [B, 3, S, S]
     -> dict score -> float64 numpy [B] (complexity with PNG bits), plus 'maps' [B, S, S], 'recon' and
-    'input' if keep_maps. model: a torch autoencoder, or runtimes.OnnxAutoencoder (uint8 input only)."""
-    if not isinstance(model, torch.nn.Module):  # an exported graph in its runtime
-        recon, pixel, mse = model(x)
-        x = preprocess(x, model.config.image_size) if keep_maps else x
-    else:
-        x = x.to(model_device(model), non_blocking=True)  # asynchronous from a pinned batch
-        x = (preprocess(x, model.config.image_size) if x.dtype == torch.uint8 else x).contiguous(
-            memory_format=torch.channels_last)
-        with autocast(x.device):
-            recon, pixel, mse = reconstruction_scores(model, x)
+    'input' if keep_maps."""
+    x = x.to(model_device(model), non_blocking=True)  # asynchronous from a pinned batch
+    x = (preprocess(x, model.config.image_size) if x.dtype == torch.uint8 else x).contiguous(
+        memory_format=torch.channels_last)
+    with autocast(x.device):
+        recon, pixel, mse = reconstruction_scores(model, x)
     out = {"mse": mse.double().cpu().numpy()}
     if png is not None:
         out["complexity"] = complexity_score(out["mse"], png, 3 * model.config.image_size ** 2)
@@ -220,16 +215,10 @@ def load_kind(source, kind, device):
     return prepare_model(model, device)
 
 
-def load_models(checkpoint, device, runtime="torch", artifact_checkpoint=None):
-    """(autoencoder or None, artifact detector or None), each checked to be the kind its flag asks for.
-    runtime 'onnx' or 'openvino': the autoencoder is an exported graph (export.py) run on the CPU."""
-    artifact = artifact_checkpoint and load_kind(artifact_checkpoint, ArtifactDetector, device)
-    if checkpoint and runtime != "torch":
-        if device.type != "cpu":
-            raise UserError(f"--runtime {runtime} runs on the CPU: add --device cpu, or --runtime torch "
-                            "on a GPU")
-        return OnnxAutoencoder(checkpoint, runtime), artifact
-    return checkpoint and load_kind(checkpoint, ResidualAutoencoder, device), artifact
+def load_models(checkpoint, device, artifact_checkpoint=None):
+    """(autoencoder or None, artifact detector or None), each checked to be the kind its flag asks for."""
+    return (checkpoint and load_kind(checkpoint, ResidualAutoencoder, device),
+            artifact_checkpoint and load_kind(artifact_checkpoint, ArtifactDetector, device))
 
 
 # ---- the API
@@ -238,24 +227,23 @@ class Detector:
 
     checkpoint: the autoencoder (None: the artifact score only). artifact_model: an artifact detector; the
     shipped one (ARTIFACT_WEIGHTS) when the score is artifact and none is given. thresholds: a file, "find"
-    (the scripts' rule, thresholds.resolve), or None: scores only, unless the weights carry their own
-    calibration (an exported graph, the artifact detector alone). threshold: a name in the file (default
-    balanced) or a number; for combined a p-value level. runtime: 'torch', or 'onnx' / 'openvino'."""
+    (the scripts' rule, thresholds.resolve), or None: scores only, unless the artifact detector alone
+    brings its own file. threshold: a name in the file (default balanced) or a number; for combined a p-value
+    level."""
 
     def __init__(self, checkpoint, thresholds=None, device="auto", score="mse", threshold=None,
-                 batch_size=None, workers=None, runtime="torch", artifact_model=None):
+                 batch_size=None, workers=None, artifact_model=None):
         artifact_model = artifact_model or (ARTIFACT_WEIGHTS if score == "artifact" else None)
-        self.device = pick_device("cpu" if runtime != "torch" and device == "auto" else device)
-        self.model, self.artifact = load_models(checkpoint, self.device, runtime, artifact_model)
+        self.device = pick_device(device)
+        self.model, self.artifact = load_models(checkpoint, self.device, artifact_model)
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)  # a GPU wants large ones
         self.workers = workers
         cfg, self.thresholds_source = None, None
-        if thresholds or runtime != "torch" or not checkpoint or score == "artifact":
+        if thresholds or not checkpoint or score == "artifact":
             given = None if thresholds == "find" else thresholds
-            exported = getattr(self.model, "thresholds", None)
             # the artifact score decides with its detector's own file, unless told otherwise
             weights = checkpoint if score != "artifact" else None
-            cfg, self.thresholds_source = thresholds_file.resolve(given, weights, artifact_model, exported)
+            cfg, self.thresholds_source = thresholds_file.resolve(given, weights, artifact_model)
         self.thresholds = cfg
         self.calibration = {s: v for s, v in thresholds_file.calibration(cfg).items() if s in BASE_SCORES}
         prints = [m and weights_fingerprint(m) for m in (self.model, self.artifact)]
@@ -297,7 +285,7 @@ class Detector:
         """Adds score, p-value and verdict to the scored rows (in place); a non-finite score is an error."""
         for r in rows:
             if "error" not in r and not all(math.isfinite(r[s]) for s in BASE_SCORES if r.get(s) is not None):
-                r["error"] = "the model gave a non-finite score (NaN or inf): broken weights or runtime"
+                r["error"] = "the model gave a non-finite score (NaN or inf): broken weights?"
         good = [r for r in rows if "error" not in r]
         name, p = self.score_name, None
         if good and (name == "combined" or name in self.calibration):

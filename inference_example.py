@@ -5,7 +5,6 @@ file and per-image heatmaps.
     python inference_example.py photos/ img.jpg "scans/**/*.png" --checkpoint CKPT   # CKPT: train.py's best
     python inference_example.py photos/ --checkpoint CKPT --threshold strict --output results.csv
     python inference_example.py photos/ --checkpoint CKPT --score combined --heatmaps heatmaps/
-    python inference_example.py photos/ --checkpoint model.onnx --runtime openvino  # export.py's file
     torchrun --nproc_per_node=8 inference_example.py photos/ --checkpoint CKPT --output results.jsonl
 
 Which thresholds apply: docs/method.md#which-thresholds-file-applies. Exit status: 0 every input scored;
@@ -21,7 +20,7 @@ import metrics
 import plots
 from detector import SCORES, Detector
 from results import heatmaps_folder, open_results, result_line
-from utils import (ArgumentParser, UserError, add_model_flags, check_model_flags, gather, number, run_cli,
+from utils import (ArgumentParser, UserError, add_model_flags, gather, number, run_cli,
                    setup_distributed)
 
 DOMAIN_ALARM = 1e-3  # a KS p-value this small over a folder: its images are not like the calibration images
@@ -31,7 +30,7 @@ def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     add = p.add_argument
     add("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
-    add_model_flags(p, "the autoencoder: train.py checkpoint, hub folder, hub repo id or export.py's .onnx "
+    add_model_flags(p, "the autoencoder: train.py checkpoint, hub folder or hub repo id "
                     "(every score but artifact needs it)")
     add("--threshold", default="balanced",
         help="strict | balanced | sensitive | optimal | a number; for --score combined a p-value level")
@@ -40,13 +39,13 @@ def parse_args(argv=None):
     add("--heatmaps", metavar="DIR", help="write one PNG per image: input, reconstruction, error map")
     add("--batch-size", type=number(int, 1), help="images per forward pass (default: 32 on CPU, 256 on CUDA)")
     add("--workers", type=number(int, 0), help="decoding processes per rank (default: min(4, CPU count))")
-    return check_model_flags(p, p.parse_args(argv))
+    return p.parse_args(argv)
 
 
 def setup(args, rank, world, device):
     """(detector, results writer or None): all that can fail on a bad flag or file, before any image."""
     det = Detector(args.checkpoint, args.thresholds or "find", str(device), args.score, args.threshold,
-                   args.batch_size, args.workers, args.runtime, args.artifact_model)
+                   args.batch_size, args.workers, args.artifact_model)
     if args.heatmaps and (det.model is None or det.score_name == "artifact"):
         raise UserError("--heatmaps draws the autoencoder's error maps: give --checkpoint and one of its "
                         "scores")

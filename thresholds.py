@@ -25,17 +25,15 @@ def beside(checkpoint):
     return (path if path.is_dir() else path.parent if path.exists() else hub) / THRESHOLDS_NAME
 
 
-def resolve(given=None, checkpoint=None, artifact_model=None, exported=None, card=True):
+def resolve(given=None, checkpoint=None, artifact_model=None, card=True):
     """(thresholds dict or None, its source). The first that exists of: `given`; the file beside the
-    autoencoder's weights; `exported` (the thresholds inside an ONNX graph); the card's file if `card`.
-    With no autoencoder, the file beside the artifact detector's weights."""
+    autoencoder's weights; the card's file if `card`. With no autoencoder, the file beside the artifact
+    detector's weights."""
     if given:
         return read(given), str(given)
     if checkpoint:
         if (path := beside(checkpoint)).is_file():
             return read(path), str(path)
-        if exported:
-            return exported, f"exported inside {checkpoint}"
         card = card and REPO_THRESHOLDS.is_file()
         return (read(REPO_THRESHOLDS), str(REPO_THRESHOLDS)) if card else (None, None)
     if artifact_model and (path := beside(artifact_model)).is_file():

@@ -80,36 +80,20 @@ def run_cli(main, argv=None):
 
 def printable(text):
     """text with control characters escaped, so that a file name cannot forge or split a printed line."""
-    escape = lambda c: c.encode("unicode_escape", "backslashreplace").decode()
-    return "".join(c if c.isprintable() else escape(c) for c in str(text))
-
-
-RUNTIMES = ("torch", "onnx", "openvino")  # onnx / openvino: export.py's graph on the CPU (runtimes.py)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode()
+                   for c in str(text))
 
 
 def add_model_flags(parser, checkpoint_help="the autoencoder: train.py checkpoint, hub folder or hub repo id",
                     artifact_help="an artifact detector (train.py --preset artifact; --score artifact alone "
                                   "defaults to the shipped artifact_detector/)", thresholds=True):
-    """The flags every script that scores declares alike: the models, the thresholds file, device, runtime."""
+    """The flags every script that scores declares alike: the models, the thresholds file, the device."""
     add = parser.add_argument
     add("--checkpoint", default=None, help=checkpoint_help)
     add("--artifact-model", default=None, help=artifact_help)
     if thresholds:
         add("--thresholds", help="thresholds JSON (default: docs/method.md#which-thresholds-file-applies)")
-    add("--device", choices=["auto", "cpu", "cuda"], default="auto",
-        help="auto: cuda if available (cpu for onnx / openvino)")
-    add("--runtime", choices=RUNTIMES, default="torch",
-        help="onnx / openvino: --checkpoint is export.py's .onnx file, run by ONNX Runtime / OpenVINO on CPU")
-
-
-def check_model_flags(parser, args):
-    """The exported runtimes run on the CPU: auto means cpu there, and cuda is a usage error."""
-    if args.runtime != "torch":
-        if args.device == "cuda":
-            parser.error(f"--runtime {args.runtime} runs on the CPU: use --device cpu, or --runtime torch "
-                         "on a GPU")
-        args.device = "cpu"
-    return args
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
 
 
 # ---- output files
