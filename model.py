@@ -26,6 +26,28 @@ deepfake classifier: see the repository's README for what it misses. Load it wit
 """
 
 
+def config_from_dict(cls, d):
+    """A config dataclass from a dict read from a file; ValueError on any key but its fields (an older file's
+    "architecture" name is ignored)."""
+    names = [f.name for f in fields(cls)]
+    if not isinstance(d, dict) or set(d) - {*names, "architecture"}:
+        raise ValueError(f"expected a JSON object with keys from {names}, got {d!r:.200}")
+    return cls(**{k: v for k, v in d.items() if k != "architecture"})
+
+
+def check_stages(config, max_stages, *counts):
+    """config.channels, made a tuple; ValueError unless it holds 1 to max_stages positive integers, image_size
+    and counts are positive integers, blocks_per_stage >= 0 and 2^stages divides image_size."""
+    c = config.channels = tuple(config.channels) if isinstance(config.channels, (list, tuple)) else ()
+    counts = (config.image_size, config.blocks_per_stage + 1, *counts, *c)
+    if not 1 <= len(c) <= max_stages or not all(type(v) is int and v >= 1 for v in counts):
+        raise ValueError(f"expected positive integers and 1 to {max_stages} channel stages, "
+                         f"got {asdict(config)}")
+    if config.image_size % 2 ** len(c):
+        raise ValueError(f"image_size {config.image_size} is not divisible by 2^{len(c)}")
+    return c
+
+
 @dataclass
 class AutoencoderConfig:
     image_size: int = 128  # square input, H = W
@@ -34,13 +56,10 @@ class AutoencoderConfig:
     blocks_per_stage: int = 1  # residual blocks after each down / before each up
     latent_dim: int = 512
 
+    from_dict = classmethod(config_from_dict)
+
     def __post_init__(self):
-        c = self.channels = tuple(self.channels) if isinstance(self.channels, (list, tuple)) else ()
-        counts = (self.image_size, self.in_channels, self.latent_dim, self.blocks_per_stage + 1, *c)
-        if not 1 <= len(c) <= 8 or not all(type(v) is int and v >= 1 for v in counts):
-            raise ValueError(f"expected positive integers and 1 to 8 channel stages, got {asdict(self)}")
-        if self.image_size % 2 ** len(c):
-            raise ValueError(f"image_size {self.image_size} is not divisible by 2^{len(c)}")
+        c = check_stages(self, 8, self.in_channels, self.latent_dim)
         # configs arrive from files: bound the size before any layer is allocated
         s, convs = self.image_size // 2 ** len(c), 2 * self.blocks_per_stage + 2  # 3x3 convs per stage
         params = 2 * c[-1] * s * s * self.latent_dim + 9 * convs * sum(x * x for x in c)
@@ -50,20 +69,6 @@ class AutoencoderConfig:
     @property
     def bottleneck_size(self):
         return self.image_size // 2 ** len(self.channels)
-
-    @classmethod
-    def from_dict(cls, d):
-        if isinstance(d, dict):  # older files name the architecture
-            d = {k: v for k, v in d.items() if k != "architecture"}
-        return config_from_dict(cls, d)
-
-
-def config_from_dict(cls, d):
-    """A config dataclass from a dict read from a file; ValueError on anything but its own keys."""
-    if not isinstance(d, dict) or set(d) - {f.name for f in fields(cls)}:
-        raise ValueError(f"expected a JSON object with keys from {[f.name for f in fields(cls)]}, "
-                         f"got {d!r:.200}")
-    return cls(**d)
 
 
 def count_parameters(model):
@@ -153,11 +158,9 @@ class ResidualAutoencoder(HubModel, model_card_template=MODEL_CARD, library_name
         """fp32 per-image MSE [B] ('none': the card's score), its mean ('mean') or [B, H, W] ('pixel')."""
         if reduction not in ("none", "mean", "pixel"):
             raise ValueError(f"reduction must be 'none', 'mean' or 'pixel', got {reduction!r}")
-        pixel = pixel_error(self(x), x)
-        if reduction == "pixel":
-            return pixel
+        pixel = pixel_error(self(x), x)  # [B, H, W]
         per_image = pixel.flatten(1).mean(dim=1)
-        return per_image.mean() if reduction == "mean" else per_image
+        return {"none": per_image, "mean": per_image.mean(), "pixel": pixel}[reduction]
 
     def image_loss(self, recon, x):
         """[B] per-image MSE: the training loss."""
@@ -180,20 +183,12 @@ class ArtifactConfig:
     channels: tuple = (32, 64, 128)  # one stage each, the first at half the tile's resolution
     blocks_per_stage: int = 1
 
-    def __post_init__(self):
-        c = self.channels = tuple(self.channels) if isinstance(self.channels, (list, tuple)) else ()
-        counts = (self.image_size, self.blocks_per_stage + 1, *c)
-        ok = all(type(v) is int and v >= 1 for v in counts)
-        if self.kind != "artifact" or not 1 <= len(c) <= 6 or not ok:
-            raise ValueError(f"expected kind 'artifact', positive integers and 1 to 6 stages, "
-                             f"got {asdict(self)}")
-        if self.image_size % 2 ** len(c) or max(c) > 1024 or self.blocks_per_stage > 64:
-            raise ValueError("image_size must be divisible by 2^stages, channels <= 1024, blocks <= 64: "
-                             f"{asdict(self)}")
+    from_dict = classmethod(config_from_dict)
 
-    @classmethod
-    def from_dict(cls, d):
-        return config_from_dict(cls, d)
+    def __post_init__(self):
+        c = check_stages(self, 6)
+        if self.kind != "artifact" or max(c) > 1024 or self.blocks_per_stage > 64:  # bounds the size
+            raise ValueError(f"expected kind 'artifact', channels <= 1024, blocks <= 64, got {asdict(self)}")
 
 
 def neighbour_residual(x):
@@ -238,9 +233,8 @@ def model_from_weights(state_dict, stored_config, source, config=None):
     if kind not in (None, "artifact"):  # e.g. the coding model of earlier versions
         raise UserError(f"{source}: a model of kind {kind!r}, which this version does not have")
     net, net_config = (ArtifactDetector, ArtifactConfig) if kind else (ResidualAutoencoder, AutoencoderConfig)
-    try:
-        config = (net_config.from_dict(stored_config) if stored_config is not None
-                  else config or AutoencoderConfig())
+    try:  # no stored config: `config`, or the net's default
+        config = net_config.from_dict(stored_config) if stored_config is not None else config
     except (TypeError, ValueError) as e:
         raise UserError(f"{source}: bad model config ({e})") from None
     model = net(config)
@@ -264,11 +258,9 @@ def summarize(config):
     model = ResidualAutoencoder(config).eval()
     rows = []
     for name, m in model.named_children():
-        stages = isinstance(m, nn.ModuleList)
-        for i, stage in enumerate(m if stages else [m]):
-            label = f"{name}{i + 1}" if stages else name
-            stage.register_forward_hook(
-                lambda m, i, o, label=label: rows.append((label, list(o.shape), count_parameters(m))))
+        for i, stage in enumerate(m, 1) if isinstance(m, nn.ModuleList) else [("", m)]:  # down1, ...; stem
+            stage.register_forward_hook(lambda m, _, out, label=f"{name}{i}": rows.append(
+                (label, list(out.shape), count_parameters(m))))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, config.in_channels, config.image_size, config.image_size))
     return model, rows, counter.get_total_flops() / 1e9

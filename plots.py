@@ -18,15 +18,10 @@ def save(fig, path):
     plt.close(fig)
 
 
-def to_image(x):
-    """normalized [3, S, S] -> [S, S, 3] in [0, 1] for imshow."""
-    return ((x.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
-
-
 def draw(axes, x, recon, error_map, vmax=None):
-    """Input, reconstruction and error map of one image on three axes; returns the map's image."""
-    axes[0].imshow(to_image(x))
-    axes[1].imshow(to_image(recon))
+    """Input, reconstruction (normalized [3, S, S]) and error map on three axes; returns the map's image."""
+    for ax, image in zip(axes, (x, recon)):
+        ax.imshow(((image.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy())  # [S, S, 3] in [0, 1]
     plt.setp(axes, xticks=[], yticks=[])
     return axes[2].imshow(error_map.numpy(), cmap="inferno", vmin=0, vmax=vmax)
 

@@ -3,6 +3,7 @@
 import csv
 import fnmatch
 import glob
+import heapq
 import json
 import os
 from pathlib import Path
@@ -53,7 +54,8 @@ def heatmaps_folder(folder, inputs):
 
 class ResultWriter:
     """Streams rows to `path`.partial (.csv, .json list or .jsonl), flushing each, renamed to `path` on a
-    complete close. Under torchrun rank 0 merges every rank's JSON Lines part (close is collective)."""
+    complete close. Under torchrun rank 0 merges every rank's JSON Lines part, its rows in listing order
+    (close is collective)."""
 
     COLUMNS = ["path", "score_name", "score", "p_value", "verdict", "threshold", "error", *BASE_SCORES]
 
@@ -72,30 +74,37 @@ class ResultWriter:
         elif self.fmt == ".json":
             self.f.write("[")
 
-    def write(self, row):
+    def write(self, row, index=None):
+        """Under torchrun `index`, the row's place in the listing, goes into the part to order the merge."""
         if self.fmt == ".csv":
             self.csv.writerow({k: csv_cell(v) for k, v in row.items()})
         else:
-            line = json.dumps(row, ensure_ascii=False)
+            line = json.dumps({"index": index, **row} if self.world > 1 else row, ensure_ascii=False)
             self.f.write(("," if self.n else "") + "\n  " + line if self.fmt == ".json" else line + "\n")
         self.n += 1
         self.f.flush()
 
     def close(self, complete=True):
         """complete=False (a failed run) leaves the rows so far in the .partial file(s), valid."""
-        if self.fmt == ".json":
-            self.f.write("\n]\n" if self.n else "]\n")
-        self.f.close()
+        try:
+            if self.fmt == ".json":
+                self.f.write("\n]\n" if self.n else "]\n")
+            self.f.close()
+        except OSError:  # the full disk that failed the run fails this last flush too: the run says so
+            if complete:
+                raise
         if complete and self.world == 1:
             os.replace(self.partial, self.path)
         elif complete:
             gather(None)  # a barrier: every part is complete
             if self.rank == 0:
                 merged = ResultWriter(self.path)
-                for rank in range(self.world):
-                    with open(f"{self.path}.rank{rank}.part", encoding="utf-8") as part:
-                        for line in part:
-                            merged.write(json.loads(line))
+                parts = [open(f"{self.path}.rank{rank}.part", encoding="utf-8") for rank in range(self.world)]
+                # each part is in listing order already: merging the streams keeps the memory flat
+                for row in heapq.merge(*(map(json.loads, part) for part in parts), key=lambda r: r["index"]):
+                    merged.write({k: v for k, v in row.items() if k != "index"})
+                for part in parts:
+                    part.close()
                     os.remove(part.name)
                 merged.close()
             gather(None)  # no rank exits before the merged file exists
