@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import io
 import math
+import os
 import sys
 from dataclasses import asdict
 from importlib.metadata import version
@@ -32,7 +33,7 @@ import plots
 import thresholds
 from checkpoints import weights_fingerprint
 from data import PREPROCESSING, load_cifar10, load_image_folder, preprocess, to_uint8
-from detector import BASE_SCORES, load_models, model_device, score_batch, score_files, score_images
+from detector import BASE_SCORES, load_models, score_batch, score_files, score_images
 from images import ImageReadError, read_image
 from metrics import FPR_LEVELS, evaluation_table, level_table, threshold_table
 from utils import (SEED, ArgumentParser, UserError, add_model_flags, atomic_write, check_output,
@@ -71,7 +72,8 @@ def parse_args(argv=None):
     add("--plots-dir", help="where the three PNGs go (default: the --output folder)")
     add("--scores-out", help="CSV of every scored image (set, index or path, split, scores)")
     add("--batch-size", type=number(int, 1), default=128, help="images per forward pass")
-    add("--workers", type=natural, default=None, help="decode processes for folders (default: min(4, CPUs))")
+    add("--workers", type=natural, default=None,
+        help="decode processes (default: a GPU rank's share of the cores; at most 4 on a CPU)")
     add("--bootstrap", type=natural, default=200, help="bootstrap resamples for AUROC intervals, 0 = off")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     args = p.parse_args(argv)
@@ -148,7 +150,6 @@ def collect(model, artifact, args):
     and a few uint8 sample images per set for the pictures."""
     # the artifact score tiles the built-in fakes too: make them at least one tile large
     size = max(m.config.image_size for m in (model, artifact) if m is not None)
-    device = model_device(model if model is not None else artifact)
     skipped, sets, sources = {}, {}, {}
     if args.real_dir:
         real, real_paths, skipped["real"] = score_folder(model, artifact, args.real_dir, args, "real")
@@ -160,7 +161,7 @@ def collect(model, artifact, args):
                         "give real photos with --real-dir")
     else:
         real_u8 = load_cifar10(args.data_dir, train=False)[:args.max_real or None]
-        real, real_paths = score_set(model, None, real_u8.to(device), args, "real (CIFAR-10 test)"), None
+        real, real_paths = score_set(model, None, real_u8, args, "real (CIFAR-10 test)"), None
         real_source = f"CIFAR-10 test set, {real_u8.shape[0]:,} images"
     samples = {"real": real_u8[:4]} if real_u8 is not None else {}  # for reconstruction_comparison.png
     for name in (["noise"] if args.num_noise else []) + args.hard:
@@ -169,7 +170,7 @@ def collect(model, artifact, args):
             images = fakes.make_fake_sets([name], real=real_u8, n=n, size=size, seed=args.seed)[name]
         except ValueError as e:
             raise UserError(f"--hard-fakes: {e}") from None
-        sets[name] = score_set(model, artifact, images.to(device), args, name)
+        sets[name] = score_set(model, artifact, images, args, name)  # batches go to the device whole
         sources[name] = f"{images.shape[0]:,} images: {fakes.DESCRIPTIONS[name]}"
         samples[name] = images[:1]
     for name, folder in args.fake_dirs:
@@ -293,6 +294,8 @@ def write_scores_csv(path, real, real_paths, result, sets):
 
 def main(argv=None):
     args = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # N copies would race for the same files
+        raise UserError("calibrate.py runs as one process: start it with python, not torchrun")
     output = Path(args.output) if args.output else thresholds.beside(args.checkpoint or args.artifact_model)
     plots_dir = Path(args.plots_dir) if args.plots_dir else output.parent
     for path in [output, plots_dir / "roc_curve.png"] + ([Path(args.scores_out)] if args.scores_out else []):

@@ -17,14 +17,14 @@ from itertools import islice
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 import thresholds as thresholds_file
 from checkpoints import weights_fingerprint
 from data import from_pil, image_tiles, preprocess, reduced, tiles_of, to_uint8
 from images import ImageReadError, iter_image_files, read_image
 from model import ArtifactDetector, ResidualAutoencoder, load_model, pixel_error
-from utils import UserError, autocast, pick_device, precision_name
+from utils import UserError, autocast, gather, pick_device, precision_name
 
 SCORES = {  # the registry: name -> what it measures (the CLIs' --score, the page, the result files)
     "mse": "the card's: mean squared reconstruction error at the autoencoder's input size",
@@ -112,17 +112,18 @@ def tile_scores(model, tiles, counts):
 def score_images(model, images, with_complexity=True, batch_size=32, progress=None, artifact=None):
     """In-memory uint8 images, [N, 3, H, W] or a list of [3, H, W] of any sizes -> dict score -> float64 [N]:
     the autoencoder's scores at its input size (model None: none), the artifact score on original pixels."""
-    parts = []
-    with ThreadPoolExecutor(max_workers=1) as pool:  # PNG coding beside the model: zlib releases the GIL
+    parts, threads = [], min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:  # PNG coding beside the model: zlib releases the GIL
         for start in range(0, len(images), batch_size):
             batch, part = images[start:start + batch_size], {}
             if model is not None:
                 size = model.config.image_size
                 x = torch.cat([to_uint8(preprocess(reduced(im.cpu(), size), size)) for im in batch])
-                png = pool.submit(png_bits, x) if with_complexity else None
+                png = pool.map(png_bits, x.chunk(threads)) if with_complexity else None  # started now
                 part = score_batch(model, x)
                 if png is not None:
-                    part["complexity"] = complexity_score(part["mse"], png.result(), x[0].numel())
+                    png = np.concatenate(list(png))
+                    part["complexity"] = complexity_score(part["mse"], png, x[0].numel())
             if artifact is not None:
                 part["artifact"] = tile_scores(artifact, *image_tiles(batch, artifact.config.image_size))
             parts.append(part)
@@ -131,33 +132,38 @@ def score_images(model, images, with_complexity=True, batch_size=32, progress=No
     return {name: np.concatenate([p[name] for p in parts]) for name in (parts[0] if parts else ())}
 
 
-# ---- files: decoded in worker processes while the model runs
-class ImageFiles(IterableDataset):
-    """Lists `paths` lazily; yields (path, uint8 input [3, S, S], PNG bits, tiles [T, 3, t, t], None), None
-    where not asked for, or (path, None, None, None, error). Worker w of W on rank r of R takes every
-    (W*R)-th file; one reports listing errors."""
+# ---- files: listed once, decoded in worker processes while the model runs
+def list_files(paths, rank=0, world=1):
+    """[(index, path, listing error or None)] in listing order: rank 0 lists (a tree is walked once), every
+    rank gets its share, every world-th entry."""
+    entries = []
+    if rank == 0:
+        for path in iter_image_files(paths, on_error=lambda p, reason: entries.append((p, reason))):
+            entries.append((path, None))
+    if world > 1:
+        entries = gather(entries)[0]  # rank 0's listing, on every rank
+    return [(i, path, error) for i, (path, error) in enumerate(entries)][rank::world]
 
-    def __init__(self, paths, size, rank=0, world=1, with_complexity=True, tile=0):
-        self.paths, self.size, self.rank, self.world = list(map(str, paths)), size, rank, world
-        self.with_complexity, self.tile = with_complexity and size > 0, tile
 
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if info:
-            torch.set_num_threads(1)  # decode workers must not fight the model for cores
-        shard, shards = self.rank * workers + worker, self.world * workers
-        errors = []  # listing errors, yielded in order before the next file
-        report = (lambda p, reason: errors.append((p, None, None, None, reason))) if shard == 0 else None
-        for i, path in enumerate(iter_image_files(self.paths, on_error=report)):
-            yield from errors
-            errors.clear()
-            if i % shards == shard:
-                try:
-                    yield path, *self.read(path), None
-                except (ImageReadError, ValueError) as e:  # ValueError: too small to tile
-                    yield path, None, None, None, str(e)
-        yield from errors
+class ImageFiles(Dataset):
+    """entries from list_files -> (index, path, uint8 input [3, S, S], PNG bits, tiles [T, 3, t, t], None),
+    None where not asked for, or (index, path, None, None, None, error)."""
+
+    def __init__(self, entries, size, with_complexity=True, tile=0):
+        self.entries, self.size, self.tile = entries, size, tile
+        self.with_complexity = with_complexity and size > 0
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        index, path, error = self.entries[i]
+        if error is None:
+            try:
+                return index, path, *self.read(path), None
+            except (ImageReadError, ValueError) as e:  # ValueError: too small to tile
+                error = str(e)
+        return index, path, None, None, None, error
 
     def read(self, path):
         """(autoencoder input uint8 [3, S, S], its PNG bits, tiles [T, 3, t, t]), None where not asked for."""
@@ -167,35 +173,50 @@ class ImageFiles(IterableDataset):
 
 
 def collate(items):
-    """-> ([(path, error)], x [G, 3, S, S], PNG bits [G], (tiles [T, 3, t, t], per image [G])), None where
-    absent: one tensor per batch, made in the worker (one per image ran out of file descriptors)."""
-    good = [it for it in items if it[4] is None]
-    x = torch.stack([it[1] for it in good]) if good and good[0][1] is not None else None
-    png = np.array([it[2] for it in good]) if good and good[0][2] is not None else None
-    tiles = None if not good or good[0][3] is None else (torch.cat([it[3] for it in good]),
-                                                          [len(it[3]) for it in good])
-    return [(it[0], it[4]) for it in items], x, png, tiles
+    """-> ([(index, path, error)], x [G, 3, S, S], PNG bits [G], (tiles [T, 3, t, t], per image [G])), None
+    where absent: one tensor per batch, made in the worker (one per image ran out of file descriptors)."""
+    good = [it for it in items if it[5] is None]
+    x = torch.stack([it[2] for it in good]) if good and good[0][2] is not None else None
+    png = np.array([it[3] for it in good]) if good and good[0][3] is not None else None
+    tiles = None if not good or good[0][4] is None else (torch.cat([it[4] for it in good]),
+                                                          [len(it[4]) for it in good])
+    return [(it[0], it[1], it[5]) for it in items], x, png, tiles
+
+
+def one_thread(worker_id):
+    torch.set_num_threads(1)  # decode workers must not fight the model for cores
+
+
+def default_workers(device):
+    """Decode processes per rank: on a GPU every core of this rank's share (decoding is the bottleneck); on
+    a CPU at most 4, which share the cores with the model."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_rank = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return per_rank if device.type == "cuda" else min(4, per_rank)
 
 
 def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with_complexity=True,
                 keep_maps=False, artifact=None):
-    """Yields one dict per input: its path and scores, or its error; streams, so memory stays flat.
+    """Yields one dict per input in listing order: its listing index, path and scores, or its error.
     model None: no autoencoder scores (the artifact detector gives its own)."""
     size = lambda m: m.config.image_size if m is not None else 0  # noqa: E731
-    files = ImageFiles(paths, size(model), rank, world, with_complexity, size(artifact))
+    files = ImageFiles(list_files(paths, rank, world), size(model), with_complexity, size(artifact))
     device = model_device(model if model is not None else artifact)
-    loader = DataLoader(files, collate_fn=collate, batch_size=batch_size, pin_memory=device.type == "cuda",
-                        num_workers=min(4, os.cpu_count() or 1) if workers is None else workers)
+    workers = default_workers(device) if workers is None else workers
+    loader = DataLoader(files, batch_size, collate_fn=collate, pin_memory=device.type == "cuda",
+                        num_workers=workers, worker_init_fn=one_thread,
+                        prefetch_factor=4 if workers else None)  # a GPU waits less on decoding
     for items, x, png, tiles in loader:
         scores = score_batch(model, x, png, keep_maps=keep_maps) if x is not None else {}
         if tiles is not None:
             scores["artifact"] = tile_scores(artifact, *tiles)
         j = 0
-        for path, error in items:
+        for index, path, error in items:
             if error is not None:
-                yield {"path": path, "error": error}
+                yield {"index": index, "path": path, "error": error}
                 continue
-            row = {"path": path, **{k: float(v[j]) for k, v in scores.items() if k in BASE_SCORES}}
+            row = {"index": index, "path": path,
+                   **{k: float(v[j]) for k, v in scores.items() if k in BASE_SCORES}}
             if keep_maps:
                 row.update(input=scores["input"][j], map=scores["maps"][j], recon=scores["recon"][j])
             yield row
@@ -307,7 +328,8 @@ class Detector:
                 self.artifact if "artifact" in self.uses else None, "complexity" in self.uses)
 
     def score_paths(self, paths, rank=0, world=1, keep_maps=False):
-        """Yields one row per input file, streamed in batches; under torchrun each rank its share."""
+        """Yields one row per input file in listing order (its "index"), streamed in batches; under torchrun
+        each rank its share."""
         model, artifact, png = self._models()
         rows = score_files(model, paths, self.batch_size, self.workers, rank, world, png,
                            keep_maps and model is not None, artifact)
@@ -330,7 +352,7 @@ class Detector:
 
     def score(self, inputs):
         """Paths (files, folders, globs), PIL images and uint8 tensors, mixed -> a list of rows: first the
-        files (as the decode workers deliver them), then the in-memory images in the order given."""
+        files in listing order, then the in-memory images in the order given."""
         inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         paths = [i for i in inputs if isinstance(i, (str, os.PathLike))]
         images = [i for i in inputs if not isinstance(i, (str, os.PathLike))]

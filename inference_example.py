@@ -38,7 +38,8 @@ def parse_args(argv=None):
     add("--output", default=None, help="also write the rows to this .csv, .json or .jsonl file")
     add("--heatmaps", metavar="DIR", help="write one PNG per image: input, reconstruction, error map")
     add("--batch-size", type=number(int, 1), help="images per forward pass (default: 32 on CPU, 256 on CUDA)")
-    add("--workers", type=number(int, 0), help="decoding processes per rank (default: min(4, CPU count))")
+    add("--workers", type=number(int, 0),
+        help="decode processes (default: a GPU rank's share of the cores; at most 4 on a CPU)")
     return p.parse_args(argv)
 
 
@@ -55,6 +56,10 @@ def setup(args, rank, world, device):
     return det, open_results(args.output, reads, rank, world) if args.output else None
 
 
+class SharedError(UserError):
+    """An error every rank has seen: rank 0 alone prints it."""
+
+
 def detect(args, rank, world, device):
     error = None
     try:
@@ -62,7 +67,7 @@ def detect(args, rank, world, device):
     except UserError as e:
         error = str(e)
     if error := next((e for e in gather(error) if e), None):  # every rank stops on any rank's error
-        raise UserError(error)
+        raise SharedError(error)
     if rank == 0:
         for w in det.warnings:  # once, before any result line
             print(f"warning: {w}", file=sys.stderr, flush=True)
@@ -71,7 +76,7 @@ def detect(args, rank, world, device):
     try:
         for row in det.score_paths(args.paths, rank=rank, world=world, keep_maps=bool(args.heatmaps)):
             if writer:  # first: a line on screen means its row is on disk
-                writer.write(det.record(row))
+                writer.write(det.record(row), row["index"])
             print(result_line(row, det.score_name) + "\n", end="", flush=True)  # one write: whole lines
             counts["unreadable" if "error" in row else row["verdict"]] += 1
             if row.get("p_value") is not None:
@@ -118,19 +123,20 @@ def main(argv=None):
     args = parse_args(argv)
     for stream in (sys.stdout, sys.stderr):  # never crash printing a file name that is not valid UTF-8
         stream.reconfigure(errors="backslashreplace")
-    rank = 0
+    rank, world = 0, 1
     try:
         rank, world, device = setup_distributed(args.device)
         status = detect(args, rank, world, device)
+        gather(None)  # every rank returns together: torchrun stops the others when one exits non-zero
     except UserError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+        # an error of one rank is printed by that rank: its exit status makes torchrun stop the others
+        if rank == 0 or not isinstance(e, SharedError):
+            print(f"{f'rank {rank}: ' if world > 1 else ''}error: {e}", file=sys.stderr)
         status = 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    # torchrun stops every rank as soon as one exits non-zero; rank 0 knows the whole run's status
-    return status if rank == 0 else 0
+    return status
 
 
 if __name__ == "__main__":

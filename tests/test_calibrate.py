@@ -173,6 +173,14 @@ def test_bad_input_gives_one_line_and_exit_2(case, tiny_ckpt, tmp_path):
     assert expected in lines[0]
 
 
+def test_torchrun_is_refused_in_one_line_and_nothing_written(tiny_ckpt, real_dir, tmp_path):
+    out = tmp_path / "t.json"
+    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "calibrate.py",
+                      "--checkpoint", tiny_ckpt, "--real-dir", real_dir, "--output", out, check=False, timeout=120)
+    assert proc.returncode != 0 and "start it with python, not torchrun" in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
 def test_thresholds_from_another_precision_warn(tiny_ckpt, real_dir, tmp_path):
     out, cfg, _, _ = calibrate_folder(tiny_ckpt, real_dir, tmp_path, "--hard-fakes", "none")
     assert cfg["binding"]["precision"] == "fp32"

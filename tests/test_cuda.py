@@ -11,8 +11,16 @@ from tests.conftest import TINY
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 
+@pytest.fixture(autouse=True)
+def restore_backend_flags():
+    """These tests (and train.main) set process-wide flags: later tests in this worker must not inherit them."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = flags
+
+
 def test_bf16_channels_last_scores_stay_within_one_percent_of_fp32():
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
     torch.manual_seed(0)
     model = ResidualAutoencoder(TINY).cuda().eval()
     x = preprocess(dead_leaves(64, 32, seed=4).cuda(), 32)

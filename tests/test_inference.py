@@ -371,7 +371,8 @@ def test_api_path_and_pil_image_give_the_same_score(env, tmp_path, size):
 def test_file_batches_travel_as_bytes_and_score_as_the_float_path(env):
     # a pinned uint8 batch is a quarter of float32's bytes and copies asynchronously; it is normalized on the device
     det = Detector(env["ckpt"], workers=0)
-    items = list(detector.ImageFiles(env["good"], TINY.image_size, with_complexity=True))
+    files = detector.ImageFiles(detector.list_files(env["good"]), TINY.image_size, with_complexity=True)
+    items = [files[i] for i in range(len(files))]
     _, x, png, _ = detector.collate(items)
     assert x.dtype == torch.uint8 and x.shape == (len(env["good"]), 3, TINY.image_size, TINY.image_size)
     floats = torch.cat([data.preprocess(read_image(p, min_size=TINY.image_size), TINY.image_size) for p in env["good"]])
@@ -589,7 +590,7 @@ def test_torchrun_two_processes_match_one(env, capsys, tmp_path):
                       *inputs, *common, "--output", multi, "--workers", "1", check=False, env=ONE_THREAD)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # some inputs unreadable
     a, b = by_path(read_rows(single)), by_path(read_rows(multi))  # by_path: every row, error rows too, once
-    assert a.keys() == b.keys()
+    assert list(a) == list(b)  # the ranks' rows are merged back into listing order
     for path in a:
         assert a[path]["verdict"] == b[path]["verdict"] and a[path]["error"] == b[path]["error"]
         for k in FLOATS:
@@ -599,3 +600,13 @@ def test_torchrun_two_processes_match_one(env, capsys, tmp_path):
     # each rank printed its own images; rank 0 alone the summary over both
     assert proc.stdout.count(" inputs: ") == 1 and f"{len(a)} inputs:" in proc.stdout
     assert sum(line.endswith(("\tREAL", "\tFAKE")) or "\tUNREADABLE: " in line for line in proc.stdout.splitlines()) == len(a)
+
+
+def test_torchrun_a_failing_rank_says_so_and_the_run_stops(env, tmp_path):
+    out = tmp_path / "multi.jsonl"
+    (tmp_path / "multi.jsonl.rank1.part").symlink_to("/dev/full")  # rank 1 alone writes to a full disk
+    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "inference_example.py",
+                      env["root"] / "good", "--checkpoint", env["ckpt"], "--device", "cpu", "--output", out,
+                      "--workers", "0", check=False, env=ONE_THREAD, timeout=120)  # a hang fails here
+    assert proc.returncode != 0
+    assert "rank 1: error: cannot write" in proc.stderr, proc.stderr
