@@ -17,9 +17,8 @@ from PIL import Image, ImageFilter
 from images import ImageReadError, box_reduce, iter_image_files, pil_to_rgb, read_image
 from utils import UserError
 
-PREPROCESSING = ("uint8 RGB -> float / 255 -> bilinear resize to image_size x image_size "
-                 "(antialiased, as PIL's Resize) -> rounded to 8 bits (as PIL's Resize) -> (x - 0.5) / 0.5, "
-                 "giving [-1, 1]")
+PREPROCESSING = ("uint8 RGB -> float / 255 -> bilinear resize to image_size x image_size (antialiased, as "
+                 "PIL's Resize) -> rounded to 8 bits (as PIL's Resize) -> (x - 0.5) / 0.5, giving [-1, 1]")
 
 
 def preprocess(images, size=128):
@@ -71,8 +70,7 @@ def tiles_of(image, tile):
     """uint8 [3, H, W] -> [T, 3, tile, tile], T <= MAX_TILES_PER_SIDE^2; ValueError if smaller than a tile."""
     h, w = image.shape[-2:]
     if h < tile or w < tile:
-        raise ValueError(f"too small to tile for the artifact score: {w}x{h} pixels, "
-                         f"it needs at least {tile}x{tile}")
+        raise ValueError(f"{w}x{h} pixels: too small for the artifact score's {tile}x{tile} tiles")
     ys, xs = tile_origins(h, tile), tile_origins(w, tile)
     return torch.stack([image[:, y:y + tile, x:x + tile] for y in ys for x in xs])
 
@@ -92,38 +90,35 @@ def reduced(image, size):
 
 # ---- data sets, each returned as one uint8 tensor [N, 3, H, W]
 def load_cifar10(data_dir, train=True):
-    from torchvision.datasets import CIFAR10 # here: torchvision is slow to import and only CIFAR-10 needs it
-    try:
-        ds = CIFAR10(str(data_dir), train=train, download=False)
-    except RuntimeError:
-        old = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(60)  # never hang on a network that drops packets
-        try:
-            ds = CIFAR10(str(data_dir), train=train, download=True)
-        except Exception as e:  # any network or archive failure ends in the same advice
-            raise UserError(f"CIFAR-10 not found in {data_dir} and the download failed "
-                            f"({type(e).__name__}: {str(e)[:120]}); put cifar-10-python.tar.gz or its "
-                            f"extracted cifar-10-batches-py/ folder in {data_dir}") from None
-        finally:
-            socket.setdefaulttimeout(old)
+    from torchvision.datasets import CIFAR10  # here: torchvision is slow to import and only CIFAR-10 needs it
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # never hang on a network that drops packets
+    try:  # torchvision downloads only when data_dir holds neither the data nor its archive
+        ds = CIFAR10(str(data_dir), train=train, download=True)
+    except Exception as e:  # any network or archive failure ends in the same advice
+        raise UserError(f"CIFAR-10 not found in {data_dir} and the download failed "
+                        f"({type(e).__name__}: {str(e)[:120]}); put cifar-10-python.tar.gz or its "
+                        f"extracted cifar-10-batches-py/ folder in {data_dir}") from None
+    finally:
+        socket.setdefaulttimeout(old)
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # [N, 3, 32, 32] uint8
 
 
 def load_image_folder(paths, size, on_error=None):
-    """Readable images under `paths`, resized by preprocess -> (uint8 [N, 3, size, size], their paths,
-    number skipped); each unreadable one goes to on_error(path, reason)."""
+    """Readable images under `paths`, resized by preprocess -> (uint8 [N, 3, size, size], number skipped);
+    each unreadable one, and each listing problem, goes to on_error(path, reason)."""
+    report = on_error or (lambda path, reason: None)
     kept, skipped = [], 0
-    for path in iter_image_files(paths, on_error):
+    for path in iter_image_files(paths, report):
         try:
-            kept.append((path, to_uint8(preprocess(read_image(path, min_size=size), size))))
+            kept.append(to_uint8(preprocess(read_image(path, min_size=size), size)))
         except ImageReadError as e:
             skipped += 1
-            if on_error:
-                on_error(path, str(e))
+            report(path, str(e))
     if not kept:
         names = ", ".join(map(str, paths if isinstance(paths, list) else [paths]))
         raise UserError(f"no readable images under {names}")
-    return torch.cat([images for _, images in kept]), [p for p, _ in kept], skipped
+    return torch.cat(kept), skipped
 
 
 def dead_leaves(n, size=64, seed=0, leaves=150):
@@ -137,9 +132,8 @@ def dead_leaves(n, size=64, seed=0, leaves=150):
         palette = torch.rand(b, 3, 1, 1, generator=g)  # photos have a few dominant hues
         img = torch.full((b, 3, size, size), torch.nan)  # NaN: no leaf here yet
         for _ in range(leaves):
-            # radius density ~ r^-3 between rmin and rmax (inverse-CDF sampling)
-            u = torch.rand(b, 1, 1, generator=g)
-            r = (rmin ** -2 - u * (rmin ** -2 - rmax ** -2)) ** -0.5  # [b, 1, 1]
+            # radii [b, 1, 1] of density ~ r^-3 between rmin and rmax (inverse-CDF sampling)
+            r = (rmin ** -2 - torch.rand(b, 1, 1, generator=g) * (rmin ** -2 - rmax ** -2)) ** -0.5
             cx, cy = torch.rand(b, 1, 1, generator=g) * size, torch.rand(b, 1, 1, generator=g) * size
             color = (palette + 0.25 * torch.randn(b, 3, 1, 1, generator=g)).clamp(0, 1)  # [b, 3, 1, 1]
             disc = ((px - cx) ** 2 + (px.view(-1, 1) - cy) ** 2 <= r ** 2).unsqueeze(1)  # [b, 1, size, size]
@@ -160,10 +154,9 @@ def split_indices(n, val_fraction, seed):
     return perm[n_val:], perm[:n_val]
 
 
-def batches(images, batch_size, size, device, perm=None):
-    """Yields preprocessed float batches of uint8 `images` on `device`; from Labeled data, (batch, labels)."""
-    order = perm if perm is not None else torch.arange(images.shape[0], device=images.device)
-    for idx in order.split(batch_size):
+def batches(images, batch_size, size, device, perm):
+    """Yields preprocessed float batches of images[perm] on `device`; from Labeled data, (batch, labels)."""
+    for idx in perm.split(batch_size):
         part = images[idx]
         labeled = isinstance(part, Labeled)
         x = preprocess((part.images if labeled else part).to(device, non_blocking=True), size)
@@ -194,8 +187,8 @@ RESAMPLING = (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampl
 
 
 def resize(pil, factor, rng):
-    side = lambda n: max(8, round(n * factor))
-    return pil.resize((side(pil.width), side(pil.height)), RESAMPLING[rng.integers(len(RESAMPLING))])
+    side = tuple(max(8, round(n * factor)) for n in pil.size)
+    return pil.resize(side, RESAMPLING[rng.integers(len(RESAMPLING))])
 
 
 def augmented_tile(pil, size, rng, real):
@@ -212,8 +205,7 @@ def augmented_tile(pil, size, rng, real):
     if min(pil.size) < size:
         pil = pil.resize((max(size, pil.width), max(size, pil.height)), Image.Resampling.BICUBIC)
     x, y = (int(rng.integers(0, n - size + 1)) for n in pil.size)
-    tile = torch.rot90(torch.from_numpy(np.array(pil.crop((x, y, x + size, y + size)))).permute(2, 0, 1),
-                       int(rng.integers(4)), dims=(1, 2))
+    tile = torch.rot90(from_pil(pil.crop((x, y, x + size, y + size))), int(rng.integers(4)), dims=(1, 2))
     return (tile.flip(2) if rng.random() < 0.5 else tile).contiguous()
 
 
@@ -221,21 +213,19 @@ def load_pairs(data_dir, size, seed=0, fakes_per_image=2):
     """data_dir/{real,GENERATOR}/STEM.png (make_pairs.py) -> (Labeled tiles, each one's photo: STEM up to its
     last '_c', generator names), balanced: a real gives as many tiles as all its fakes together."""
     root = Path(data_dir)
-    folders = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-    generators = [name for name in folders if name != "real"]
+    generators = sorted(d.name for d in root.glob("*/") if d.name != "real")  # "*/": folders only
     if not generators or not (root / "real").is_dir():
         raise UserError(f"{data_dir}: expected real/ and one folder of fakes per generator (make_pairs.py)")
     rng, tiles, labels, photos = np.random.default_rng(seed), [], [], []
     for path in sorted((root / "real").glob("*.png")):
         fakes = [root / g / path.name for g in generators if (root / g / path.name).is_file()]
         try:  # a pair is whole or left out
-            images = [read_image(str(file)) for file in [path, *fakes]]
+            images = [to_pil(read_image(str(file))) for file in [path, *fakes]]
         except ImageReadError as e:
             print(f"skipped the pair {path.name}: {e}", file=sys.stderr)
             continue
         counts = [fakes_per_image * len(fakes)] + [fakes_per_image] * len(fakes)
-        for image, label, k in zip(images, [0.0] + [1.0] * len(fakes), counts):
-            pil = to_pil(image)
+        for pil, label, k in zip(images, [0.0] + [1.0] * len(fakes), counts):
             tiles += [augmented_tile(pil, size, rng, real=not label) for _ in range(k)]
             labels += [label] * k
             photos += [path.stem.rsplit("_c", 1)[0]] * k
@@ -255,9 +245,8 @@ def load_datasets(cfg, device):
         pool, photos, generators = load_pairs(cfg.data_dir, cfg.image_size, cfg.seed)
         rest, test = split_by_photo(photos, cfg.test_fraction, cfg.seed + 1)
         train, val = (rest[i] for i in split_by_photo([photos[i] for i in rest], cfg.val_fraction, cfg.seed))
-        pool = pool.to(device)
         source = f"{len(set(photos))} photos' pairs in {cfg.data_dir}, generators {', '.join(generators)}"
-        return pool[train], pool[val], pool[test], source
+        return pool[train].to(device), pool[val].to(device), pool[test].to(device), source
     if cfg.dataset == "cifar10":  # one download per node: local rank 0 fetches it while the others wait
         first = int(os.environ.get("LOCAL_RANK", 0)) == 0
         if dist.is_initialized() and not first:
@@ -271,7 +260,7 @@ def load_datasets(cfg, device):
         source = f"{cfg.synthetic_images:,} dead-leaves images at {cfg.synthetic_size}x{cfg.synthetic_size}"
     else:
         skipped = []
-        pool, _, n_skipped = load_image_folder(cfg.data_dir, cfg.image_size, lambda *e: skipped.append(e))
+        pool, n_skipped = load_image_folder(cfg.data_dir, cfg.image_size, lambda *e: skipped.append(e))
         for path, reason in skipped[:5]:  # enough to see what is wrong, without flooding the terminal
             print(f"skipped {path}: {reason}", file=sys.stderr)
         source = f"{pool.shape[0]:,} images from {cfg.data_dir} ({n_skipped} unreadable skipped)"

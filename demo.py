@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import fakes
 from data import dead_leaves, to_pil
 from utils import ArgumentParser, number
@@ -58,9 +57,8 @@ def main(argv=None):
     # real images the model never saw: same generator, another seed
     save_pngs(out / "real_heldout", real=dead_leaves(args.real_images, 32, seed=args.seed + 1000))
     run("2/3 calibrate", ["calibrate.py", "--checkpoint", checkpoint, "--real-dir", out / "real_heldout",
-                          "--num-noise", 1000, "--num-hard", 500, "--output", thresholds,
-                          "--plots-dir", out, "--scores-out", out / "calibration_scores.csv",
-                          "--no-progress"])
+                          "--num-noise", 1000, "--num-hard", 500, "--output", thresholds, "--plots-dir", out,
+                          "--scores-out", out / "calibration_scores.csv", "--no-progress"])
     save_pngs(out / "examples", real_like=dead_leaves(6, 32, seed=args.seed + 2000),
               noise=fakes.uniform_noise(3, 32, seed=1), flat=fakes.flat_colours(3, 32, seed=2),
               gradient=fakes.gradients(3, 32, seed=3))

@@ -24,19 +24,17 @@ def flat_colours(n, size, seed):
 def gradients(n, size, seed, min_contrast=0.25):
     """Two-colour linear ramps at random angles, contrast >= min_contrast: uint8 [n, 3, size, size]."""
     g = torch.Generator().manual_seed(seed)
-    c0, c1 = torch.rand(n, 3, generator=g), torch.rand(n, 3, generator=g)
-    angle = torch.rand(n, generator=g) * 2 * math.pi
-    weak = (c1 - c0).abs().amax(dim=1, keepdim=True) < min_contrast  # [n, 1]: would be nearly flat
+    c0, c1 = torch.rand(n, 3, 1, 1, generator=g), torch.rand(n, 3, 1, 1, generator=g)
+    angle = (torch.rand(n, generator=g) * 2 * math.pi).view(-1, 1, 1)
+    weak = (c1 - c0).abs().amax(dim=1, keepdim=True) < min_contrast  # [n, 1, 1, 1]: would be nearly flat
     c1 = torch.where(weak, torch.where(c0 < 0.5, c0 + 0.5, c0 - 0.5), c1)  # so move c1 half the range away
     px = torch.arange(size, dtype=torch.float32)  # pixel coordinates
     out = torch.empty(n, 3, size, size, dtype=torch.uint8)
     for sl in (slice(start, start + 256) for start in range(0, n, 256)):  # chunks bound the float memory
-        cos, sin = angle[sl].cos().view(-1, 1, 1), angle[sl].sin().view(-1, 1, 1)
-        t = px * cos + px.view(-1, 1) * sin  # [b, size, size]
+        t = px * angle[sl].cos() + px.view(-1, 1) * angle[sl].sin()  # [b, size, size]
         lo, hi = t.amin(dim=(1, 2), keepdim=True), t.amax(dim=(1, 2), keepdim=True)
         t = ((t - lo) / (hi - lo).clamp_min(1e-6)).unsqueeze(1)  # [b, 1, size, size] in [0, 1]
-        a, b = c0[sl].view(-1, 3, 1, 1), c1[sl].view(-1, 3, 1, 1)
-        out[sl] = ((a + (b - a) * t) * 255).round().clamp(0, 255).to(torch.uint8)
+        out[sl] = ((c0[sl] + (c1[sl] - c0[sl]) * t) * 255).round().clamp(0, 255).to(torch.uint8)
     return out
 
 
@@ -114,13 +112,14 @@ def make_fake_sets(names, real=None, n=1000, size=128, seed=0):
 def benign_versions(image, seed=0):
     """uint8 [3, H, W] -> {name in BENIGN: processed copy}: JPEG at a seeded quality 75..95, Lanczos 1/2,
     unsharp mask, and (sides <= 1024 only) bicubic 2x and Lanczos 4x up-scales."""
-    pil = to_pil(image)
-    up = lambda k, method: from_pil(pil.resize((k * pil.width, k * pil.height), method))
-    return {"jpeg75-95": from_pil(jpeg_resave(pil, np.random.default_rng(seed).integers(75, 96))),
-            "down2": from_pil(pil.resize((pil.width // 2, pil.height // 2), Image.Resampling.LANCZOS)),
-            "sharpen": from_pil(pil.filter(ImageFilter.UnsharpMask(radius=1.5, percent=50, threshold=0))),
-            **({"up2-bicubic": up(2, Image.Resampling.BICUBIC),  # sides <= 1024: 4x stays under 16 MP
-                "up4-lanczos": up(4, Image.Resampling.LANCZOS)} if max(pil.size) <= 1024 else {})}
+    pil, (h, w) = to_pil(image), image.shape[-2:]
+    versions = {"jpeg75-95": jpeg_resave(pil, np.random.default_rng(seed).integers(75, 96)),
+                "down2": pil.resize((w // 2, h // 2), Image.Resampling.LANCZOS),
+                "sharpen": pil.filter(ImageFilter.UnsharpMask(radius=1.5, percent=50, threshold=0))}
+    if max(w, h) <= 1024:  # 4x stays under 16 MP
+        versions.update({"up2-bicubic": pil.resize((2 * w, 2 * h), Image.Resampling.BICUBIC),
+                         "up4-lanczos": pil.resize((4 * w, 4 * h), Image.Resampling.LANCZOS)})
+    return {name: from_pil(version) for name, version in versions.items()}
 
 
 BENIGN = ("jpeg75-95", "down2", "sharpen", "up2-bicubic", "up4-lanczos")

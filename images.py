@@ -39,7 +39,8 @@ def read_image(path, min_size=None):
     try:
         # O_NONBLOCK: opening a FIFO or a device must not wait forever for a writer
         with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f, warnings.catch_warnings():
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
                 raise ImageReadError("not a regular file")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(f) as img:
@@ -49,8 +50,8 @@ def read_image(path, min_size=None):
                 if max(img.size) > MAX_SIDE:
                     raise ImageReadError(f"{w}x{h} pixels: a side longer than {MAX_SIDE:,}")
                 # libjpeg silently greys out a JPEG that ends early; every 8x8 block costs at least a bit
-                if img.format == "JPEG" and (nbytes := os.fstat(f.fileno()).st_size) * 8 < w * h / 64:
-                    raise ImageReadError(f"truncated: {nbytes:,} bytes cannot hold a {w}x{h} JPEG")
+                if img.format == "JPEG" and st.st_size * 8 < w * h / 64:
+                    raise ImageReadError(f"truncated: {st.st_size:,} bytes cannot hold a {w}x{h} JPEG")
                 img.seek(0)
                 if min_size and img.format == "JPEG":
                     img.draft("RGB", (2 * min_size, 2 * min_size))  # the smallest 1/2^k scale >= 2 x min_size
@@ -65,8 +66,8 @@ def read_image(path, min_size=None):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageReadError(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:
-        empty = not os.path.exists(path) or os.path.getsize(path) == 0
-        raise ImageReadError("empty file (0 bytes)" if empty else "not an image (unknown format)") from None
+        why = "not an image (unknown format)" if st.st_size else "empty file (0 bytes)"
+        raise ImageReadError(why) from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageReadError(f"cannot decode: {reason}") from None
@@ -93,8 +94,7 @@ def iter_image_files(paths, on_error=None):
 
 
 def _walk(top, report):
-    # depth-first in name order, following directory symlinks into each directory once; a stack, not
-    # recursion (os.walk recurses on Python 3.11), so any depth works
+    # depth-first in name order, each directory once (symlinks followed); a stack, as 3.11's os.walk recurses
     seen, stack = set(), [top]
     while stack:
         d = stack.pop()
