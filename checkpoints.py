@@ -100,8 +100,8 @@ def read_source(source):
     if path.is_dir() or path.suffix == ".safetensors" and path.is_file():
         return read_hub_folder(path) if path.is_dir() else read_hub_folder(path.parent, path.name)
     if path.suffix == ".onnx" and path.is_file():
-        raise UserError(f"{path} is an exported ONNX graph: "
-                        "score it with --runtime onnx or --runtime openvino")
+        raise UserError(f"{path} is an exported ONNX graph (export.py), for ONNX runtimes outside this repo: "
+                        "give the PyTorch weights it came from")
     if path.is_file():
         ckpt = load_checkpoint_dict(path)
         keys = ("model", "model_state_dict", "state_dict")
@@ -117,20 +117,30 @@ def read_source(source):
     raise UserError(f"{source}: not a regular file" if path.exists() else f"checkpoint not found: {source}")
 
 
-def save_checkpoints(out_dir, model, opt, sched, cfg, history, best_val, improved):
-    """train.py's files after each epoch (rank 0), atomically: the best weights if improved, everything to
-    resume, the metrics; plain types only, for weights_only=True loading."""
-    state = {"model": model.state_dict(), "config": asdict(model.config),
-             "train_config": asdict(cfg), "epoch": history[-1]["epoch"]}
-    if improved:
-        atomic_write(out_dir / BEST_NAME, lambda tmp: torch.save({**state, "val_loss": best_val}, tmp))
+def resume_state(model, opt, sched, cfg, history, best_val, world):
+    """Everything --resume needs after the last epoch of `history`, in plain types for weights_only=True
+    loading; its tensors are the live ones."""
     device = next(model.parameters()).device
     cuda = {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
-    state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), best_val_loss=best_val,
-                 rng={"torch": torch.get_rng_state(), **cuda}, history=history)
-    atomic_write(out_dir / LAST_NAME, lambda tmp: torch.save(state, tmp))
-    metrics = "".join(json.dumps(h) + "\n" for h in history)
-    atomic_write(out_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(metrics, encoding="utf-8"))
+    return {"model": model.state_dict(), "config": asdict(model.config), "train_config": asdict(cfg),
+            "epoch": history[-1]["epoch"], "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "best_val_loss": best_val, "rng": {"torch": torch.get_rng_state(), **cuda}, "history": history,
+            "world_size": world}
+
+
+def save_checkpoints(out_dir, state, best, last=True):
+    """Rank 0, atomically: the weights of `state` as the best checkpoint if `best`, all of it as the last."""
+    if best:
+        weights = {k: state[k] for k in ("model", "config", "train_config", "epoch")}
+        weights["val_loss"] = state["best_val_loss"]
+        atomic_write(out_dir / BEST_NAME, lambda tmp: torch.save(weights, tmp))
+    if last:
+        atomic_write(out_dir / LAST_NAME, lambda tmp: torch.save(state, tmp))
+
+
+def write_metrics(out_dir, history):
+    text = "".join(json.dumps(h) + "\n" for h in history)
+    atomic_write(out_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_results(out_dir, cfg, history, best, test_loss, fingerprints, world, device, log):
@@ -143,8 +153,8 @@ def write_results(out_dir, cfg, history, best, test_loss, fingerprints, world, d
     write_json(out_dir / "results.json", {
         f"test_{loss_name}": test_loss, "best_val_loss": top["val_loss"], "best_epoch": top["epoch"],
         "first_val_loss": history[0]["val_loss"], "epochs": len(history),
-        "train_time_min": round(sum(h["epoch_time_s"] for h in history) / 60, 3), "world_size": world,
-        "device": str(device), "final_weights_per_rank": fingerprints,
+        "train_time_min": round(sum(h["epoch_wall_s"] for h in history) / 60, 3), "world_size": world,
+        "global_batch": cfg.batch_size * world, "device": str(device), "final_weights_per_rank": fingerprints,
         "best_weights": weights_fingerprint(best), "config": asdict(cfg)})
     log(f"test {loss_name.upper()} {test_loss:.6f} (best val {top['val_loss']:.6f} at epoch {top['epoch']}); "
         f"checkpoints, release/, metrics, loss curve and results.json are in {out_dir}")

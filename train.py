@@ -1,7 +1,7 @@
 """Trains the autoencoder (the card's recipe) or, with --preset artifact, the detector of generator traces.
 
     python train.py                                          # one GPU (or the CPU)
-    torchrun --nproc_per_node=8 train.py --batch-size 128    # DDP, global batch 1024
+    torchrun --nproc_per_node=8 train.py --batch-size 128 --sync-bn   # DDP, global batch 1024
     python train.py --resume --epochs 150 --out-dir runs/cifar10   # continue or extend a run
     python train.py --preset smoke --dataset synthetic --out-dir runs/smoke   # CPU, about a minute
     python train.py --dataset folder --data-dir ~/photos --init-from runs/cifar10/model_best_checkpoint.ckpt
@@ -12,10 +12,12 @@ loss_curve.png, results.json and release/ (hub layout).
 """
 
 import argparse
+import copy
 import fcntl
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -25,9 +27,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import (BEST_NAME, LAST_NAME, load_checkpoint_dict, save_checkpoints, weights_fingerprint,
-                         write_results)
-from data import batches, load_datasets
+from checkpoints import (BEST_NAME, LAST_NAME, load_checkpoint_dict, resume_state, save_checkpoints,
+                         weights_fingerprint, write_metrics, write_results)
+from data import batches, load_cifar10, load_datasets
 from model import (ArtifactConfig, ArtifactDetector, AutoencoderConfig, ResidualAutoencoder,
                    count_parameters, load_model, model_from_weights)
 from utils import (SEED, ArgumentParser, UserError, all_reduce_sum, autocast, gather, number, peak_memory_gb,
@@ -64,6 +66,9 @@ class TrainConfig:
     synthetic_size: int = setting(32, "their native size, as CIFAR's 32x32", type=number(int, 1))
     seed: int = setting(0, "weights init, data split and batch order", type=SEED)
     compile: bool = setting(False, "torch.compile the model")
+    sync_bn: bool = setting(False, "under torchrun, BatchNorm over the global batch (CUDA only)")
+    checkpoint_every: int = setting(1, f"write {LAST_NAME} every K epochs, at the last one and on Ctrl-C",
+                                    type=number(int, 1), metavar="K")
     image_size: int = setting(128, "model input size")
     channels: tuple = setting(AutoencoderConfig.channels, "channels per stage, comma-separated")
     blocks_per_stage: int = setting(1, "residual blocks per stage")
@@ -84,7 +89,8 @@ PRESETS = {"card": {},
                             blocks_per_stage=1, batch_size=64, epochs=12, lr=2e-3, lr_patience=1,
                             weight_decay=1e-4, out_dir="runs/artifact")}
 # what --resume lets a user change: none alters the data, the architecture or the saved optimizer state
-RESUMABLE = ("epochs", "lr", "weight_decay", "lr_factor", "lr_patience", "progress", "out_dir", "device")
+RESUMABLE = ("epochs", "lr", "weight_decay", "lr_factor", "lr_patience", "progress", "out_dir", "device",
+             "compile", "checkpoint_every")
 
 
 def flags(names):
@@ -102,7 +108,8 @@ def build_parser(preset=None):
         add(flags([f.name]), **{**kind.get(f.type, dict(type=f.type)), **f.metadata})
     add("--preset", choices=sorted(PRESETS), help="defaults to start from; flags typed override them")
     add("--resume", action="store_true", help=f"continue the run in --out-dir from its {LAST_NAME} (weights, "
-        f"optimizer, LR schedule, RNG and settings); only {flags(RESUMABLE)} may be typed with it")
+        f"optimizer, LR schedule, RNG, settings, global batch); other flags may repeat the run's settings, "
+        f"and only {flags(RESUMABLE)} may change them")
     add("--overwrite", action="store_true", help="start afresh even if --out-dir holds a previous run")
     if preset:  # a string default goes through `type` as a typed value does, and prints as one is typed
         defaults = {**asdict(TrainConfig()), **PRESETS[preset], "preset": preset}
@@ -112,16 +119,16 @@ def build_parser(preset=None):
 
 
 def parse_args(argv=None):
-    """(cfg, resume, overwrite, typed): the preset's defaults overridden by the flags; the RESUMABLE typed."""
+    """(cfg, resume, overwrite, given): the preset's defaults overridden by the flags; `given` names the
+    settings the command line sets (by a flag, or by a typed --preset)."""
     typed = vars(build_parser().parse_known_args(argv)[0])  # unknown flags and --help: the next parser's
     args = build_parser(typed.get("preset", "card")).parse_args(argv)
-    if args.resume and (unsafe := [k for k in typed if k not in RESUMABLE and k != "resume"]):
-        raise UserError(f"{flags(unsafe)}: cannot change with --resume, which continues the saved run as it "
-                        f"was; only {flags(RESUMABLE)} can")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out-dir and --overwrite replaces it: give one")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise UserError(f"--out-dir {cfg.out_dir} is a file, not a folder")
-    return cfg, args.resume, args.overwrite, set(typed) & set(RESUMABLE)
+    return cfg, args.resume, args.overwrite, {*typed, *PRESETS[args.preset]}
 
 
 def saved_settings(saved, path):
@@ -140,13 +147,47 @@ def saved_settings(saved, path):
     return cfg
 
 
-LOCKS = {}  # folder -> its open lock file, for the folders this process holds
+def run_settings(cfg, resume, overwrite, given):
+    """(cfg, resume checkpoint or None). With --resume, the saved run's settings: a setting `given` may equal
+    the saved one, or differ if RESUMABLE (the architecture follows --init-from's weights, as when fresh)."""
+    last = Path(cfg.out_dir) / LAST_NAME
+    if not resume and last.exists() and not overwrite:
+        raise UserError(f"{cfg.out_dir} already holds a run ({LAST_NAME}); pass --resume to continue it, "
+                        f"--overwrite to replace it, or another --out-dir")
+    if not resume:
+        return cfg, None
+    if not last.exists():
+        raise UserError(f"--resume: no {LAST_NAME} in {cfg.out_dir} (nothing to resume; drop --resume "
+                        f"to start fresh)")
+    if missing := RESUME_KEYS - set(ckpt := load_checkpoint_dict(last)):
+        raise UserError(f"{last}: not a resume checkpoint (missing {sorted(missing)})")
+    saved = saved_settings(ckpt["train_config"], last)
+    from_weights = ("model", *ARCHITECTURE) if saved.init_from else ()
+    changed = [k for k in asdict(cfg) if k in given and k not in from_weights
+               and getattr(cfg, k) != getattr(saved, k)]
+    if refused := [k for k in changed if k not in RESUMABLE]:
+        was = ", ".join(f"{flags([k])} {getattr(saved, k)}" for k in refused)
+        raise UserError(f"{flags(refused)}: cannot change with --resume (the run has {was}), which continues "
+                        f"the saved run as it was; only {flags(RESUMABLE)} can")
+    # out_dir is where the checkpoint is now, even if the run was moved there
+    return replace(saved, **{k: getattr(cfg, k) for k in [*changed, "out_dir"]}), ckpt
+
+
+def fetch_cifar10(cfg):
+    """Under torchrun, a node's ranks load CIFAR-10 in turn before any process group exists: the first
+    downloads it, the others find it. A lock waits as long as a download takes; a barrier would time out."""
+    if cfg.dataset == "cifar10" and "LOCAL_RANK" in os.environ:
+        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        folder = os.open(cfg.data_dir, os.O_RDONLY)  # the folder is the lock: it may be read-only
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            load_cifar10(cfg.data_dir)
+        finally:
+            os.close(folder)
 
 
 def lock_folder(folder):
-    """Locks --out-dir for this process (re-entrant): two runs in one folder would mix their checkpoints."""
-    if (key := os.path.realpath(folder)) in LOCKS:
-        return
+    """--out-dir's lock, held while the returned file is open: two runs in a folder would mix checkpoints."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     f = open(Path(folder) / ".lock", "a+")
     try:
@@ -156,14 +197,23 @@ def lock_folder(folder):
         raise UserError(f"{folder} is in use by another training run (pid {f.read().strip() or '?'}); "
                         f"wait for it or choose another --out-dir") from None
     f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    LOCKS[key] = f  # kept open: the lock lasts until the file is closed or the process ends
+    print(os.getpid(), file=f, flush=True)
+    return f
 
 
-def unlock_folder(folder):
-    if (f := LOCKS.pop(os.path.realpath(folder), None)) is not None:
-        f.close()
+def on_every_rank(step):
+    """step() where all ranks meet: if it failed on any rank, every rank stops (that one with its error, the
+    others with exit status 1 and a line naming it) rather than wait for it at the next collective."""
+    try:
+        result, error = step(), None
+    except Exception as e:
+        result, error = None, e
+    failed = [rank for rank, bad in enumerate(gather(error is not None)) if bad]
+    if error is not None:
+        raise error
+    if failed:
+        raise SystemExit(f"error: rank {dist.get_rank()}: stopping, as rank {failed[0]} failed")
+    return result
 
 
 def epoch_shard(n, batch_size, seed, epoch, rank, world, device):
@@ -226,116 +276,153 @@ def new_model(cfg):
         raise UserError(f"bad architecture flags: {e}") from None
 
 
-def build(cfg, device, resume, overwrite, typed):
-    """(cfg, model, opt, sched, first epoch, best val loss, history): fresh, or as --resume restores them."""
-    last = Path(cfg.out_dir) / LAST_NAME
-    if resume:
-        if not last.exists():
-            raise UserError(f"--resume: no {LAST_NAME} in {cfg.out_dir} (nothing to resume; drop --resume "
-                            f"to start fresh)")
-        if missing := RESUME_KEYS - set(ckpt := load_checkpoint_dict(last)):
-            raise UserError(f"{last}: not a resume checkpoint (missing {sorted(missing)})")
-        # out_dir is where the checkpoint is now, even if the run was moved there
-        typed_now = {k: getattr(cfg, k) for k in {*typed, "out_dir"}}
-        cfg = replace(saved_settings(ckpt["train_config"], last), **typed_now)
-    elif last.exists() and not overwrite:
-        raise UserError(f"{cfg.out_dir} already holds a run ({LAST_NAME}); pass --resume to continue it, "
-                        f"--overwrite to replace it, or another --out-dir")
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        lock_folder(cfg.out_dir)
+def build(cfg, ckpt, device, world):
+    """(cfg, model, opt, sched, first epoch, best val loss, history): fresh, or as the resume checkpoint
+    `ckpt` left them, at the global batch it trained with whatever the number of processes now."""
     torch.manual_seed(cfg.seed)
-    # existing weights (the run's, or --init-from's) decide the architecture; a resume reads the file once
-    if resume:
+    last = Path(cfg.out_dir) / LAST_NAME
+    if ckpt:  # existing weights (the run's, or --init-from's) decide the architecture
         model = model_from_weights(ckpt["model"], ckpt["config"], last)
     else:
         model = load_model(cfg.init_from) if cfg.init_from else new_model(cfg)
     cfg = replace(cfg, model=getattr(model.config, "kind", "autoencoder"),
                   **{k: getattr(model.config, k) for k in ARCHITECTURE if hasattr(model.config, k)})
     model = model.to(device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=device.type == "cuda")
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor,
                                                        patience=cfg.lr_patience)
-    if not resume:
+    if not ckpt:
         return cfg, model, opt, sched, 1, math.inf, []
     try:  # states that do not fit this model, optimizer or RNG: an edited file, or another run's
-        opt.load_state_dict(ckpt["optimizer"])
+        saved_world = ckpt.get("world_size", 1)  # 1: a run saved before it was
+        if not isinstance(saved_world, int) or saved_world < 1:
+            raise ValueError(f"world_size {saved_world!r}")
+        # fused as this device wants it: a CPU run resumed on a GPU gets the fused AdamW
+        groups = [{**group, "fused": fused} for group in ckpt["optimizer"]["param_groups"]]
+        opt.load_state_dict({**ckpt["optimizer"], "param_groups": groups})
         sched.load_state_dict(ckpt["scheduler"])
-        for group in opt.param_groups:  # lr only if typed: the schedule may have lowered it
-            group.update({k: getattr(cfg, k) for k in ("lr", "weight_decay") if k in typed})
+        for group in opt.param_groups:  # lr only if changed: the schedule may have lowered it
+            group.update({k: getattr(cfg, k) for k in ("lr", "weight_decay")
+                          if getattr(cfg, k) != ckpt["train_config"].get(k)})
         sched.factor, sched.patience = cfg.lr_factor, cfg.lr_patience  # never changed by the schedule itself
         torch.set_rng_state(ckpt["rng"]["torch"])
         if "cuda" in ckpt["rng"] and device.type == "cuda":  # this GPU only: the GPU count may differ now
             state = ckpt["rng"]["cuda"]
             torch.cuda.set_rng_state(state if torch.is_tensor(state) else state[0], device)
         start, best_val = ckpt["epoch"] + 1, float(ckpt["best_val_loss"])
-        return cfg, model, opt, sched, start, best_val, list(ckpt.get("history", []))
+        # rows saved before epoch_wall_s count their train time
+        history = [{"epoch_wall_s": h["epoch_time_s"], **h} for h in ckpt.get("history", [])]
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{last}: cannot resume from it: {why}") from None
+    batch = cfg.batch_size * saved_world  # global: the learning rate was set for it
+    if batch % world:
+        raise UserError(f"{last}: its global batch of {batch} ({cfg.batch_size} x {saved_world} processes) "
+                        f"does not split evenly over {world}; resume on a number of processes dividing it")
+    return replace(cfg, batch_size=batch // world), model, opt, sched, start, best_val, history
 
 
-def train(cfg, resume=False, overwrite=False, typed=()):
-    rank, world, device = setup_distributed(cfg.device)
-    log = partial(print, flush=True) if rank == 0 else lambda *msg: None  # only rank 0 speaks
+def parallel(model, cfg, device, world):
+    """What trains: `model` (which checkpoints save) in DDP under torchrun, its BatchNorm synchronised with
+    --sync-bn, compiled with --compile (after DDP, as PyTorch advises)."""
+    if world > 1 and cfg.sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn: PyTorch's SyncBatchNorm runs on CUDA only; drop it on the CPU")
+    if world > 1 and cfg.sync_bn:  # in place: `model` keeps its state_dict keys
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    return torch.compile(net) if cfg.compile else net
+
+
+def fit(cfg, ckpt, rank, world, device):
+    """Trains as `cfg` says (from `ckpt` if resumed), tests the best model; only rank 0 logs and writes."""
+    log = partial(print, flush=True) if rank == 0 else lambda *msg: None
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # tiny gradients late in training otherwise slow CPU math many-fold
     else:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls
         torch.backends.cudnn.benchmark = True  # one input shape for the whole run: autotuning pays off
-    cfg, model, opt, sched, start_epoch, best_val, history = build(cfg, device, resume, overwrite, typed)
+    cfg, model, opt, sched, start_epoch, best_val, history = on_every_rank(
+        lambda: build(cfg, ckpt, device, world))
     out_dir = Path(cfg.out_dir)
-    train_u8, val_u8, test_u8, source = load_datasets(cfg, device)
-    log(f"data: {source}; train {len(train_u8):,} / val {len(val_u8):,} / test {len(test_u8):,} images "
-        f"at {tuple(train_u8.shape[2:])} -> {cfg.image_size}x{cfg.image_size}")
+    train_u8, val_u8, test_u8, source = on_every_rank(lambda: load_datasets(cfg, device))
     if len(train_u8) // world < cfg.batch_size:
         raise UserError(f"{len(train_u8)} training images make no full batch of {cfg.batch_size} per "
                         f"process; lower --batch-size")
-    if resume:
+    log(f"data: {source}; train {len(train_u8):,} / val {len(val_u8):,} / test {len(test_u8):,} images "
+        f"at {tuple(train_u8.shape[2:])} -> {cfg.image_size}x{cfg.image_size}")
+    if ckpt:
         log(f"resumed from {out_dir / LAST_NAME} after epoch {start_epoch - 1} (best val {best_val:.6f})")
     elif cfg.init_from:
         log(f"fine-tuning from {cfg.init_from}")
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    if cfg.compile:  # after DDP, as PyTorch advises; saving uses `model`
-        net = torch.compile(net)
-    log(f"model: {count_parameters(model):,} parameters, {model.config}; device {device} x {world}, "
-        f"{precision_name(device)}")
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        train_loss, seen = train_one_epoch(net, model.image_loss, opt, train_u8, cfg, device, epoch, rank,
-                                           world)
-        seconds = time.perf_counter() - t0
-        if dist.is_initialized():  # DDP leaves each rank its own BatchNorm statistics: keep rank 0's
-            for buffer in model.buffers():
-                dist.broadcast(buffer, src=0)
-        val_loss = evaluate(model, val_u8, cfg, device, rank, world)
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # all-reduced: every rank stops
-            log(f"error: non-finite loss at epoch {epoch} (train {train_loss}, val {val_loss}); stopping. "
-                f"The checkpoints in {out_dir} hold the last good epoch; try a lower --lr.")
-            raise SystemExit(1)
-        sched.step(val_loss)
-        row = dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=opt.param_groups[0]["lr"],
-                   epoch_time_s=round(seconds, 3), images_per_s=round(seen / seconds, 1),
-                   peak_memory_gb=round(peak_memory_gb(device), 3))
-        history.append(row)
-        improved, best_val = val_loss < best_val, min(best_val, val_loss)
-        if rank == 0:
-            save_checkpoints(out_dir, model, opt, sched, cfg, history, best_val, improved)
-        log(f"epoch {epoch:3d} | train {train_loss:.6f} | val {val_loss:.6f}{' *' if improved else '  '} | "
-            f"lr {row['lr']:.2e} | {seconds:6.1f}s | {row['images_per_s']:8.1f} img/s | "
-            f"peak {row['peak_memory_gb']:.2f} GB")
-    if dist.is_initialized():
-        dist.barrier()  # rank 0 has written the best checkpoint
-    best = load_model(out_dir / BEST_NAME, device)
+    net = on_every_rank(lambda: parallel(model, cfg, device, world))
+    log(f"model: {count_parameters(model):,} parameters, {model.config}; device {device} x {world}, batch "
+        f"{cfg.batch_size} per process ({cfg.batch_size * world} in all), {precision_name(device)}")
+    pending = None  # rank 0: the resume state of the last epoch while it is not on disk
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            train_loss, seen = train_one_epoch(net, model.image_loss, opt, train_u8, cfg, device, epoch, rank,
+                                               world)
+            seconds = time.perf_counter() - t0
+            if dist.is_initialized():  # DDP leaves each rank its own BatchNorm statistics: keep rank 0's
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, src=0)
+            val_loss = evaluate(model, val_u8, cfg, device, rank, world)
+            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # all-reduced: every rank stops
+                log(f"error: non-finite loss at epoch {epoch} (train {train_loss}, val {val_loss}); "
+                    f"stopping. The checkpoints in {out_dir} hold the last good epoch; try a lower --lr.")
+                raise SystemExit(1)
+            sched.step(val_loss)
+            row = dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=opt.param_groups[0]["lr"],
+                       epoch_time_s=round(seconds, 3), images_per_s=round(seen / seconds, 1),
+                       peak_memory_gb=round(peak_memory_gb(device), 3))
+            if device.type == "cuda":  # what the allocator held: what other work on the GPU could not use
+                row["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 1e9, 3)
+            history.append(row)
+            improved, best_val = val_loss < best_val, min(best_val, val_loss)
+            due = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
+            row["epoch_wall_s"] = round(time.perf_counter() - t0, 3)  # the checkpoint's: all but its writes
+            state = resume_state(model, opt, sched, cfg, history, best_val, world)  # the live tensors, which
+            pending = copy.deepcopy(state) if rank == 0 and not due else None  # training goes on changing
+            on_every_rank(lambda: rank == 0 and save_checkpoints(out_dir, state, improved, due))
+            row["epoch_wall_s"] = round(time.perf_counter() - t0, 3)  # with validation and the writes
+            if rank == 0:
+                write_metrics(out_dir, history)
+            reserved = f" ({row['peak_reserved_gb']:.2f} reserved)" if "peak_reserved_gb" in row else ""
+            log(f"epoch {epoch:3d} | train {train_loss:.6f} | val {val_loss:.6f}{' *' if improved else '  '} "
+                f"| lr {row['lr']:.2e} | {seconds:6.1f}s train, {row['epoch_wall_s']:6.1f}s in all | "
+                f"{row['images_per_s']:8.1f} img/s | peak {row['peak_memory_gb']:.2f} GB{reserved}")
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, a non-finite loss, a failed rank
+        if pending is not None:  # keeps the epochs finished since the last write
+            save_checkpoints(out_dir, pending, best=False)
+        raise
+    best = on_every_rank(lambda: load_model(out_dir / BEST_NAME, device))
+    best = best.to(memory_format=torch.channels_last)  # as in training: the same kernels
     test_loss = evaluate(best, test_u8, cfg, device, rank, world)
     fingerprints = gather(weights_fingerprint(model))  # one per rank: equal if DDP kept them in step
-    if rank == 0:
-        write_results(out_dir, cfg, history, best, test_loss, fingerprints, world, device, log)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    unlock_folder(out_dir)
+    on_every_rank(lambda: rank == 0 and write_results(out_dir, cfg, history, best, test_loss, fingerprints,
+                                                      world, device, log))
+
+
+def train(cfg, resume=False, overwrite=False, given=()):
+    """Runs `cfg`, fresh or as --resume continues it. Errors before the process group are the same on every
+    rank; after it, under torchrun, each rank's one-line error names it."""
+    cfg, ckpt = run_settings(cfg, resume, overwrite, given)
+    fetch_cifar10(cfg)
+    rank, world, device = setup_distributed(cfg.device)
+    try:
+        with on_every_rank(lambda: lock_folder(cfg.out_dir) if rank == 0 else nullcontext()):
+            fit(cfg, ckpt, rank, world, device)
+    except UserError as e:
+        if world > 1:
+            raise UserError(f"rank {rank}: {e}") from None
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main(argv=None):

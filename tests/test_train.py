@@ -56,7 +56,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     train.main(TINY + ["--epochs", "3", "--out-dir", str(straight)])
     train.main(TINY + ["--epochs", "1", "--out-dir", str(interrupted)])
     assert len(read_metrics(interrupted)) == 1
-    train.main(["--resume", "--epochs", "3", "--out-dir", str(interrupted), "--no-progress", "--device", "cpu"])  # the rest comes from the checkpoint
+    train.main(["--resume", "--epochs", "3", "--out-dir", str(interrupted), "--no-progress",
+                "--device", "cpu"])  # the rest comes from the checkpoint
 
     a, b = last_weights(straight), last_weights(interrupted)
     assert a.keys() == b.keys()
@@ -86,7 +87,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         proc.wait()
     done = load_checkpoint_dict(killed / "last_checkpoint.ckpt")["epoch"]  # loads: never truncated
     assert 1 <= done < 50
-    train.main(["--resume", "--epochs", str(done + 1), "--out-dir", str(killed), "--no-progress", "--device", "cpu"])
+    train.main(["--resume", "--epochs", str(done + 1), "--out-dir", str(killed), "--no-progress",
+                "--device", "cpu"])
     train.main(TINY + ["--epochs", str(done + 1), "--out-dir", str(straight)])
     a, b = last_weights(straight), last_weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -130,7 +132,8 @@ def test_a_resume_checkpoint_that_does_not_fit_is_one_line(tmp_path, capsys, edi
 def test_out_dir_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "f").write_text("x")
     proc = run_script("train.py", *TINY, "--out-dir", tmp_path / "f", check=False)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"error: --out-dir {tmp_path / 'f'} is a file, not a folder"
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: --out-dir {tmp_path / 'f'} is a file, not a folder"
 
 
 def test_fresh_run_refuses_to_overwrite_a_previous_one(tmp_path, capsys):
@@ -146,7 +149,8 @@ def test_fresh_run_refuses_to_overwrite_a_previous_one(tmp_path, capsys):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     train.main(TINY + ["--epochs", "1", "--out-dir", str(out)])
-    files = {n: (out / n).read_bytes() for n in ("last_checkpoint.ckpt", "model_best_checkpoint.ckpt", "metrics.jsonl")}
+    names = ("last_checkpoint.ckpt", "model_best_checkpoint.ckpt", "metrics.jsonl")
+    files = {n: (out / n).read_bytes() for n in names}
     # an absurd learning rate from those weights blows the network up in the first epoch
     with pytest.raises(SystemExit) as exit_info:
         train.main(TINY + ["--epochs", "2", "--out-dir", str(out), "--overwrite", "--lr", "1e30",
@@ -163,7 +167,8 @@ def test_init_from_fine_tunes_existing_weights(tmp_path):
     # the architecture comes from the checkpoint, not from the (different) flags
     train.main(TINY + ["--epochs", "1", "--channels", "4,4,4,4,4", "--out-dir", str(tuned),
                        "--init-from", str(base / "model_best_checkpoint.ckpt")])
-    assert load_model(tuned / "model_best_checkpoint.ckpt").config == load_model(base / "model_best_checkpoint.ckpt").config
+    best = "model_best_checkpoint.ckpt"
+    assert load_model(tuned / best).config == load_model(base / best).config
     # starting from trained weights, the first epoch already trains at a lower loss than from scratch
     assert read_metrics(tuned)[0]["train_loss"] < read_metrics(base)[0]["train_loss"]
 
@@ -180,7 +185,8 @@ def test_every_rank_gets_the_same_number_of_whole_batches(n, world, batch):
 def test_resume_applies_typed_hyperparameters(tmp_path):
     out = tmp_path / "run"
     train.main(TINY + ["--epochs", "1", "--out-dir", str(out)])
-    train.main(["--resume", "--epochs", "2", "--lr", "5e-4", "--lr-patience", "9", "--out-dir", str(out), "--no-progress", "--device", "cpu"])
+    train.main(["--resume", "--epochs", "2", "--lr", "5e-4", "--lr-patience", "9", "--out-dir", str(out),
+                "--no-progress", "--device", "cpu"])
     ckpt = load_checkpoint_dict(out / "last_checkpoint.ckpt")
     assert read_metrics(out)[1]["lr"] == 5e-4
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == 5e-4 and ckpt["scheduler"]["patience"] == 9
@@ -248,16 +254,17 @@ def test_folder_dataset_skips_unreadable_files(tmp_path, capsys):
 
 def test_cifar10_from_a_local_folder(cifar_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    train.main(["--data-dir", str(cifar_dir), "--image-size", "32", "--channels", "8,8,16,16,16", "--latent-dim",
-                "16", "--batch-size", "16", "--epochs", "1", "--out-dir", str(out), "--no-progress"])
+    train.main(["--data-dir", str(cifar_dir), "--image-size", "32", "--channels", "8,8,16,16,16",
+                "--latent-dim", "16", "--batch-size", "16", "--epochs", "1", "--out-dir", str(out),
+                "--no-progress"])
     captured = capsys.readouterr().out
     assert "train 90 / val 10 / test 40 images at (32, 32)" in captured
     assert math.isfinite(json.loads((out / "results.json").read_text())["test_mse"])
 
 
 def test_cifar10_missing_offline_says_where_to_put_it(tmp_path):
-    proc = run_script("train.py", "--data-dir", tmp_path / "nowhere", "--out-dir", tmp_path / "run", check=False,
-                      timeout=120)
+    proc = run_script("train.py", "--data-dir", tmp_path / "nowhere", "--out-dir", tmp_path / "run",
+                      check=False, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cifar-10-python.tar.gz" in lines[0], proc.stderr
@@ -286,3 +293,196 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(UserError, match="local rank 1 but 1 GPU"):
         setup_distributed("cuda")  # before any process group or CUDA call
+
+
+def launch_two_ranks(*args, cwds=(None, None), timeout=120):
+    """train.py on two gloo processes, as torchrun starts them (rank r in cwds[r]): [(status, stderr)]."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    with socket.socket() as s:  # a free port for the process group's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd or ROOT,
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for rank, cwd in enumerate(cwds)]
+    try:
+        return [(p.wait(timeout), p.stderr.read()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_a_rank_that_fails_stops_every_rank_with_its_message(tmp_path):
+    # a --data-dir that only rank 0 can list, as on a node without the data: a real per-rank failure
+    here, there = tmp_path / "rank0", tmp_path / "rank1"
+    (here / "photos").mkdir(parents=True)
+    there.mkdir()
+    for i in range(40):
+        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(here / "photos" / f"{i}.png")
+    (status0, err0), (status1, err1) = launch_two_ranks(
+        *TINY, "--dataset", "folder", "--data-dir", "photos", "--batch-size", "4", "--epochs", "1",
+        "--out-dir", tmp_path / "run", cwds=(here, there), timeout=60)  # seconds, not a process group timeout
+    assert status1 == 2 and err1.strip() == "error: rank 1: no readable images under photos", err1
+    assert status0 == 1 and err0.strip() == "error: rank 0: stopping, as rank 1 failed", err0
+
+
+def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path, capsys):
+    out = tmp_path / "run"
+    statuses = launch_two_ranks(*TINY, "--epochs", "1", "--out-dir", out)
+    assert [s for s, _ in statuses] == [0, 0], statuses
+    assert load_checkpoint_dict(out / "last_checkpoint.ckpt")["world_size"] == 2
+    train.main(TINY + ["--epochs", "2", "--out-dir", str(out), "--resume"])  # one process now
+    assert "batch 32 per process (32 in all)" in capsys.readouterr().out
+    ckpt = load_checkpoint_dict(out / "last_checkpoint.ckpt")
+    assert ckpt["world_size"] == 1 and ckpt["train_config"]["batch_size"] == 32
+    assert json.loads((out / "results.json").read_text())["global_batch"] == 32
+    # a global batch two processes cannot share is refused by both, and the run stays as it was
+    ckpt["train_config"]["batch_size"] = 31
+    torch.save(ckpt, out / "last_checkpoint.ckpt")
+    before = (out / "last_checkpoint.ckpt").read_bytes()
+    for rank, (status, err) in enumerate(launch_two_ranks("--resume", "--epochs", "3", "--out-dir", out)):
+        assert status == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"error: rank {rank}: ") and "global batch of 31" in err and "over 2" in err
+    assert (out / "last_checkpoint.ckpt").read_bytes() == before
+
+
+def test_resume_accepts_the_command_line_of_the_run(tmp_path, capsys):
+    out, data = tmp_path / "run", tmp_path / "data"
+    line = ["--preset", "smoke", "--dataset", "synthetic", "--synthetic-images", "300", "--data-dir",
+            str(data), "--seed", "0", "--no-progress", "--device", "cpu", "--out-dir", str(out)]
+    train.main(line + ["--epochs", "1"])
+    train.main(line + ["--epochs", "2", "--resume"])  # the same flags, and values, as the saved run
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(line + ["--epochs", "3", "--resume", "--seed", "1"])  # a real change
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "--seed" in err[0] and "the run has --seed 0" in err[0]
+    # after --init-from the weights set the architecture, whatever the architecture flags said
+    tuned, line = tmp_path / "tuned", TINY + ["--channels", "4,4,4,4,4", "--init-from",
+                                              str(out / "model_best_checkpoint.ckpt")]
+    train.main(line + ["--epochs", "1", "--out-dir", str(tuned)])
+    train.main(line + ["--epochs", "2", "--out-dir", str(tuned), "--resume"])
+    assert len(read_metrics(tuned)) == 2
+
+
+def test_resume_may_turn_compile_on(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main(TINY + ["--epochs", "1", "--out-dir", str(out)])
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda net: compiled.append(net) or net)  # only speed changes
+    train.main(["--resume", "--compile", "--epochs", "2", "--out-dir", str(out)])
+    assert compiled and load_checkpoint_dict(out / "last_checkpoint.ckpt")["train_config"]["compile"] is True
+
+
+def test_checkpoint_every_k_epochs_and_on_ctrl_c_resumes_exactly(tmp_path, monkeypatch):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train.main(TINY + ["--epochs", "5", "--out-dir", str(straight)])
+    real_epoch = train.train_one_epoch
+
+    def ctrl_c_in_epoch_3(*args):
+        epoch = args[6]
+        assert (stopped / "last_checkpoint.ckpt").exists() == (epoch > 3)  # every 3 epochs: none before
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args)
+
+    monkeypatch.setattr(train, "train_one_epoch", ctrl_c_in_epoch_3)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(train.main, TINY + ["--epochs", "5", "--checkpoint-every", "3", "--out-dir", str(stopped)])
+    assert stop.value.code == 130
+    assert load_checkpoint_dict(stopped / "last_checkpoint.ckpt")["epoch"] == 2  # finished epochs are kept
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    train.main(["--resume", "--epochs", "5", "--out-dir", str(stopped)])
+    a, b = last_weights(straight), last_weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_checkpoint_dict(stopped / "last_checkpoint.ckpt")["epoch"] == 5  # the last epoch: always
+
+
+def test_epoch_figures_count_validation_and_checkpoint_writes(tmp_path):
+    out = tmp_path / "run"
+    train.main(TINY + ["--epochs", "2", "--out-dir", str(out)])
+    rows = read_metrics(out)
+    assert all(r["epoch_wall_s"] > r["epoch_time_s"] > 0 for r in rows)
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_time_min"] == round(sum(r["epoch_wall_s"] for r in rows) / 60, 3)
+
+
+def test_sync_bn_makes_batchnorm_synchronised_under_ddp(monkeypatch):
+    from dataclasses import replace
+
+    from utils import UserError
+
+    cfg = train.TrainConfig(image_size=32, channels=(8, 8, 16, 16, 16), latent_dim=16, sync_bn=True)
+    with pytest.raises(UserError, match="--sync-bn: .*CUDA only"):
+        train.parallel(train.new_model(cfg), cfg, torch.device("cpu"), world=2)
+    monkeypatch.setattr(train, "DDP", lambda module, device_ids: module)  # DDP needs GPUs and a group
+    model = train.new_model(cfg)
+    keys = model.state_dict().keys()
+    net = train.parallel(model, cfg, torch.device("cuda", 0), world=2)
+    kinds = {type(m) for m in net.modules()}
+    assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
+    assert model.state_dict().keys() == keys  # checkpoints load as before
+    plain = train.parallel(train.new_model(cfg), replace(cfg, sync_bn=False), torch.device("cuda", 0), 2)
+    assert torch.nn.SyncBatchNorm not in {type(m) for m in plain.modules()}
+
+
+def test_resume_builds_the_optimizer_this_device_wants(tmp_path):
+    out = tmp_path / "run"
+    train.main(TINY + ["--epochs", "1", "--out-dir", str(out)])
+    ckpt = torch.load(out / "last_checkpoint.ckpt", weights_only=True)
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["fused"] = True  # as a run on a GPU saves it
+    torch.save(ckpt, out / "last_checkpoint.ckpt")
+    train.main(["--resume", "--epochs", "2", "--out-dir", str(out)])  # on the CPU
+    groups = load_checkpoint_dict(out / "last_checkpoint.ckpt")["optimizer"]["param_groups"]
+    assert groups[0]["fused"] is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_a_cpu_run_resumed_on_a_gpu_gets_the_fused_optimizer(tmp_path):
+    out = tmp_path / "run"
+    train.main(TINY + ["--epochs", "1", "--out-dir", str(out)])
+    train.main(["--resume", "--epochs", "2", "--out-dir", str(out), "--device", "cuda"])
+    ckpt = load_checkpoint_dict(out / "last_checkpoint.ckpt")
+    assert ckpt["optimizer"]["param_groups"][0]["fused"] is True
+    assert "peak_reserved_gb" in read_metrics(out)[-1] and "peak_reserved_gb" not in read_metrics(out)[0]
+
+
+def test_the_test_set_is_scored_channels_last_as_in_training(tmp_path, monkeypatch):
+    formats, real_evaluate = [], train.evaluate
+
+    def evaluate(model, *args, **kwargs):
+        conv = next(p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1)
+        formats.append(conv.is_contiguous(memory_format=torch.channels_last))
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    train.main(TINY + ["--epochs", "1", "--out-dir", str(tmp_path / "run")])
+    assert formats == [True, True]  # validation, then the best model on the test set
+
+
+def test_cifar10_is_fetched_before_the_process_group_exists(tmp_path, monkeypatch):
+    from utils import UserError
+
+    events = []
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(train, "load_cifar10", lambda data_dir: events.append("download"))
+
+    def setup_distributed(device):
+        events.append("process group")
+        raise UserError("stop here")
+
+    monkeypatch.setattr(train, "setup_distributed", setup_distributed)
+    with pytest.raises(UserError, match="stop here"):
+        train.train(*train.parse_args(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path)]))
+    assert events == ["download", "process group"]  # its wait has no timeout; a barrier's would
