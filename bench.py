@@ -18,7 +18,8 @@ import torch
 
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, pixel_error, summarize
 from train import PRESETS
-from utils import ArgumentParser, check_output, number, peak_memory_gb, pick_device, run_cli, write_json
+from utils import (ArgumentParser, check_output, fast_math, number, peak_memory_gb, pick_device, run_cli,
+                   write_json)
 
 # dense bf16 datasheet peaks, TFLOP/s; the first name match wins (PCIe / NVL boards clock below SXM ones)
 DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0,
@@ -137,9 +138,7 @@ def main(argv=None):
         check_output(args.json)  # now, not after minutes of timing
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = pick_device(args.device)
-    torch.set_flush_denormal(True)  # denormals (tiny gradients) slow CPU math many-fold
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 outside autocast
-    torch.backends.cudnn.benchmark = True  # one input shape: autotuning pays off
+    fast_math()
     args.batch_size = args.batch_size or (1024 if device.type == "cuda" else 32)
     shape = {f.name for f in fields(AutoencoderConfig)}  # the preset's model fields, not its training ones
     config = AutoencoderConfig(**{k: v for k, v in PRESETS[args.preset].items() if k in shape})

@@ -1,11 +1,12 @@
 """Weights on disk: train.py's checkpoints and run files, hub folders (config.json + model.safetensors), hub
 downloads, and the fingerprint that binds thresholds to weights. Checkpoints load with weights_only=True."""
 
+import argparse
 import hashlib
 import json
 import re
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -126,6 +127,50 @@ def resume_state(model, opt, sched, cfg, history, best_val, world):
             "epoch": history[-1]["epoch"], "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "best_val_loss": best_val, "rng": {"torch": torch.get_rng_state(), **cuda}, "history": history,
             "world_size": world}
+
+
+def saved_settings(config_class, saved, path):
+    """The config dataclass a checkpoint saved, each value checked as its flag (the field's metadata) would
+    check it: the file may have been edited."""
+    where = ""
+    try:
+        cfg = config_class(**saved)  # TypeError: a setting this version does not have
+        for f in fields(cfg):
+            value, where = getattr(cfg, f.name), f"{f.name}: "
+            if "type" in f.metadata and not isinstance(value, tuple):
+                f.metadata["type"](str(value))
+            if value not in f.metadata.get("choices", [value]):
+                raise ValueError(f"{value!r} is not one of {f.metadata['choices']}")
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        raise UserError(f"{path}: its saved settings are not ones train.py can resume ({where}{e})") from None
+    return cfg
+
+
+def restore(ckpt, opt, sched, cfg, device, path):
+    """Puts a resume checkpoint's optimizer, schedule and RNG back (the model's weights are loaded already);
+    -> (first epoch, best val loss, history, world size it trained on). UserError if they do not fit."""
+    try:  # states that do not fit this model, optimizer or RNG: an edited file, or another run's
+        saved_world = ckpt.get("world_size", 1)  # 1: a run saved before it was
+        if not isinstance(saved_world, int) or saved_world < 1:
+            raise ValueError(f"world_size {saved_world!r}")
+        # fused as this device wants it: a CPU run resumed on a GPU gets the fused AdamW
+        groups = [{**group, "fused": device.type == "cuda"} for group in ckpt["optimizer"]["param_groups"]]
+        opt.load_state_dict({**ckpt["optimizer"], "param_groups": groups})
+        sched.load_state_dict(ckpt["scheduler"])
+        for group in opt.param_groups:  # lr only if changed: the schedule may have lowered it
+            group.update({k: getattr(cfg, k) for k in ("lr", "weight_decay")
+                          if getattr(cfg, k) != ckpt["train_config"].get(k)})
+        sched.factor, sched.patience = cfg.lr_factor, cfg.lr_patience  # never changed by the schedule itself
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if "cuda" in ckpt["rng"] and device.type == "cuda":  # this GPU only: the GPU count may differ now
+            state = ckpt["rng"]["cuda"]
+            torch.cuda.set_rng_state(state if torch.is_tensor(state) else state[0], device)
+        # rows saved before epoch_wall_s count their train time
+        history = [{"epoch_wall_s": h["epoch_time_s"], **h} for h in ckpt.get("history", [])]
+        return ckpt["epoch"] + 1, float(ckpt["best_val_loss"]), history, saved_world
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: cannot resume from it: {why}") from None
 
 
 def save_checkpoints(out_dir, state, best, last=True):

@@ -1,6 +1,8 @@
 """Images in, model inputs out: `preprocess` (the one uint8 -> model input path of every script), PIL / tensor
 helpers, tiles of original pixels, and the data sets (CIFAR-10, folders, dead leaves, real / fake pairs)."""
 
+import contextlib
+import fcntl
 import io
 import os
 import socket
@@ -10,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
@@ -90,10 +91,15 @@ def reduced(image, size):
 
 # ---- data sets, each returned as one uint8 tensor [N, 3, H, W]
 def load_cifar10(data_dir, train=True):
+    """CIFAR-10 from data_dir, downloaded if missing; processes loading it at once wait for one download
+    (the folder is the lock: it may be read-only)."""
     from torchvision.datasets import CIFAR10  # here: torchvision is slow to import and only CIFAR-10 needs it
-    old = socket.getdefaulttimeout()
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    folder, old = os.open(data_dir, os.O_RDONLY), socket.getdefaulttimeout()
     socket.setdefaulttimeout(60)  # never hang on a network that drops packets
     try:  # torchvision downloads only when data_dir holds neither the data nor its archive
+        with contextlib.suppress(OSError):  # a file system without locks: load without one
+            fcntl.flock(folder, fcntl.LOCK_EX)
         ds = CIFAR10(str(data_dir), train=train, download=True)
     except Exception as e:  # any network or archive failure ends in the same advice
         raise UserError(f"CIFAR-10 not found in {data_dir} and the download failed "
@@ -101,6 +107,7 @@ def load_cifar10(data_dir, train=True):
                         f"extracted cifar-10-batches-py/ folder in {data_dir}") from None
     finally:
         socket.setdefaulttimeout(old)
+        os.close(folder)
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # [N, 3, 32, 32] uint8
 
 
@@ -154,13 +161,23 @@ def split_indices(n, val_fraction, seed):
     return perm[n_val:], perm[:n_val]
 
 
+def epoch_shard(n, batch_size, seed, epoch, rank, world, device):
+    """Indices rank `rank` trains on in `epoch`: a seeded permutation (the same on every rank, and on
+    resume), dealt round-robin and cut to equal whole batches -- DDP deadlocks if one rank steps alone."""
+    gen = torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=gen, device=device)
+    return perm[rank::world][:n // world // batch_size * batch_size]
+
+
 def batches(images, batch_size, size, device, perm):
-    """Yields preprocessed float batches of images[perm] on `device`; from Labeled data, (batch, labels)."""
+    """Yields (x [B, 3, size, size] preprocessed on `device`, channels_last, target) for images[perm]: the
+    target is x itself (the autoencoder's), or a Labeled set's labels [B]."""
     for idx in perm.split(batch_size):
         part = images[idx]
         labeled = isinstance(part, Labeled)
         x = preprocess((part.images if labeled else part).to(device, non_blocking=True), size)
-        yield (x, part.labels.to(device)) if labeled else x
+        x = x.contiguous(memory_format=torch.channels_last)
+        yield x, part.labels.to(device) if labeled else x
 
 
 # ---- aligned real / generated pairs, for the artifact detector
@@ -247,13 +264,8 @@ def load_datasets(cfg, device):
         train, val = (rest[i] for i in split_by_photo([photos[i] for i in rest], cfg.val_fraction, cfg.seed))
         source = f"{len(set(photos))} photos' pairs in {cfg.data_dir}, generators {', '.join(generators)}"
         return pool[train].to(device), pool[val].to(device), pool[test].to(device), source
-    if cfg.dataset == "cifar10":  # one download per node: local rank 0 fetches it while the others wait
-        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-        if dist.is_initialized() and not first:
-            dist.barrier()
+    if cfg.dataset == "cifar10":
         pool, test = load_cifar10(cfg.data_dir, train=True), load_cifar10(cfg.data_dir, train=False)
-        if dist.is_initialized() and first:
-            dist.barrier()
         source = f"CIFAR-10 in {cfg.data_dir}"
     elif cfg.dataset == "synthetic":
         pool = dead_leaves(cfg.synthetic_images, cfg.synthetic_size, seed=cfg.seed)

@@ -221,6 +221,10 @@ class ArtifactDetector(HubModel, model_card_template=ARTIFACT_CARD, library_name
         return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
 
 
+NETWORKS = {"autoencoder": (ResidualAutoencoder, AutoencoderConfig),  # kind -> (network, config)
+            "artifact": (ArtifactDetector, ArtifactConfig)}
+
+
 def load_model(source, device="cpu", config=None):
     """The model in eval mode, autoencoder or artifact detector as its config's kind says, from a train.py
     checkpoint, hub folder, .safetensors file or hub id "user/name[@rev]". UserError on any bad source."""
@@ -232,7 +236,7 @@ def model_from_weights(state_dict, stored_config, source, config=None):
     kind = stored_config.get("kind") if isinstance(stored_config, dict) else None
     if kind not in (None, "artifact"):  # e.g. the coding model of earlier versions
         raise UserError(f"{source}: a model of kind {kind!r}, which this version does not have")
-    net, net_config = (ArtifactDetector, ArtifactConfig) if kind else (ResidualAutoencoder, AutoencoderConfig)
+    net, net_config = NETWORKS[kind or "autoencoder"]
     try:  # no stored config: `config`, or the net's default
         config = net_config.from_dict(stored_config) if stored_config is not None else config
     except (TypeError, ValueError) as e:

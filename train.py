@@ -27,13 +27,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import (BEST_NAME, LAST_NAME, load_checkpoint_dict, resume_state, save_checkpoints,
-                         weights_fingerprint, write_metrics, write_results)
-from data import batches, load_cifar10, load_datasets
-from model import (ArtifactConfig, ArtifactDetector, AutoencoderConfig, ResidualAutoencoder,
-                   count_parameters, load_model, model_from_weights)
-from utils import (SEED, ArgumentParser, UserError, all_reduce_sum, autocast, gather, number, peak_memory_gb,
-                   precision_name, run_cli, setup_distributed)
+from checkpoints import (BEST_NAME, LAST_NAME, load_checkpoint_dict, restore, resume_state, save_checkpoints,
+                         saved_settings, weights_fingerprint, write_metrics, write_results)
+from data import batches, epoch_shard, load_cifar10, load_datasets
+from model import NETWORKS, AutoencoderConfig, count_parameters, load_model, model_from_weights
+from utils import (SEED, ArgumentParser, UserError, all_reduce_sum, autocast, fast_math, gather, number,
+                   on_every_rank, peak_memory_gb, precision_name, run_cli, setup_distributed)
 
 RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best_val_loss", "rng", "config", "train_config"}
 
@@ -131,22 +130,6 @@ def parse_args(argv=None):
     return cfg, args.resume, args.overwrite, {*typed, *PRESETS[args.preset]}
 
 
-def saved_settings(saved, path):
-    """The TrainConfig a checkpoint saved, each value checked as its flag would be: the file may be edited."""
-    where = ""
-    try:
-        cfg = TrainConfig(**saved)  # TypeError: a setting this train.py does not have
-        for f in fields(cfg):
-            value, where = getattr(cfg, f.name), f"{f.name}: "
-            if "type" in f.metadata and not isinstance(value, tuple):
-                f.metadata["type"](str(value))
-            if value not in f.metadata.get("choices", [value]):
-                raise ValueError(f"{value!r} is not one of {f.metadata['choices']}")
-    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-        raise UserError(f"{path}: its saved settings are not ones train.py can resume ({where}{e})") from None
-    return cfg
-
-
 def run_settings(cfg, resume, overwrite, given):
     """(cfg, resume checkpoint or None). With --resume, the saved run's settings: a setting `given` may equal
     the saved one, or differ if RESUMABLE (the architecture follows --init-from's weights, as when fresh)."""
@@ -161,7 +144,7 @@ def run_settings(cfg, resume, overwrite, given):
                         f"to start fresh)")
     if missing := RESUME_KEYS - set(ckpt := load_checkpoint_dict(last)):
         raise UserError(f"{last}: not a resume checkpoint (missing {sorted(missing)})")
-    saved = saved_settings(ckpt["train_config"], last)
+    saved = saved_settings(TrainConfig, ckpt["train_config"], last)
     from_weights = ("model", *ARCHITECTURE) if saved.init_from else ()
     changed = [k for k in asdict(cfg) if k in given and k not in from_weights
                and getattr(cfg, k) != getattr(saved, k)]
@@ -171,19 +154,6 @@ def run_settings(cfg, resume, overwrite, given):
                         f"the saved run as it was; only {flags(RESUMABLE)} can")
     # out_dir is where the checkpoint is now, even if the run was moved there
     return replace(saved, **{k: getattr(cfg, k) for k in [*changed, "out_dir"]}), ckpt
-
-
-def fetch_cifar10(cfg):
-    """Under torchrun, a node's ranks load CIFAR-10 in turn before any process group exists: the first
-    downloads it, the others find it. A lock waits as long as a download takes; a barrier would time out."""
-    if cfg.dataset == "cifar10" and "LOCAL_RANK" in os.environ:
-        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
-        folder = os.open(cfg.data_dir, os.O_RDONLY)  # the folder is the lock: it may be read-only
-        try:
-            fcntl.flock(folder, fcntl.LOCK_EX)
-            load_cifar10(cfg.data_dir)
-        finally:
-            os.close(folder)
 
 
 def lock_folder(folder):
@@ -201,43 +171,13 @@ def lock_folder(folder):
     return f
 
 
-def on_every_rank(step):
-    """step() where all ranks meet: if it failed on any rank, every rank stops (that one with its error, the
-    others with exit status 1 and a line naming it) rather than wait for it at the next collective."""
-    try:
-        result, error = step(), None
-    except Exception as e:
-        result, error = None, e
-    failed = [rank for rank, bad in enumerate(gather(error is not None)) if bad]
-    if error is not None:
-        raise error
-    if failed:
-        raise SystemExit(f"error: rank {dist.get_rank()}: stopping, as rank {failed[0]} failed")
-    return result
-
-
-def epoch_shard(n, batch_size, seed, epoch, rank, world, device):
-    """Indices rank `rank` trains on in `epoch`: a seeded permutation (the same on every rank, and on
-    resume), dealt round-robin and cut to equal whole batches -- DDP deadlocks if one rank steps alone."""
-    gen = torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=gen, device=device)
-    return perm[rank::world][:n // world // batch_size * batch_size]
-
-
-def model_batches(images, cfg, device, perm):
-    """Yields (x [B, 3, S, S] channels_last, target): x itself, or the artifact detector's labels [B]."""
-    for x in batches(images, cfg.batch_size, cfg.image_size, device, perm=perm):
-        x, target = x if isinstance(x, tuple) else (x, x)
-        yield x.contiguous(memory_format=torch.channels_last), target
-
-
 @torch.no_grad()
 def evaluate(model, images, cfg, device, rank=0, world=1):
     """Mean per-image loss (MSE, or BCE for the artifact detector) over `images`, sharded across ranks."""
     model.eval()
     shard = torch.arange(rank, images.shape[0], world, device=images.device)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count]
-    for x, target in model_batches(images, cfg, device, shard):
+    for x, target in batches(images, cfg.batch_size, cfg.image_size, device, shard):
         with autocast(device):
             loss = model.image_loss(model(x), target)  # [B]
         total[0] += loss.double().sum()
@@ -252,7 +192,7 @@ def train_one_epoch(net, image_loss, opt, images, cfg, device, epoch, rank, worl
     total = torch.zeros((), device=device)
     bar = tqdm(total=len(shard) // cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                disable=not cfg.progress or rank != 0)
-    for steps, (x, target) in enumerate(model_batches(images, cfg, device, shard), 1):
+    for steps, (x, target) in enumerate(batches(images, cfg.batch_size, cfg.image_size, device, shard), 1):
         with autocast(device):
             out = net(x)  # the reconstruction [B, 3, S, S] (bf16 on CUDA), or logits [B]
         loss = image_loss(out, target).mean()  # in fp32: MSE, the card's loss, or BCE
@@ -268,8 +208,7 @@ def train_one_epoch(net, image_loss, opt, images, cfg, device, epoch, rank, worl
 
 
 def new_model(cfg):
-    net, config = ((ArtifactDetector, ArtifactConfig) if cfg.model == "artifact"
-                   else (ResidualAutoencoder, AutoencoderConfig))
+    net, config = NETWORKS[cfg.model]
     try:
         return net(config(**{k: getattr(cfg, k) for k in ARCHITECTURE if hasattr(config, k)}))
     except ValueError as e:
@@ -294,28 +233,7 @@ def build(cfg, ckpt, device, world):
                                                        patience=cfg.lr_patience)
     if not ckpt:
         return cfg, model, opt, sched, 1, math.inf, []
-    try:  # states that do not fit this model, optimizer or RNG: an edited file, or another run's
-        saved_world = ckpt.get("world_size", 1)  # 1: a run saved before it was
-        if not isinstance(saved_world, int) or saved_world < 1:
-            raise ValueError(f"world_size {saved_world!r}")
-        # fused as this device wants it: a CPU run resumed on a GPU gets the fused AdamW
-        groups = [{**group, "fused": fused} for group in ckpt["optimizer"]["param_groups"]]
-        opt.load_state_dict({**ckpt["optimizer"], "param_groups": groups})
-        sched.load_state_dict(ckpt["scheduler"])
-        for group in opt.param_groups:  # lr only if changed: the schedule may have lowered it
-            group.update({k: getattr(cfg, k) for k in ("lr", "weight_decay")
-                          if getattr(cfg, k) != ckpt["train_config"].get(k)})
-        sched.factor, sched.patience = cfg.lr_factor, cfg.lr_patience  # never changed by the schedule itself
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"] and device.type == "cuda":  # this GPU only: the GPU count may differ now
-            state = ckpt["rng"]["cuda"]
-            torch.cuda.set_rng_state(state if torch.is_tensor(state) else state[0], device)
-        start, best_val = ckpt["epoch"] + 1, float(ckpt["best_val_loss"])
-        # rows saved before epoch_wall_s count their train time
-        history = [{"epoch_wall_s": h["epoch_time_s"], **h} for h in ckpt.get("history", [])]
-    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{last}: cannot resume from it: {why}") from None
+    start, best_val, history, saved_world = restore(ckpt, opt, sched, cfg, device, last)
     batch = cfg.batch_size * saved_world  # global: the learning rate was set for it
     if batch % world:
         raise UserError(f"{last}: its global batch of {batch} ({cfg.batch_size} x {saved_world} processes) "
@@ -337,11 +255,7 @@ def parallel(model, cfg, device, world):
 def fit(cfg, ckpt, rank, world, device):
     """Trains as `cfg` says (from `ckpt` if resumed), tests the best model; only rank 0 logs and writes."""
     log = partial(print, flush=True) if rank == 0 else lambda *msg: None
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # tiny gradients late in training otherwise slow CPU math many-fold
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls
-        torch.backends.cudnn.benchmark = True  # one input shape for the whole run: autotuning pays off
+    fast_math()
     cfg, model, opt, sched, start_epoch, best_val, history = on_every_rank(
         lambda: build(cfg, ckpt, device, world))
     out_dir = Path(cfg.out_dir)
@@ -411,7 +325,8 @@ def train(cfg, resume=False, overwrite=False, given=()):
     """Runs `cfg`, fresh or as --resume continues it. Errors before the process group are the same on every
     rank; after it, under torchrun, each rank's one-line error names it."""
     cfg, ckpt = run_settings(cfg, resume, overwrite, given)
-    fetch_cifar10(cfg)
+    if cfg.dataset == "cifar10" and "LOCAL_RANK" in os.environ:  # before the process group: a download
+        load_cifar10(cfg.data_dir)  # waits for another rank's under a lock, which has no timeout
     rank, world, device = setup_distributed(cfg.device)
     try:
         with on_every_rank(lambda: lock_folder(cfg.out_dir) if rank == 0 else nullcontext()):

@@ -162,6 +162,14 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def fast_math():
+    """Training's and bench.py's settings: denormals flushed on the CPU (tiny gradients late in training
+    otherwise slow CPU math many-fold); TF32 for fp32 matmuls and cuDNN autotuning (one input shape)."""
+    torch.set_flush_denormal(True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
 def precision_name(device, autoencoder=True):
     """What scores run in: autocast() for the autoencoder; the artifact detector's tiles always in fp32."""
     return "bf16 autocast, scores in fp32" if device.type == "cuda" and autoencoder else "fp32"
@@ -192,6 +200,21 @@ def gather(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def on_every_rank(step):
+    """step() where all ranks meet: if it failed on any rank, every rank stops (that one with its error, the
+    others with exit status 1 and a line naming it) rather than wait for it at the next collective."""
+    try:
+        result, error = step(), None
+    except Exception as e:
+        result, error = None, e
+    failed = [rank for rank, bad in enumerate(gather(error is not None)) if bad]
+    if error is not None:
+        raise error
+    if failed:
+        raise SystemExit(f"error: rank {dist.get_rank()}: stopping, as rank {failed[0]} failed")
+    return result
 
 
 def all_reduce_sum(t):

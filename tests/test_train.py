@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import train
 from checkpoints import load_checkpoint_dict
 from model import load_model
@@ -175,7 +176,7 @@ def test_init_from_fine_tunes_existing_weights(tmp_path):
 
 @pytest.mark.parametrize("n, world, batch", [(31, 2, 16), (4095, 2, 1024), (1000, 3, 7), (50, 4, 16)])
 def test_every_rank_gets_the_same_number_of_whole_batches(n, world, batch):
-    shards = [train.epoch_shard(n, batch, 0, 1, rank, world, torch.device("cpu")) for rank in range(world)]
+    shards = [data.epoch_shard(n, batch, 0, 1, rank, world, torch.device("cpu")) for rank in range(world)]
     assert len({len(s) for s in shards}) == 1 and len(shards[0]) % batch == 0
     assert len(shards[0]) == n // world // batch * batch
     everything = torch.cat(shards)
