@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from images import ImageReadError, box_reduce, iter_image_files, pil_to_rgb, read_image
-from utils import UserError
+from utils import UserError, gather
 
 PREPROCESSING = ("uint8 RGB -> float / 255 -> bilinear resize to image_size x image_size (antialiased, as "
                  "PIL's Resize) -> rounded to 8 bits (as PIL's Resize) -> (x - 0.5) / 0.5, giving [-1, 1]")
@@ -113,19 +114,27 @@ def load_cifar10(data_dir, train=True):
 
 def load_image_folder(paths, size, on_error=None):
     """Readable images under `paths`, resized by preprocess -> (uint8 [N, 3, size, size], number skipped);
-    each unreadable one, and each listing problem, goes to on_error(path, reason)."""
-    report = on_error or (lambda path, reason: None)
-    kept, skipped = [], 0
-    for path in iter_image_files(paths, report):
+    each unreadable one, and each listing problem, goes to on_error(path, reason). Under torchrun each rank
+    decodes its share and every rank gets all of them, in listing order."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    problems, kept, names = [], [], ", ".join(map(str, paths if isinstance(paths, list) else [paths]))
+    files = list(iter_image_files(paths, lambda path, reason: problems.append((-1, path, reason))))
+    if world > 1 and any(other != files for other in gather(files)):
+        raise UserError(f"the ranks list different files under {names}: give every rank the same data")
+    for i in range(rank, len(files), world):
         try:
-            kept.append(to_uint8(preprocess(read_image(path, min_size=size), size)))
+            kept.append((i, to_uint8(preprocess(read_image(files[i], min_size=size), size))))
         except ImageReadError as e:
-            skipped += 1
-            report(path, str(e))
+            problems.append((i, files[i], str(e)))
+    if world > 1:  # every rank listed alike: its listing problems are rank 0's to report
+        parts = gather((kept, [p for p in problems if p[0] >= 0 or rank == 0]))
+        kept, problems = sorted(sum((k for k, _ in parts), [])), sorted(sum((p for _, p in parts), []))
+    for _, path, reason in problems:
+        if on_error:
+            on_error(path, reason)
     if not kept:
-        names = ", ".join(map(str, paths if isinstance(paths, list) else [paths]))
         raise UserError(f"no readable images under {names}")
-    return torch.cat(kept), skipped
+    return torch.cat([image for _, image in kept]), sum(i >= 0 for i, _, _ in problems)
 
 
 def dead_leaves(n, size=64, seed=0, leaves=150):

@@ -323,17 +323,55 @@ def launch_two_ranks(*args, cwds=(None, None), timeout=120):
 
 
 def test_a_rank_that_fails_stops_every_rank_with_its_message(tmp_path):
-    # a --data-dir that only rank 0 can list, as on a node without the data: a real per-rank failure
+    # --init-from weights that only rank 0 can read, as on a node without them: a real per-rank failure
+    from model import ResidualAutoencoder
+    from tests.conftest import TINY as TINY_CONFIG, save_checkpoint
+
     here, there = tmp_path / "rank0", tmp_path / "rank1"
-    (here / "photos").mkdir(parents=True)
+    save_checkpoint(ResidualAutoencoder(TINY_CONFIG), here / "init.ckpt")
     there.mkdir()
-    for i in range(40):
-        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(here / "photos" / f"{i}.png")
     (status0, err0), (status1, err1) = launch_two_ranks(
-        *TINY, "--dataset", "folder", "--data-dir", "photos", "--batch-size", "4", "--epochs", "1",
+        *TINY, "--dataset", "synthetic", "--synthetic-images", "300", "--init-from", "init.ckpt", "--epochs", "1",
         "--out-dir", tmp_path / "run", cwds=(here, there), timeout=60)  # seconds, not a process group timeout
-    assert status1 == 2 and err1.strip() == "error: rank 1: no readable images under photos", err1
+    assert status1 == 2 and err1.strip() == "error: rank 1: checkpoint not found: init.ckpt", err1
     assert status0 == 1 and err0.strip() == "error: rank 0: stopping, as rank 1 failed", err0
+
+
+def test_ranks_decode_a_folder_once_between_them_and_refuse_different_listings(tmp_path, monkeypatch):
+    from utils import UserError
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(7):
+        Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(folder / f"{i}.png")
+    (folder / "6.png").write_bytes(b"not a png")
+    files = sorted(str(f) for f in folder.iterdir())
+    single, skipped = data.load_image_folder(folder, 32)
+    assert skipped == 1 and len(single) == 6
+    reads, real_read, parts = [], data.read_image, {}
+    monkeypatch.setattr(data, "read_image", lambda path, **kw: reads.append(path) or real_read(path, **kw))
+    monkeypatch.setattr(data.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(data.dist, "get_world_size", lambda: 2)
+
+    def as_rank(rank, listings=lambda files: [files, files]):
+        """load_image_folder as rank `rank` of two; the all-gather hands back every part given so far."""
+        def gather(obj):
+            if isinstance(obj, list):  # the file listings
+                return listings(obj)
+            parts[rank] = obj
+            return [parts[r] for r in sorted(parts)]
+        monkeypatch.setattr(data.dist, "get_rank", lambda: rank)
+        monkeypatch.setattr(data, "gather", gather)
+        reads.clear()
+        return data.load_image_folder(folder, 32)
+
+    as_rank(0)
+    assert reads == files[0::2]  # its share only
+    merged, merged_skipped = as_rank(1)  # both parts now: what every rank gets
+    assert reads == files[1::2]
+    assert torch.equal(merged, single) and merged_skipped == 1  # in listing order, as one process reads it
+    with pytest.raises(UserError, match="the ranks list different files"):
+        as_rank(0, listings=lambda files: [files, files[:-1]])
 
 
 def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path, capsys):
