@@ -11,7 +11,8 @@
 #  3. bf16:        a short synthetic training run (seconds per epoch with validation and checkpoints), then the
 #                  trained model's bf16 + channels_last scores against its fp32 eager scores, per image;
 #  4. compile:     bench.py's torch.compile variant;
-#  5. resume:      1 epoch + --resume against 2 epochs straight, beside two straight runs;
+#  5. resume:      1 epoch + --resume against 2 epochs straight, beside two straight runs; torchrun with more
+#                  processes than GPUs must stop in one line;
 #  6. suite:       the whole test suite, last (it must pass unchanged on a CUDA machine).
 # Then one JSON summary of every step's file (also OUT_DIR/gpu_check.json).
 set -uo pipefail
@@ -108,6 +109,14 @@ gap = lambda a, b: abs(val[a][-1] / val[b][-1] - 1)
                                              "straight_vs_straight": gap("straight_again", "straight")}))
 PY
 
+# torchrun with more processes than GPUs must stop in one line
+if [ $device = cuda ]; then
+  gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+  line=$( (timeout 120 python -m torch.distributed.run --standalone --nproc_per_node=$((gpus + 1)) train.py \
+    "${tiny[@]}" --epochs 1 --out-dir "$out/too_many" 2>&1 || true) | grep -m1 "error: torchrun" || echo "none")
+  python -c 'import json, sys; print(json.dumps({"one_line_error": sys.argv[1]}))' "$line" > "$out/too_many.json"
+fi
+
 # 6. the suite, last
 if [ "${DRY_RUN:-0}" = 1 ]; then
   echo '{"skipped": "DRY_RUN: the suite runs in CI"}' > "$out/suite.json"
@@ -127,7 +136,7 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 summary = {"device": (out / "gpu.txt").read_text().strip()}
-for step in ("train_bench", "infer_bench", "bf16", "compile", "resume", "suite"):
+for step in ("train_bench", "infer_bench", "bf16", "compile", "resume", "too_many", "suite"):
     file = out / f"{step}.json"
     summary[step] = json.loads(file.read_text()) if file.exists() else {"failed": "no output"}
 # the card's epoch: CIFAR-10's 45,000 training images (5,000 held out), training steps alone
