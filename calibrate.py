@@ -33,9 +33,10 @@ import plots
 import thresholds
 from checkpoints import weights_fingerprint
 from data import PREPROCESSING, load_cifar10, load_image_folder, preprocess, to_uint8
-from detector import BASE_SCORES, load_models, score_batch, score_files, score_images
+from detector import BASE_SCORES, score_batch, score_files, score_images
 from images import ImageReadError, read_image
 from metrics import FPR_LEVELS, evaluation_table, level_table, threshold_table
+from model import load_models
 from utils import (SEED, ArgumentParser, UserError, add_model_flags, atomic_write, check_output,
                    csv_cell, number, pick_device, precision_name, printable, run_cli)
 

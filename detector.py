@@ -23,7 +23,7 @@ import thresholds as thresholds_file
 from checkpoints import weights_fingerprint
 from data import from_pil, image_tiles, preprocess, reduced, tiles_of, to_uint8
 from images import ImageReadError, iter_image_files, read_image
-from model import ArtifactDetector, ResidualAutoencoder, load_model, pixel_error
+from model import load_models, pixel_error
 from utils import UserError, autocast, gather, pick_device, precision_name
 
 SCORES = {  # the registry: name -> what it measures (the CLIs' --score, the page, the result files)
@@ -38,11 +38,6 @@ ARTIFACT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "art
 BIN_WIDTH = 2 / 255  # one 8-bit level in [-1, 1] units
 NOISE_FLOOR = BIN_WIDTH ** 2 / 12  # variance of the rounding to 8 bits
 PNG_COMPRESS_LEVEL = 6  # zlib's default; 9 is <= 0.1% shorter on 128x128 images but up to 30% slower
-
-
-def prepare_model(model, device):
-    """channels_last on both devices: measured faster for this network on CPU and GPU (bench.py)."""
-    return model.to(device, memory_format=torch.channels_last).eval()
 
 
 def model_device(model):
@@ -221,25 +216,6 @@ def score_files(model, paths, batch_size=64, workers=None, rank=0, world=1, with
                 row.update(input=scores["input"][j], map=scores["maps"][j], recon=scores["recon"][j])
             yield row
             j += 1
-
-
-KINDS = {ResidualAutoencoder: ("an autoencoder", "--checkpoint"),
-         ArtifactDetector: ("an artifact detector", "--artifact-model")}
-
-
-def load_kind(source, kind, device):
-    """The model in `source`, checked to be of class `kind` (its flag names that kind), ready to score."""
-    model = load_model(source, device)
-    if not isinstance(model, kind):
-        (got, flag), (want, _) = (KINDS[type(model)], KINDS[kind])
-        raise UserError(f"{source} holds {got}, not {want}: give it with {flag}")
-    return prepare_model(model, device)
-
-
-def load_models(checkpoint, device, artifact_checkpoint=None):
-    """(autoencoder or None, artifact detector or None), each checked to be the kind its flag asks for."""
-    return (checkpoint and load_kind(checkpoint, ResidualAutoencoder, device),
-            artifact_checkpoint and load_kind(artifact_checkpoint, ArtifactDetector, device))
 
 
 # ---- the API

@@ -23,9 +23,9 @@ import torch
 import thresholds as thresholds_file
 from checkpoints import weights_fingerprint
 from data import PREPROCESSING, dead_leaves, preprocess, to_uint8
-from detector import prepare_model, reconstruction_scores, score_batch
+from detector import reconstruction_scores, score_batch
 from images import ImageReadError, iter_image_files, read_image
-from model import ResidualAutoencoder, load_model
+from model import ResidualAutoencoder, load_model, prepare_model
 from utils import ArgumentParser, UserError, atomic_write, check_output, number, run_cli
 
 ROOT = Path(__file__).resolve().parent

@@ -68,8 +68,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from data import dead_leaves, preprocess
-from detector import prepare_model, score_batch
-from model import load_model
+from detector import score_batch
+from model import load_model, prepare_model
 out, device = Path(sys.argv[1]), torch.device(sys.argv[2])
 ckpt = out / "train" / "model_best_checkpoint.ckpt"
 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference

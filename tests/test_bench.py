@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from data import dead_leaves, preprocess
-from detector import prepare_model, score_batch
-from model import ResidualAutoencoder
+from detector import score_batch
+from model import ResidualAutoencoder, prepare_model
 from tests.conftest import TINY, run_script
 
 
