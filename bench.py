@@ -4,8 +4,8 @@
     python bench.py --device cuda --batch-size 1024 --json bench_gpu.json
     python bench.py --preset smoke --device cpu              # a smaller model: train.py's smoke preset
 
-Prints and (with --json) saves: GFLOPs per image; the peak FLOP/s measured with large matmuls (one GEMM, and a
-batch of them, one per thread) beside the theoretical peak (CPU: threads x clock x FMA lanes; CUDA: the
+Prints and (with --json) saves: GFLOPs per image; the peak FLOP/s measured with a large matmul and 3x3
+convolutions beside the theoretical peak (CPU: threads x clock x FMA lanes; CUDA: the
 datasheet); per variant (eager, channels_last, bf16 on CUDA, torch.compile) inference and training images/s,
 peak memory and utilisation. Medians over --repeats, after warm-ups. Whole-script timings: docs/speed.md."""
 
@@ -39,16 +39,21 @@ def rate(n, fn, device, repeats=1, warmup=0):
     return n / statistics.median(times[warmup:])
 
 
-def matmul_tflops(device, args):
-    """The best TFLOP/s of large matmuls (fp32 on CPU, bf16 on CUDA): square GEMMs of two sizes, and on a CPU
-    a batch of one GEMM per thread, which some BLAS layouts run closer to the peak than one shared GEMM."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shapes = [(1, 8192)] if device.type == "cuda" else [(1, 2048), (1, 4096), (torch.get_num_threads(), 1024)]
-    best = 0.0
-    for batch, n in shapes:
-        a, b = torch.randn(2, batch, n, n, device=device, dtype=dtype)
-        best = max(best, rate(2 * batch * n ** 3, lambda: torch.bmm(a, b), device, args.repeats, 2) / 1e12)
-    return best
+def peak_tflops(device, args):
+    """The best TFLOP/s of the kernels that run closest to the hardware limit (fp32 on CPU, bf16 on CUDA): a
+    large matmul (BLAS) and 3x3 convolutions in channels_last (oneDNN / cuDNN), which on some CPUs beat it."""
+    dtype, n, batch = (torch.bfloat16, 8192, 64) if device.type == "cuda" else (torch.float32, 4096, 8)
+    a, b = torch.randn(2, n, n, device=device, dtype=dtype)
+    best = rate(2 * n ** 3, lambda: a @ b, device, args.repeats, 2)
+    for channels, size in ((256, 64), (512, 32)):
+        x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(
+            device, dtype, memory_format=torch.channels_last)
+        with torch.no_grad():
+            flops = 2 * batch * channels ** 2 * 9 * size ** 2
+            best = max(best, rate(flops, lambda: conv(x), device, args.repeats, 2))
+    return best / 1e12
 
 
 def cpu_theoretical_tflops(threads, fma_units):
@@ -102,7 +107,7 @@ def print_report(r):
           f"batch {r['batch_size']} | {r['params']:,} params | {r['gflops_per_image']:.3f} GFLOPs/image")
     theory = r["theoretical_tflops"]
     theory = f", theoretical {theory * 1e3:.1f} GFLOP/s ({r['theoretical_basis']})" if theory else ""
-    print(f"peak ({r['peak_precision']} matmul, measured): {r['peak_tflops'] * 1e3:.1f} GFLOP/s{theory}")
+    print(f"peak ({r['peak_precision']}, measured): {r['peak_tflops'] * 1e3:.1f} GFLOP/s{theory}")
     print(f"{'variant':<14}{'infer img/s':>13}{'util':>7}{'mem GB':>8}"
           f"{'train img/s':>13}{'util':>7}{'mem GB':>8}")
     for v in r["variants"]:
@@ -138,14 +143,14 @@ def main(argv=None):
         check_output(args.json)  # now, not after minutes of timing
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = pick_device(args.device)
-    fast_math()
+    fast_math(device)
     args.batch_size = args.batch_size or (1024 if device.type == "cuda" else 32)
     shape = {f.name for f in fields(AutoencoderConfig)}  # the preset's model fields, not its training ones
     config = AutoencoderConfig(**{k: v for k, v in PRESETS[args.preset].items() if k in shape})
     model, _, gflops = summarize(config)
     # the peak is read again after each variant and the best kept: one reading on a busy machine can come
     # out far too low, and every utilisation would then read above 100%
-    peaks = [matmul_tflops(device, args)]
+    peaks = [peak_tflops(device, args)]
     cuda_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     threads = torch.get_num_threads()
     if cuda_name:
@@ -166,7 +171,7 @@ def main(argv=None):
             error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             result["variants"].append({"variant": variant, "error": error})
         torch.cuda.empty_cache()  # the variant's model is gone; a no-op without CUDA
-        peaks.append(matmul_tflops(device, args))
+        peaks.append(peak_tflops(device, args))
     result["peak_tflops"] = max(peaks)
     ok = [r for r in result["variants"] if "error" not in r]
     for row in ok:

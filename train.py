@@ -255,7 +255,7 @@ def parallel(model, cfg, device, world):
 def fit(cfg, ckpt, rank, world, device):
     """Trains as `cfg` says (from `ckpt` if resumed), tests the best model; only rank 0 logs and writes."""
     log = partial(print, flush=True) if rank == 0 else lambda *msg: None
-    fast_math()
+    fast_math(device)
     cfg, model, opt, sched, start_epoch, best_val, history = on_every_rank(
         lambda: build(cfg, ckpt, device, world))
     out_dir = Path(cfg.out_dir)

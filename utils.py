@@ -162,12 +162,14 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def fast_math():
-    """Training's and bench.py's settings: denormals flushed on the CPU (tiny gradients late in training
-    otherwise slow CPU math many-fold); TF32 for fp32 matmuls and cuDNN autotuning (one input shape)."""
-    torch.set_flush_denormal(True)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+def fast_math(device):
+    """Training's and bench.py's settings, process-wide: on a CPU denormals flushed (tiny gradients late in
+    training otherwise slow CPU math many-fold); on CUDA TF32 for fp32 matmuls and cuDNN autotuning."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # one input shape for the whole run: autotuning pays off
 
 
 def precision_name(device, autoencoder=True):
