@@ -173,6 +173,19 @@ def test_bad_input_gives_one_line_and_exit_2(case, tiny_ckpt, tmp_path):
     assert expected in lines[0]
 
 
+def test_thresholds_do_not_depend_on_the_number_of_decode_workers(tiny_ckpt, real_dir, tmp_path):
+    # the seeded real split indexes the scores in their order: it must be the listing's, not the workers'
+    runs = {}
+    for workers in ("0", "3"):
+        out = tmp_path / f"workers{workers}.json"
+        calibrate.main(["--checkpoint", str(tiny_ckpt), "--real-dir", str(real_dir), "--num-noise", "100",
+                        "--hard-fakes", "none", "--bootstrap", "0", "--no-progress", "--workers", workers,
+                        "--device", "cpu", "--output", str(out)])
+        runs[workers] = json.loads(out.read_text())
+    assert runs["0"]["reconstruction_thresholds"] == runs["3"]["reconstruction_thresholds"]
+    assert runs["0"]["evaluation"]["scores"] == runs["3"]["evaluation"]["scores"]
+
+
 def test_torchrun_is_refused_in_one_line_and_nothing_written(tiny_ckpt, real_dir, tmp_path):
     out = tmp_path / "t.json"
     proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "calibrate.py",
