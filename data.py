@@ -185,8 +185,7 @@ def batches(images, batch_size, size, device, perm):
         part = images[idx]
         labeled = isinstance(part, Labeled)
         x = preprocess((part.images if labeled else part).to(device, non_blocking=True), size)
-        x = x.contiguous(memory_format=torch.channels_last)
-        yield x, part.labels.to(device) if labeled else x
+        yield x.contiguous(memory_format=torch.channels_last), part.labels.to(device) if labeled else x
 
 
 # ---- aligned real / generated pairs, for the artifact detector
