@@ -115,6 +115,8 @@ if [ $device = cuda ]; then
   line=$( (timeout 120 python -m torch.distributed.run --standalone --nproc_per_node=$((gpus + 1)) train.py \
     "${tiny[@]}" --epochs 1 --out-dir "$out/too_many" 2>&1 || true) | grep -m1 "error: torchrun" || echo "none")
   python -c 'import json, sys; print(json.dumps({"one_line_error": sys.argv[1]}))' "$line" > "$out/too_many.json"
+else
+  echo '{"skipped": "DRY_RUN: it needs GPUs"}' > "$out/too_many.json"
 fi
 
 # 6. the suite, last
