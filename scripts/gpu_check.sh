@@ -2,7 +2,7 @@
 # GPU check: the card's headline figures first, then compile, resume and the suite. Run it on a CUDA machine
 # with only this repo and no network (about 8 minutes on one H100):
 #   bash scripts/gpu_check.sh [OUT_DIR]
-#   DRY_RUN=1 bash scripts/gpu_check.sh /tmp/gpu_check   # the same steps on the CPU, small sizes (~5 minutes)
+#   DRY_RUN=1 bash scripts/gpu_check.sh /tmp/gpu_check   # the same steps on the CPU, small sizes (~3.5 minutes)
 # Each step runs under its own time limit and writes OUT_DIR/<step>.json as it ends, so that a run cut short
 # still reports the steps it finished; a failing step is recorded and the next one runs.
 #  1. train_bench: training images/s and ms/step at batch 1024 (bf16 autocast, channels_last), allocated and
