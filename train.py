@@ -16,6 +16,8 @@ import copy
 import fcntl
 import math
 import os
+import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -31,8 +33,8 @@ from checkpoints import (BEST_NAME, LAST_NAME, load_checkpoint_dict, restore, re
                          saved_settings, weights_fingerprint, write_metrics, write_results)
 from data import batches, epoch_shard, load_cifar10, load_datasets
 from model import NETWORKS, AutoencoderConfig, count_parameters, load_model, model_from_weights
-from utils import (SEED, ArgumentParser, UserError, all_reduce_sum, autocast, fast_math, gather, number,
-                   on_every_rank, peak_memory_gb, precision_name, run_cli, setup_distributed)
+from utils import (SEED, ArgumentParser, UserError, all_reduce_sum, autocast, exit_with, fast_math, gather,
+                   number, on_every_rank, peak_memory_gb, precision_name, run_cli, setup_distributed)
 
 RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best_val_loss", "rng", "config", "train_config"}
 
@@ -256,6 +258,8 @@ def fit(cfg, ckpt, rank, world, device):
     """Trains as `cfg` says (from `ckpt` if resumed), tests the best model; only rank 0 logs and writes."""
     log = partial(print, flush=True) if rank == 0 else lambda *msg: None
     fast_math(device)
+    # what checkpoints record: the run's own per-process batch and process count, whatever they are now
+    run_batch, run_world = cfg.batch_size, ckpt.get("world_size", 1) if ckpt else world
     cfg, model, opt, sched, start_epoch, best_val, history = on_every_rank(
         lambda: build(cfg, ckpt, device, world))
     out_dir = Path(cfg.out_dir)
@@ -297,11 +301,15 @@ def fit(cfg, ckpt, rank, world, device):
                 row["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 1e9, 3)
             history.append(row)
             improved, best_val = val_loss < best_val, min(best_val, val_loss)
-            due = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
+            # the first epoch too: after it no older run's resume state (--overwrite) sits beside this run's
+            due = epoch % cfg.checkpoint_every == 0 or epoch in (start_epoch, cfg.epochs)
             row["epoch_wall_s"] = round(time.perf_counter() - t0, 3)  # the checkpoint's: all but its writes
-            state = resume_state(model, opt, sched, cfg, history, best_val, world)  # the live tensors, which
-            pending = copy.deepcopy(state) if rank == 0 and not due else None  # training goes on changing
+            state = resume_state(model, opt, sched, replace(cfg, batch_size=run_batch), history, best_val,
+                                 run_world)
+            if rank == 0 and not due:  # held until written: training goes on changing the live tensors
+                pending = copy.deepcopy(state)
             on_every_rank(lambda: rank == 0 and save_checkpoints(out_dir, state, improved, due))
+            pending = None if due else pending  # an interrupted write leaves the held epochs to be written
             row["epoch_wall_s"] = round(time.perf_counter() - t0, 3)  # with validation and the writes
             if rank == 0:
                 write_metrics(out_dir, history)
@@ -309,7 +317,7 @@ def fit(cfg, ckpt, rank, world, device):
             log(f"epoch {epoch:3d} | train {train_loss:.6f} | val {val_loss:.6f}{' *' if improved else '  '} "
                 f"| lr {row['lr']:.2e} | {seconds:6.1f}s train, {row['epoch_wall_s']:6.1f}s in all | "
                 f"{row['images_per_s']:8.1f} img/s | peak {row['peak_memory_gb']:.2f} GB{reserved}")
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, a non-finite loss, a failed rank
+    except BaseException:  # Ctrl-C, SIGTERM, a non-finite loss, a failed rank or collective
         if pending is not None:  # keeps the epochs finished since the last write
             save_checkpoints(out_dir, pending, best=False)
         raise
@@ -345,4 +353,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # preemption: the held epochs are written
+    try:
+        main()
+    except SystemExit as stop:
+        exit_with(stop.code)
+    exit_with(0)

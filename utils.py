@@ -78,6 +78,19 @@ def run_cli(main, argv=None):
         raise SystemExit(130) from None
 
 
+def exit_with(status):
+    """sys.exit(status); under torchrun the process ends without running C++ destructors, which in a gloo
+    process group can abort a process that has finished ('terminate called', exit -6: a failed run)."""
+    if isinstance(status, str):  # SystemExit's message
+        print(status, file=sys.stderr)
+        status = 1
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status or 0)
+    sys.exit(status)
+
+
 def printable(text):
     """text with control characters escaped, so that a file name cannot forge or split a printed line."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode()

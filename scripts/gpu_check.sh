@@ -20,6 +20,7 @@ cd "$(dirname "$0")/.."
 out=${1:-runs/gpu_check}
 mkdir -p "$out"
 rm -f "$out"/*.json  # a step that fails must not leave an older run's figures standing
+: > "$out/gpu.txt"
 if [ "${DRY_RUN:-0}" = 1 ]; then
   device=cpu; preset=(--preset smoke); big=64; small=16; images=2048; size=(--image-size 32 --channels 32,64,128
     --latent-dim 256); limit=120

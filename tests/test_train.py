@@ -379,16 +379,17 @@ def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path, 
     statuses = launch_two_ranks(*TINY, "--epochs", "1", "--out-dir", out)
     assert [s for s, _ in statuses] == [0, 0], statuses
     assert load_checkpoint_dict(out / "last_checkpoint.ckpt")["world_size"] == 2
-    train.main(TINY + ["--epochs", "2", "--out-dir", str(out), "--resume"])  # one process now
-    assert "batch 32 per process (32 in all)" in capsys.readouterr().out
-    ckpt = load_checkpoint_dict(out / "last_checkpoint.ckpt")
-    assert ckpt["world_size"] == 1 and ckpt["train_config"]["batch_size"] == 32
+    for epochs in ("2", "3"):  # one process now, with the run's own command line, twice
+        train.main(TINY + ["--epochs", epochs, "--out-dir", str(out), "--resume"])
+        assert "batch 32 per process (32 in all)" in capsys.readouterr().out
+    ckpt = load_checkpoint_dict(out / "last_checkpoint.ckpt")  # the run's own batch and process count
+    assert ckpt["world_size"] == 2 and ckpt["train_config"]["batch_size"] == 16 and ckpt["epoch"] == 3
     assert json.loads((out / "results.json").read_text())["global_batch"] == 32
     # a global batch two processes cannot share is refused by both, and the run stays as it was
-    ckpt["train_config"]["batch_size"] = 31
+    ckpt["train_config"]["batch_size"], ckpt["world_size"] = 31, 1
     torch.save(ckpt, out / "last_checkpoint.ckpt")
     before = (out / "last_checkpoint.ckpt").read_bytes()
-    for rank, (status, err) in enumerate(launch_two_ranks("--resume", "--epochs", "3", "--out-dir", out)):
+    for rank, (status, err) in enumerate(launch_two_ranks("--resume", "--epochs", "4", "--out-dir", out)):
         assert status == 2 and err.count("\n") == 1, err
         assert err.startswith(f"error: rank {rank}: ") and "global batch of 31" in err and "over 2" in err
     assert (out / "last_checkpoint.ckpt").read_bytes() == before
@@ -430,7 +431,8 @@ def test_checkpoint_every_k_epochs_and_on_ctrl_c_resumes_exactly(tmp_path, monke
 
     def ctrl_c_in_epoch_3(*args):
         epoch = args[6]
-        assert (stopped / "last_checkpoint.ckpt").exists() == (epoch > 3)  # every 3 epochs: none before
+        saved = load_checkpoint_dict(stopped / "last_checkpoint.ckpt")["epoch"] if epoch > 1 else None
+        assert saved == (1 if epoch > 1 else None)  # the first epoch, then every 3: none between
         if epoch == 3:
             raise KeyboardInterrupt
         return real_epoch(*args)
@@ -445,6 +447,37 @@ def test_checkpoint_every_k_epochs_and_on_ctrl_c_resumes_exactly(tmp_path, monke
     a, b = last_weights(straight), last_weights(stopped)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert load_checkpoint_dict(stopped / "last_checkpoint.ckpt")["epoch"] == 5  # the last epoch: always
+
+
+def test_ctrl_c_during_a_due_write_keeps_the_held_epochs(tmp_path, monkeypatch):
+    out, real_save = tmp_path / "run", train.save_checkpoints
+
+    def ctrl_c_in_epoch_3s_write(out_dir, state, best, last=True):
+        if state["epoch"] == 3 and last:
+            raise KeyboardInterrupt
+        return real_save(out_dir, state, best, last)
+
+    monkeypatch.setattr(train, "save_checkpoints", ctrl_c_in_epoch_3s_write)
+    with pytest.raises(SystemExit):
+        run_cli(train.main, TINY + ["--epochs", "5", "--checkpoint-every", "3", "--out-dir", str(out)])
+    assert load_checkpoint_dict(out / "last_checkpoint.ckpt")["epoch"] == 2  # not lost with epoch 3's write
+
+
+def test_overwrite_never_leaves_the_previous_runs_resume_state_beside_its_files(tmp_path, monkeypatch):
+    out, real_epoch = tmp_path / "run", train.train_one_epoch
+    train.main(TINY + ["--epochs", "1", "--out-dir", str(out)])
+
+    def ctrl_c_in_epoch_2(*args):
+        if args[6] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args)
+
+    monkeypatch.setattr(train, "train_one_epoch", ctrl_c_in_epoch_2)
+    with pytest.raises(SystemExit):  # the new run stops before its first due epoch (3)
+        run_cli(train.main, TINY + ["--epochs", "4", "--checkpoint-every", "3", "--overwrite", "--seed", "7",
+                                    "--out-dir", str(out)])
+    ckpt = load_checkpoint_dict(out / "last_checkpoint.ckpt")  # the new run's first epoch, not the old run
+    assert ckpt["train_config"]["seed"] == 7 and ckpt["epoch"] == 1
 
 
 def test_epoch_figures_count_validation_and_checkpoint_writes(tmp_path):
