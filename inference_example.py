@@ -20,7 +20,7 @@ import metrics
 import plots
 from detector import SCORES, Detector
 from results import heatmaps_folder, open_results, result_line
-from utils import (ArgumentParser, UserError, add_model_flags, exit_with, gather, number, run_cli,
+from utils import (ArgumentParser, UserError, add_model_flags, gather, main_exit, number, run_cli,
                    setup_distributed)
 
 DOMAIN_ALARM = 1e-3  # a KS p-value this small over a folder: its images are not like the calibration images
@@ -140,4 +140,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    exit_with(run_cli(main))
+    main_exit(lambda: run_cli(main))

@@ -16,8 +16,6 @@ import copy
 import fcntl
 import math
 import os
-import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -26,15 +24,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import (BEST_NAME, LAST_NAME, load_checkpoint_dict, restore, resume_state, save_checkpoints,
                          saved_settings, weights_fingerprint, write_metrics, write_results)
 from data import batches, epoch_shard, load_cifar10, load_datasets
-from model import NETWORKS, AutoencoderConfig, count_parameters, load_model, model_from_weights
-from utils import (SEED, ArgumentParser, UserError, all_reduce_sum, autocast, exit_with, fast_math, gather,
-                   number, on_every_rank, peak_memory_gb, precision_name, run_cli, setup_distributed)
+from model import NETWORKS, AutoencoderConfig, count_parameters, load_model, model_from_weights, prepare_model
+from utils import (SEED, ArgumentParser, UserError, all_reduce_sum, autocast, fast_math, gather, main_exit,
+                   number, on_every_rank, parallel, peak_memory_gb, precision_name, run_cli,
+                   setup_distributed)
 
 RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best_val_loss", "rng", "config", "train_config"}
 
@@ -243,17 +241,6 @@ def build(cfg, ckpt, device, world):
     return replace(cfg, batch_size=batch // world), model, opt, sched, start, best_val, history
 
 
-def parallel(model, cfg, device, world):
-    """What trains: `model` (which checkpoints save) in DDP under torchrun, its BatchNorm synchronised with
-    --sync-bn, compiled with --compile (after DDP, as PyTorch advises)."""
-    if world > 1 and cfg.sync_bn and device.type != "cuda":
-        raise UserError("--sync-bn: PyTorch's SyncBatchNorm runs on CUDA only; drop it on the CPU")
-    if world > 1 and cfg.sync_bn:  # in place: `model` keeps its state_dict keys
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    return torch.compile(net) if cfg.compile else net
-
-
 def fit(cfg, ckpt, rank, world, device):
     """Trains as `cfg` says (from `ckpt` if resumed), tests the best model; only rank 0 logs and writes."""
     log = partial(print, flush=True) if rank == 0 else lambda *msg: None
@@ -273,7 +260,7 @@ def fit(cfg, ckpt, rank, world, device):
         log(f"resumed from {out_dir / LAST_NAME} after epoch {start_epoch - 1} (best val {best_val:.6f})")
     elif cfg.init_from:
         log(f"fine-tuning from {cfg.init_from}")
-    net = on_every_rank(lambda: parallel(model, cfg, device, world))
+    net = on_every_rank(lambda: parallel(model, device, world, cfg.sync_bn, cfg.compile))
     log(f"model: {count_parameters(model):,} parameters, {model.config}; device {device} x {world}, batch "
         f"{cfg.batch_size} per process ({cfg.batch_size * world} in all), {precision_name(device)}")
     pending = None  # rank 0: the resume state of the last epoch while it is not on disk
@@ -321,8 +308,7 @@ def fit(cfg, ckpt, rank, world, device):
         if pending is not None:  # keeps the epochs finished since the last write
             save_checkpoints(out_dir, pending, best=False)
         raise
-    best = on_every_rank(lambda: load_model(out_dir / BEST_NAME, device))
-    best = best.to(memory_format=torch.channels_last)  # as in training: the same kernels
+    best = on_every_rank(lambda: prepare_model(load_model(out_dir / BEST_NAME), device))  # as it trained
     test_loss = evaluate(best, test_u8, cfg, device, rank, world)
     fingerprints = gather(weights_fingerprint(model))  # one per rank: equal if DDP kept them in step
     on_every_rank(lambda: rank == 0 and write_results(out_dir, cfg, history, best, test_loss, fingerprints,
@@ -353,9 +339,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # preemption: the held epochs are written
-    try:
-        main()
-    except SystemExit as stop:
-        exit_with(stop.code)
-    exit_with(0)
+    main_exit(main)

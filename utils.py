@@ -5,12 +5,14 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 # ---- command line
@@ -78,9 +80,16 @@ def run_cli(main, argv=None):
         raise SystemExit(130) from None
 
 
-def exit_with(status):
-    """sys.exit(status); under torchrun the process ends without running C++ destructors, which in a gloo
-    process group can abort a process that has finished ('terminate called', exit -6: a failed run)."""
+def main_exit(main):
+    """A script's __main__: runs main(), SIGTERM raising SystemExit (a scheduler's preemption: training
+    writes what it holds), and exits with its status. Under torchrun the process ends without C++
+    destructors: a gloo process group's threads can abort a finished process ('terminate called', exit -6),
+    which torchrun reports as a failed run."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        status = main()
+    except SystemExit as stop:
+        status = stop.code
     if isinstance(status, str):  # SystemExit's message
         print(status, file=sys.stderr)
         status = 1
@@ -230,6 +239,17 @@ def on_every_rank(step):
     if failed:
         raise SystemExit(f"error: rank {dist.get_rank()}: stopping, as rank {failed[0]} failed")
     return result
+
+
+def parallel(model, device, world, sync_bn=False, compile=False):
+    """What trains: `model` (which checkpoints save) in DDP under torchrun, its BatchNorm synchronised with
+    sync_bn, compiled with compile (after DDP, as PyTorch advises)."""
+    if world > 1 and sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn: PyTorch's SyncBatchNorm runs on CUDA only; drop it on the CPU")
+    if world > 1 and sync_bn:  # in place: `model` keeps its state_dict keys
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    return torch.compile(net) if compile else net
 
 
 def all_reduce_sum(t):

@@ -490,21 +490,19 @@ def test_epoch_figures_count_validation_and_checkpoint_writes(tmp_path):
 
 
 def test_sync_bn_makes_batchnorm_synchronised_under_ddp(monkeypatch):
-    from dataclasses import replace
-
-    from utils import UserError
+    import utils
 
     cfg = train.TrainConfig(image_size=32, channels=(8, 8, 16, 16, 16), latent_dim=16, sync_bn=True)
-    with pytest.raises(UserError, match="--sync-bn: .*CUDA only"):
-        train.parallel(train.new_model(cfg), cfg, torch.device("cpu"), world=2)
-    monkeypatch.setattr(train, "DDP", lambda module, device_ids: module)  # DDP needs GPUs and a group
+    with pytest.raises(utils.UserError, match="--sync-bn: .*CUDA only"):
+        utils.parallel(train.new_model(cfg), torch.device("cpu"), world=2, sync_bn=True)
+    monkeypatch.setattr(utils, "DDP", lambda module, device_ids: module)  # DDP needs GPUs and a group
     model = train.new_model(cfg)
     keys = model.state_dict().keys()
-    net = train.parallel(model, cfg, torch.device("cuda", 0), world=2)
+    net = utils.parallel(model, torch.device("cuda", 0), world=2, sync_bn=True)
     kinds = {type(m) for m in net.modules()}
     assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
     assert model.state_dict().keys() == keys  # checkpoints load as before
-    plain = train.parallel(train.new_model(cfg), replace(cfg, sync_bn=False), torch.device("cuda", 0), 2)
+    plain = utils.parallel(train.new_model(cfg), torch.device("cuda", 0), world=2, sync_bn=False)
     assert torch.nn.SyncBatchNorm not in {type(m) for m in plain.modules()}
 
 
