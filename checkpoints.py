@@ -25,10 +25,7 @@ def clean_state_dict(state_dict):
 
 
 def weights_fingerprint(model_or_state_dict):
-    """sha256 hex over parameter names, dtypes, shapes and bytes, whatever file the weights came from; an
-    exported model (export.py) gives the fingerprint it carries."""
-    if hasattr(model_or_state_dict, "fingerprint"):
-        return model_or_state_dict.fingerprint
+    """sha256 hex over parameter names, dtypes, shapes and bytes, whatever file the weights came from."""
     sd = model_or_state_dict
     sd = sd.state_dict() if isinstance(sd, torch.nn.Module) else sd
     h = hashlib.sha256()
