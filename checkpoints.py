@@ -97,9 +97,6 @@ def read_source(source):
     path = Path(source)
     if path.is_dir() or path.suffix == ".safetensors" and path.is_file():
         return read_hub_folder(path) if path.is_dir() else read_hub_folder(path.parent, path.name)
-    if path.suffix == ".onnx" and path.is_file():
-        raise UserError(f"{path} is an exported ONNX graph (export.py), for ONNX runtimes outside this repo: "
-                        "give the PyTorch weights it came from")
     if path.is_file():
         ckpt = load_checkpoint_dict(path)
         keys = ("model", "model_state_dict", "state_dict")

@@ -29,7 +29,6 @@ def preprocess(images, size=128):
     if images.dtype != torch.uint8:
         raise ValueError(f"preprocess expects uint8 pixels, got {images.dtype}")
     x = (images.unsqueeze(0) if images.dim() == 3 else images).float()  # [B, 3, H, W] in [0, 255]
-    # no identity shortcut at size x size: one graph for every size, which export.py's ONNX graph holds
     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     # rounded as PIL rounds: to_uint8(preprocess(x)) is exact, so batches can travel as bytes
     return x.round().clamp(0, 255).div(255).sub(0.5).div(0.5)  # [B, 3, size, size] in [-1, 1]

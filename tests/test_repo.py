@@ -5,7 +5,7 @@ import sys
 
 from tests.conftest import ROOT
 
-SCRIPTS = ["model.py", "train.py", "calibrate.py", "inference_example.py", "bench.py", "demo.py", "export.py", "app.py",
+SCRIPTS = ["model.py", "train.py", "calibrate.py", "inference_example.py", "bench.py", "demo.py",
            "scripts/card_recipe.py", "scripts/generated/evaluate.py"]
 
 
