@@ -16,7 +16,6 @@ import csv
 import datetime
 import hashlib
 import io
-import math
 import os
 import sys
 from dataclasses import asdict
@@ -33,17 +32,16 @@ import plots
 import thresholds
 from checkpoints import weights_fingerprint
 from data import PREPROCESSING, load_cifar10, load_image_folder, preprocess, to_uint8
-from detector import BASE_SCORES, score_batch, score_files, score_images
+from detector import SCORES, score_batch, score_files, score_images
 from images import ImageReadError, read_image
-from metrics import FPR_LEVELS, evaluation_table, level_table, threshold_table
+from metrics import FPR_LEVELS, evaluation_table, threshold_table
 from model import load_models
 from utils import (SEED, ArgumentParser, UserError, add_model_flags, atomic_write, check_output,
                    csv_cell, number, pick_device, precision_name, printable, run_cli)
 
-CONVENTION = ("fake = positive class, real = negative; higher score = more fake (for combined, lower "
-              "p-value); AUROC / AUPR computed on held-out real images vs each fake set; AUPR-In takes real "
-              "as positive; FPR@95TPR = fraction of held-out real images flagged at the threshold that "
-              "catches 95% of the fakes")
+CONVENTION = ("fake = positive class, real = negative; higher score = more fake; AUROC / AUPR computed on "
+              "held-out real images vs each fake set; AUPR-In takes real as positive; FPR@95TPR = fraction "
+              "of held-out real images flagged at the threshold that catches 95% of the fakes")
 
 
 def parse_args(argv=None):
@@ -123,7 +121,7 @@ def score_folder(model, artifact, paths, args, label):
     if not rows:
         raise UserError(f"no readable images for {label} in {', '.join(map(str, paths))}"
                         + (f" ({len(skipped)} unreadable)" if skipped else ""))
-    return columns(rows, [s for s in BASE_SCORES if s in rows[0]]), [r["path"] for r in rows], skipped
+    return columns(rows, [s for s in SCORES if s in rows[0]]), [r["path"] for r in rows], skipped
 
 
 def score_set(model, artifact, images, args, label):
@@ -196,8 +194,7 @@ def split_real(n, holdout_fraction, seed):
 
 
 def analyse(real, sets, benign, split, args):
-    """Thresholds from the calibration part; what they flag on the held-out reals, the benign sets and the
-    fakes; AUROC of every score. combined (a p-value) is evaluated as 1 - p: higher = more fake."""
+    """Thresholds from the calibration part, what they flag (held-out reals, benign sets, fakes), AUROCs."""
     (cal_idx, held_idx), names = split, list(real)
     cal = {s: np.sort(real[s][cal_idx]) for s in names}
     held = {s: real[s][held_idx] for s in names}
@@ -205,16 +202,8 @@ def analyse(real, sets, benign, split, args):
     fake, good = by_score(sets), by_score(benign)
     tables = {s: threshold_table(cal[s], held[s], fake[s], good[s], args.optimal_against) for s in names}
     roc = {s: (held[s], fake[s]) for s in names}  # what each score's ROC compares: held-out real vs fakes
-    pvalues = lambda groups: {n: thresholds.combined_pvalue(cal, v) for n, v in groups.items()}  # noqa: E731
-    held_p, fake_p = thresholds.combined_pvalue(cal, held), pvalues(sets)
-    # the p-value of the most extreme image possible
-    smallest = float(thresholds.combined_pvalue(cal, {s: np.array([np.inf]) for s in names})[0])
-    rule = "FAKE when combined p-value <= value"
-    levels = {"combined": level_table(held_p, fake_p, pvalues(benign), rule, smallest)}
-    roc["combined"] = (1 - held_p, {n: 1 - p for n, p in fake_p.items()})
     evaluation = {s: evaluation_table(r, f, args.bootstrap, args.seed) for s, (r, f) in roc.items()}
-    return dict(cal_idx=cal_idx, held_idx=held_idx, cal=cal, tables=tables, levels=levels,
-                evaluation=evaluation, roc=roc)
+    return dict(cal_idx=cal_idx, held_idx=held_idx, cal=cal, tables=tables, evaluation=evaluation, roc=roc)
 
 
 # ---- report
@@ -230,7 +219,7 @@ def build_report(model, artifact, args, device, real, real_source, sets, sources
     card = dict(statistics=mse, mean_error_ratio={n: s["mean"] / mse["real"]["mean"] for n, s in mse.items()
                                                   if n != "real"}) if model else {}
     return thresholds.build(
-        result["tables"], result["levels"], result["cal"], **card,
+        result["tables"], result["cal"], **card,
         score_statistics={s: stats[s] for s in real if s != "mse"},
         evaluation={"convention": CONVENTION, "scores": result["evaluation"]},
         binding={
@@ -257,12 +246,10 @@ def print_summary(report, output):
     print(f"{'score':<11}" + "".join(f"{n:>10}" for n in sets))
     for score, rows in ev.items():
         print(f"{score:<11}" + "".join(f"{rows[n]['auroc']:>10.3f}" for n in sets))
-    print("\nthresholds (FAKE when score > value; combined: FAKE when p <= value) and the share "
-          "of real images flagged: held-out [95% interval], benignly processed")
-    sections = report["score_thresholds"]
+    print("\nthresholds (FAKE when score > value) and the share of real images flagged: held-out [95% "
+          "interval], benignly processed")
     tables = [("mse", report["reconstruction_thresholds"]["thresholds"])] if "mse" in ev else []
-    tables += [(s, t["thresholds"]) for s, t in sections.items() if "thresholds" in t]
-    tables += [(s, t["levels"]) for s, t in sections.items() if "levels" in t]
+    tables += [(s, t["thresholds"]) for s, t in report["score_thresholds"].items()]
     for kind, table in tables:
         for name, t in table.items():
             lo, hi = t["heldout_fpr_ci95"]
@@ -270,11 +257,6 @@ def print_summary(report, output):
             tpr = ", ".join(f"{n} {v:.1%}" for n, v in t["tpr"].items())
             print(f"  {kind + ' ' + name:<20} {t['value']:<10.6g} real {t['heldout_fpr']:.2%} "
                   f"[{lo:.2%}, {hi:.2%}]{benign}  TPR {tpr}")
-            if "smallest_possible_p" in t and t["value"] < t["smallest_possible_p"]:  # too few images
-                n, p = report["calibration_scores"]["n"], t["smallest_possible_p"]
-                print(f"    note: no image can reach p <= {t['value']:g}: with {n} calibration images the "
-                      f"smallest {kind} p-value is {p:.3g}; calibrate on at least "
-                      f"{math.ceil(p * (n + 1) / t['value']) - 1} calibration images")
     print(f"\nwrote {output}")
 
 
@@ -326,9 +308,7 @@ def main(argv=None):
     except OSError as e:
         raise UserError(f"cannot write {e.filename or output}: {e.strerror or e}") from None
     print_summary(report, output)
-    pictures = ["threshold_calibration.png", "reconstruction_comparison.png"] * (model is not None)
-    print("plots: " + ", ".join(str(plots_dir / p) for p in pictures + ["roc_curve.png"])
-          + (f"; scores: {args.scores_out}" if args.scores_out else ""))
+    print(f"plots in {plots_dir}/" + (f"; scores: {args.scores_out}" if args.scores_out else ""))
 
 
 if __name__ == "__main__":

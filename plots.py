@@ -1,7 +1,5 @@
-"""The scripts' pictures: calibrate.py's histograms, ROC curves and reconstructions, heatmaps, loss curves."""
+"""The scripts' pictures: calibrate.py's histograms, ROC curves and reconstructions; training loss curves."""
 
-import hashlib
-import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -16,14 +14,6 @@ plt.switch_backend("Agg")  # files only; never needs a display
 def save(fig, path):
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight"))
     plt.close(fig)
-
-
-def draw(axes, x, recon, error_map, vmax=None):
-    """Input, reconstruction (normalized [3, S, S]) and error map on three axes; returns the map's image."""
-    for ax, image in zip(axes, (x, recon)):
-        ax.imshow(((image.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy())  # [S, S, 3] in [0, 1]
-    plt.setp(axes, xticks=[], yticks=[])
-    return axes[2].imshow(error_map.numpy(), cmap="inferno", vmin=0, vmax=vmax)
 
 
 def calibration_plots(report, real, sets, result, autoencoder, shown, plots_dir):
@@ -64,33 +54,19 @@ def mse_histogram(report, real, sets, plots_dir):
 
 def reconstructions(names, out, plots_dir):
     """Originals (as the model saw them), reconstructions and error maps, one column per image."""
-    x = out["input"]
+    x, maps = out["input"], out["maps"]
     fig, axes = plt.subplots(3, len(x), figsize=(1.9 * len(x), 6), squeeze=False)
     for j, name in enumerate(names):
-        im = draw(axes[:, j], x[j], out["recon"][j], out["maps"][j], vmax=float(out["maps"].max()))
+        for ax, image in zip(axes[:2, j], (x[j], out["recon"][j])):  # normalized: to [S, S, 3] in [0, 1]
+            ax.imshow(((image.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy())
+        im = axes[2, j].imshow(maps[j].numpy(), cmap="inferno", vmin=0, vmax=float(maps.max()))
         axes[0, j].set_title(name, fontsize=9)
         axes[2, j].set_xlabel(f"mse {out['mse'][j]:.4f}", fontsize=8)
+    plt.setp(axes, xticks=[], yticks=[])
     for row, label in enumerate(["original", "reconstruction", "error map"]):
         axes[row, 0].set_ylabel(label)
     fig.colorbar(im, ax=axes[2, :].tolist(), shrink=0.8, label="squared error")
     save(fig, Path(plots_dir) / "reconstruction_comparison.png")
-
-
-def heatmap_name(path):
-    """<stem>-<8 hex of sha1(path)>.png: readable, and distinct for same-named files in different folders."""
-    # at most 120 bytes of the stem (file systems cap names at 255); drops bytes that are not UTF-8
-    stem = os.fsencode(Path(path).stem)[:120].decode("utf-8", "ignore") or "image"
-    return f"{stem}-{hashlib.sha1(os.fsencode(path)).hexdigest()[:8]}.png"
-
-
-def save_heatmap(row, directory, title):
-    """One PNG per scored row (keep_maps=True): input as the model sees it, reconstruction, error map."""
-    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.4), layout="constrained")
-    fig.colorbar(draw(axes, row["input"], row["recon"], row["map"]), ax=axes[2], fraction=0.046)
-    for ax, label in zip(axes, ["input (as the model sees it)", "reconstruction", "squared error per pixel"]):
-        ax.set_title(label)
-    fig.suptitle(title)
-    save(fig, Path(directory) / heatmap_name(row["path"]))
 
 
 def loss_curve(history, path):

@@ -1,5 +1,5 @@
 """The thresholds file (thresholds_calibrated.json): which one applies (`resolve`), how it is written, read
-and checked, and how it turns scores into thresholds and p-values. mse keeps the card's schema
+and checked, and which threshold a name or number means. mse keeps the card's schema
 (`cfg["reconstruction_thresholds"]["thresholds"][NAME]["value"]`); the other scores' tables sit under
 `score_thresholds[SCORE]`, their sorted real calibration scores under `calibration_scores.scores[SCORE]`."""
 
@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-import metrics
-from metrics import FPR_LEVELS
 from utils import UserError, printable, write_json
 
 THRESHOLDS_NAME = "thresholds_calibrated.json"
@@ -25,34 +23,26 @@ def beside(checkpoint):
     return (path if path.is_dir() else path.parent if path.exists() else hub) / THRESHOLDS_NAME
 
 
-def resolve(given=None, checkpoint=None, artifact_model=None, card=True):
+def resolve(given=None, checkpoint=None, artifact_model=None):
     """(thresholds dict or None, its source). The first that exists of: `given`; the file beside the
-    autoencoder's weights; the card's file if `card`. With no autoencoder, the file beside the artifact
-    detector's weights."""
-    if given:
-        return read(given), str(given)
-    if checkpoint:
-        if (path := beside(checkpoint)).is_file():
+    autoencoder's weights; the card's file. With no autoencoder, the file beside the artifact detector's."""
+    beside_weights = beside(checkpoint or artifact_model) if checkpoint or artifact_model else None
+    for path in (given, beside_weights, checkpoint and REPO_THRESHOLDS):
+        if path and (given or Path(path).is_file()):
             return read(path), str(path)
-        card = card and REPO_THRESHOLDS.is_file()
-        return (read(REPO_THRESHOLDS), str(REPO_THRESHOLDS)) if card else (None, None)
-    if artifact_model and (path := beside(artifact_model)).is_file():
-        return read(path), str(path)
     return None, None
 
 
-def build(tables, levels, calibration, **sections):
-    """The file's dict. tables: score -> {name: {'value': v}} (FAKE when score > v); levels: score -> p-value
-    levels (combined); calibration: score -> real calibration scores; sections: anything else."""
+def build(tables, calibration, **sections):
+    """The file's dict. tables: score -> {name: {'value': v}} (FAKE when score > v); calibration: score ->
+    real calibration scores; sections: anything else."""
     card = {"reconstruction_thresholds": {
         "score": "mse: per-image mean squared reconstruction error on inputs normalized to [-1, 1]",
         "rule": "FAKE when error > value", "thresholds": tables["mse"]}} if "mse" in tables else {}
     return {
         **card,
-        "score_thresholds": {
-            **{s: {"rule": "FAKE when score > value", "thresholds": t}
-               for s, t in tables.items() if s != "mse"},
-            **{s: {"rule": f"FAKE when {s} p-value <= value", "levels": t} for s, t in levels.items()}},
+        "score_thresholds": {s: {"rule": "FAKE when score > value", "thresholds": t}
+                             for s, t in tables.items() if s != "mse"},
         "calibration_scores": {
             "note": "sorted real calibration scores; "
                     "p-value of a new score s = (1 + #{scores >= s}) / (n + 1)",
@@ -96,14 +86,12 @@ def validate(cfg, path):
             fail(f"{where} must be a JSON object, got {type(value).__name__}")
         return value
 
-    def check_table(table, where, levels=False):  # thresholds: at least one; levels: each in (0, 1)
-        if not obj(table, where) and not levels:
+    def check_table(table, where):
+        if not obj(table, where):
             fail(f"{where} is empty")
         for name, entry in table.items():
-            value = obj(entry, f"{where}.{name}").get("value")
-            if not number(value) or levels and not 0 < value < 1:
-                fail(f"{where}.{name}.value must be {'in (0, 1)' if levels else 'a finite number'}, "
-                     f"got {value!r}")
+            if not number(value := obj(entry, f"{where}.{name}").get("value")):
+                fail(f"{where}.{name}.value must be a finite number, got {value!r}")
 
     # the card's mse table, which only the artifact detector's own file (no autoencoder) goes without
     if "reconstruction_thresholds" in obj(cfg, "the file") or "artifact" not in obj(
@@ -113,9 +101,8 @@ def validate(cfg, path):
         if any(entry["value"] < 0 for entry in mse.values()):
             fail("reconstruction_thresholds.thresholds: an mse threshold cannot be negative")
     for score, entry in obj(cfg.get("score_thresholds", {}), "score_thresholds").items():
-        if "thresholds" in obj(entry, f"score_thresholds.{score}"):
+        if "thresholds" in obj(entry, f"score_thresholds.{score}"):  # older files' p-value levels: unread
             check_table(entry["thresholds"], f"score_thresholds.{score}.thresholds")
-        check_table(entry.get("levels", {}), f"score_thresholds.{score}.levels", levels=True)
     calibration = obj(cfg.get("calibration_scores", {}), "calibration_scores")
     for score, values in obj(calibration.get("scores", {}), "calibration_scores.scores").items():
         if not (isinstance(values, list) and all(number(v) for v in values)) or values != sorted(values):
@@ -138,45 +125,27 @@ def table(cfg, score):
 
 
 def threshold(cfg, score, choice):
-    """(value, label) of a threshold given by name or as a number. For combined it is a p-value level
-    (FAKE when p <= level) and the names mean FPR_LEVELS. UserError on an unknown or invalid choice."""
-    combined = score == "combined"  # decided by a p-value level, not by a threshold on the score
+    """(value, label) of a threshold given by name or as a number. UserError on an unknown or invalid one."""
     try:
         value, label = float(choice), f"{float(choice):g} (given)"
     except ValueError:
-        if cfg is None and not combined:
+        if cfg is None:
             raise UserError(f"threshold {choice!r} needs a thresholds file (--thresholds)") from None
-        names = {k: {"value": v} for k, v in FPR_LEVELS.items()} if combined else table(cfg, score)
-        if choice not in names:
-            level = " (a p-value level)" if combined else ""
+        if choice not in (names := table(cfg, score)):
             raise UserError(f"unknown threshold {choice!r} for score {score!r}; "
-                            f"choose one of {', '.join(names)} or a number{level}") from None
+                            f"choose one of {', '.join(names)} or a number") from None
         value, label = float(names[choice]["value"]), f"{choice} = {names[choice]['value']:.6g}"
-    if not math.isfinite(value) or combined and not 0 < value < 1:  # nan would call everything REAL
-        raise UserError(f"threshold must be a finite number{' in (0, 1)' if combined else ''}, "
-                        f"got {choice!r}")
+    if not math.isfinite(value):  # nan would call everything REAL
+        raise UserError(f"threshold must be a finite number, got {choice!r}")
     if score == "mse" and value < 0:  # an error is never negative: everything would be FAKE
         raise UserError(f"an mse threshold cannot be negative, got {choice!r}")
-    return value, f"p <= {value:g}" if combined else label
+    return value, label
 
 
 def calibration(cfg):
     """score -> sorted float64 array of its real calibration scores (the non-empty ones only)."""
     stored = cfg.get("calibration_scores", {}).get("scores", {}) if cfg else {}
     return {s: np.asarray(v, dtype=np.float64) for s, v in stored.items() if v}
-
-
-def combined_pvalue(cal, values):
-    """[N] Bonferroni p-values min(1, K * min_k p_k), p_k the conformal p-value of values[k] against cal[k]:
-    valid whatever the dependence between the K scores."""
-    p = [metrics.conformal_pvalues(cal[s], values[s]) for s in cal]
-    return np.minimum(1.0, len(cal) * np.min(p, axis=0))
-
-
-def score_pvalues(cal, values, score):
-    """[N] p-values of one score (combined included); values: {score: [N] array}."""
-    return (combined_pvalue(cal, values) if score == "combined"
-            else metrics.conformal_pvalues(cal[score], values[score]))
 
 
 def binding_warnings(cfg, fingerprint, precision, fingerprints=None):
@@ -201,3 +170,4 @@ def binding_warnings(cfg, fingerprint, precision, fingerprints=None):
         warnings.append(f"the thresholds were calibrated in {calibrated_in}, this run scores in {precision}: "
                         "scores shift slightly; calibrate on this device for exact thresholds")
     return [printable(w) for w in warnings]  # the values come from a file: they must not forge a printed line
+

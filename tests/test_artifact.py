@@ -151,9 +151,6 @@ def test_artifact_needs_no_autoencoder_but_the_other_scores_do(trained, tiny_mod
     proc = run_script("inference_example.py", trained / "pairs", "--score", "artifact", "--artifact-model", ckpt,
                       check=False)
     assert proc.returncode == 2 and "holds an autoencoder, not an artifact detector" in proc.stderr
-    proc = run_script("inference_example.py", trained / "pairs", "--score", "artifact", "--artifact-model",
-                      trained / "run" / "release", "--heatmaps", trained / "maps", check=False)
-    assert proc.returncode == 2 and "--heatmaps" in proc.stderr
 
 
 def test_the_shipped_detector_loads_and_scores_a_folder_with_no_flags(tmp_path):
@@ -170,7 +167,7 @@ def test_the_shipped_detector_loads_and_scores_a_folder_with_no_flags(tmp_path):
     assert all("\tartifact=" in line and "\tp=" in line for line in lines) and "thresholds file" not in proc.stderr
 
 
-def test_combined_takes_the_artifact_score_when_calibrated_with_it(trained, tiny_model, tmp_path):
+def test_one_calibration_of_both_models_decides_with_either_score(trained, tiny_model, tmp_path):
     from conftest import save_checkpoint
 
     ckpt = save_checkpoint(tiny_model, tmp_path / "ae" / "model.ckpt")
@@ -179,12 +176,12 @@ def test_combined_takes_the_artifact_score_when_calibrated_with_it(trained, tiny
                calib / "real", "--fake-dir", f"nearest={calib / 'nearest_x2'}", "--num-noise", "0", "--hard-fakes",
                "none", "--num-benign", "0", "--bootstrap", "0", "--no-progress", "--output", out)
     cfg = thresholds.read(out)
-    assert {"mse", "artifact", "combined"} <= set(cfg["evaluation"]["scores"])
-    with pytest.raises(Exception, match="artifact-model"):  # the file includes the artifact score: its model too
-        Detector(ckpt, thresholds=out, score="combined", device="cpu")
-    det = Detector(ckpt, thresholds=out, score="combined", device="cpu", artifact_model=trained / "run" / "release")
-    row = det.score([str(sorted((calib / "nearest_x2").glob("*.png"))[0])])[0]
-    assert set(det.calibration) >= {"mse", "artifact"} and 0 < row["p_value"] <= 1 and row["artifact"] is not None
+    assert set(cfg["evaluation"]["scores"]) == {"mse", "artifact"} and set(cfg["score_thresholds"]) == {"artifact"}
+    det = Detector(ckpt, thresholds=out, score="mse", device="cpu", artifact_model=trained / "run" / "release")
+    path = str(sorted((calib / "nearest_x2").glob("*.png"))[0])
+    for rule, other in ((det, "artifact"), (det.with_rule("artifact"), "mse")):  # only the rule's model runs
+        row = rule.score([path])[0]
+        assert 0 < row["p_value"] <= 1 and row["verdict"] in ("REAL", "FAKE") and other not in row, row
 
 
 def test_an_unreadable_image_leaves_its_pair_out(tmp_path, capsys):

@@ -91,18 +91,17 @@ def test_calibrate_cli_on_a_folder(tiny_ckpt, real_dir, tmp_path):
         np.mean([float(r["mse"]) for r in rows if r["set"] == "noise"]) / np.mean([float(r["mse"]) for r in real]))
     assert cfg["binding"]["weights_fingerprint"] == weights_fingerprint(load_model(tiny_ckpt))
     assert cfg["binding"]["real_split"] == {"seed": 0, "holdout_fraction": 0.5, "n_calibration": 110, "n_heldout": 110}
-    assert set(cfg["score_thresholds"]) == {"complexity", "combined"}
+    assert cfg["score_thresholds"] == {}  # mse's table is the card's, under reconstruction_thresholds
 
 
 def test_calibration_and_inference_score_a_file_identically(tiny_ckpt, real_dir, tmp_path):
     _, cfg, rows, _ = calibrate_folder(tiny_ckpt, real_dir, tmp_path)
     by_path = {r["path"]: r for r in rows if r["set"] == "real"}
     paths = sorted(by_path)[:20]
-    det = Detector(tiny_ckpt, thresholds=tmp_path / "out" / "thr.json", device="cpu", workers=0, score="combined")
+    det = Detector(tiny_ckpt, thresholds=tmp_path / "out" / "thr.json", device="cpu", workers=0, score="mse")
     assert det.warnings == []  # the file is bound to these weights
     for row in det.score(paths):
-        for score in ("mse", "complexity"):
-            assert row[score] == float(by_path[row["path"]][score]), (row["path"], score)
+        assert row["mse"] == float(by_path[row["path"]]["mse"]), row["path"]
 
 
 def test_calibrate_on_cifar10_test_by_default(tiny_ckpt, cifar_dir, tmp_path, capsys):
@@ -235,6 +234,5 @@ def test_inference_warns_once_when_a_folder_is_unlike_the_calibration_images(tin
     status, got = infer(noise, "mse")  # every p-value small, far from uniform
     assert status == 0 and got.out.count("\tFAKE") == 25
     assert got.err.count("do not look like the calibration images") == 1  # the domain check, once
-    for score in ("mse", "combined"):  # like its calibration set (combined: Bonferroni, larger p-values)
-        status, got = infer(real, score)
-        assert status == 0 and "do not look like" not in got.err
+    status, got = infer(real, "mse")  # like its calibration set
+    assert status == 0 and "do not look like" not in got.err

@@ -71,13 +71,14 @@ def test_every_score_the_models_give_plain_and_with_jpeg_fakes(models, tmp_path,
     assert status == 0 and list(sets) == ["sr_noise", "sr_noise (fakes JPEG q80)"], sets
     for row in sets.values():
         assert row["n_real"] == row["n_fake"] == 8 and row["n_unreadable"] == 0
-        for s in ("mse", "artifact", "combined"):
+        for s in ("mse", "artifact"):
             lo, hi = row[s]["auroc_ci95"]
             assert 0 <= lo <= hi <= 1 and 0 <= row[s]["auroc"] <= 1, row[s]
             assert 0 <= row[s]["real_flagged"] <= 1 and 0 <= row[s]["fake_flagged"] <= 1
     # the JPEG run scores the same fakes, re-saved: every score moves
-    det = Detector(str(ae), str(both), device="cpu", score="combined", artifact_model=str(art))
-    plain, jpeg = ({r["path"]: r for r in evaluate.set_scores([det], tmp_path / "sr_noise", q)[0]["fake"]}
+    ae_det = Detector(str(ae), str(both), device="cpu", score="mse", artifact_model=str(art))
+    dets = [ae_det, ae_det.with_rule("artifact")]
+    plain, jpeg = ({r["path"]: r for r in evaluate.set_scores(dets, tmp_path / "sr_noise", q)[0]["fake"]}
                    for q in (None, 80))
     assert plain.keys() == jpeg.keys()
     assert all(plain[p][s] != jpeg[p][s] for p in plain for s in ("mse", "artifact"))
@@ -85,15 +86,15 @@ def test_every_score_the_models_give_plain_and_with_jpeg_fakes(models, tmp_path,
 
 
 @pytest.mark.parametrize("model, thresholds, want", [
-    ("artifact", "both", ["artifact"]),  # combined needs mse too, which no autoencoder gives
-    ("artifact", "artifact", ["artifact", "combined"]),
-    ("autoencoder", "both", ["mse"]),  # combined needs the artifact score too
-    ("both", "both", ["mse", "artifact"]),  # --scores mse,artifact: no combined, both models still run
+    ("artifact", "both", ["artifact"]),  # mse needs the autoencoder
+    ("artifact", "artifact", ["artifact"]),
+    ("autoencoder", "both", ["mse"]),
+    ("both", "both", ["mse", "artifact"]),
 ])
 def test_scores_the_models_cannot_give_are_left_out(models, tmp_path, model, thresholds, want):
     ae, art, both, art_only = models
     flags = {"autoencoder": ["--checkpoint", str(ae)], "artifact": ["--artifact-model", str(art)],
-             "both": ["--checkpoint", str(ae), "--artifact-model", str(art), "--scores", "mse,artifact"]}[model]
+             "both": ["--checkpoint", str(ae), "--artifact-model", str(art)]}[model]
     args = evaluate.parse_args([str(write_set(tmp_path / "s", 4)), *flags, "--bootstrap", "5", "--device",
                                 "cpu", "--thresholds", str(both if thresholds == "both" else art_only)])
     results, names = evaluate.evaluate(args)

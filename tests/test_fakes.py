@@ -1,6 +1,3 @@
-import concurrent.futures
-import multiprocessing
-
 import numpy as np
 import pytest
 import torch
@@ -9,7 +6,6 @@ from skimage import data as skdata
 
 import data
 import fakes
-from detector import png_bits
 
 SYNTHETIC = [fakes.uniform_noise, fakes.flat_colours, fakes.gradients]
 
@@ -97,10 +93,6 @@ def test_blur_keeps_size_and_constant_images():
     assert torch.equal(fakes.blurred(const), const)  # normalized kernel, reflect padding: no dark border
     tiny = torch.full((2, 3, 4, 4), 200, dtype=torch.uint8)  # too small to reflect radius 5
     assert torch.equal(fakes.blurred(tiny), tiny)
-    with pytest.raises(ValueError):
-        fakes.blurred(const.float())
-    with pytest.raises(ValueError):
-        fakes.blurred(const, sigma=0)
 
 
 def test_blur_matches_a_direct_2d_convolution(real64):
@@ -125,8 +117,6 @@ def test_jpeg_differs_but_stays_close(real64):
     assert (psnr(fakes.jpeg(real64, quality=90), real64) > p).all()  # higher quality, closer
     assert torch.equal(j, fakes.jpeg(real64, quality=10))
     assert fakes.jpeg(real64[:0]).shape == (0, 3, 64, 64)
-    with pytest.raises(ValueError):
-        fakes.jpeg(real64, quality=0)
 
 
 def test_splice_swaps_top_halves(real64):
@@ -198,41 +188,3 @@ def test_make_fake_sets_rejects_bad_input(real64):
         fakes.make_fake_sets(["splice"], real=None, n=2, size=16)
     with pytest.raises(ValueError):
         fakes.make_fake_sets(["splice"], real=real64, n=1, size=16)  # one image cannot be spliced
-
-
-# ----------------------------------------------------------------------------
-# input complexity
-
-def test_png_complexity_orders_flat_photo_noise():
-    real = photos(128)
-    flat = fakes.flat_colours(3, 128, 0)
-    noise = fakes.uniform_noise(3, 128, 0)
-    bits = png_bits(torch.cat([flat, real, noise]))
-    assert bits.dtype == np.float64 and bits.shape == (9,)
-    assert bits[:3].max() * 50 < bits[6:].min()
-    per_dim = lambda x: png_bits(x) / (3 * 128 * 128)  # noqa: E731  (Serra et al.'s L(x))
-    L_flat, L_real, L_noise = per_dim(flat), per_dim(real), per_dim(noise)
-    assert (L_flat < 0.1).all()
-    assert (L_noise > 7.5).all()
-    assert (L_real > L_flat.max()).all() and (L_real < L_noise.min()).all()
-    assert (per_dim(fakes.gradients(3, 128, 0)) < L_real.min()).all()
-
-
-def test_png_bits_accepts_numpy_torch_and_one_image():
-    x = fakes.uniform_noise(2, 16, 0)
-    assert np.array_equal(png_bits(x), png_bits(x.numpy()))
-    assert png_bits(x[0]).shape == (1,)
-    assert np.array_equal(png_bits(x), [png_bits(x[0])[0], png_bits(x[1])[0]])
-    with pytest.raises(ValueError):
-        png_bits(x.float())
-
-
-def test_png_bits_in_worker_processes():
-    x = data.dead_leaves(4, 32, seed=0)
-    chunks = [x[:2].numpy(), x[2:].numpy()]
-    # fork keeps this fast (spawn re-imports torch, seconds); the pool still pickles the
-    # function and its arguments, which is what a worker needs from png_bits
-    ctx = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
-        got = np.concatenate(list(pool.map(png_bits, chunks)))
-    assert np.array_equal(got, png_bits(x))

@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-import results
 from model import ResidualAutoencoder
 from utils import run_cli
 from tests.conftest import ROOT, TINY, run_script, save_checkpoint
@@ -285,11 +284,12 @@ def test_a_full_disk_during_inference_is_one_line(ckpt, tmp_path, monkeypatch, c
     import inference_example
 
     image(tmp_path / "a.png")
-    monkeypatch.setattr(results.ResultWriter, "write", no_space)
-    status = inference_example.main([str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "--threshold", "0.5",
-                                     "--output", str(tmp_path / "r.csv"), "--workers", "0"])
+    monkeypatch.setattr(inference_example.ResultWriter, "write", no_space)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(inference_example.main, [str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "--threshold", "0.5",
+                                         "--output", str(tmp_path / "r.csv"), "--workers", "0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and err[-1] == "error: cannot write out/some file: No space left on device"
+    assert stop.value.code == 2 and err[-1] == "error: cannot write out/some file: No space left on device"
     assert not [line for line in err if "Traceback" in line] and not (tmp_path / "r.csv").exists()
 
 

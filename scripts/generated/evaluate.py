@@ -1,7 +1,7 @@
 """AUROC and flagged shares of calibrated scores on matched sets of real generated images: each SET folder
 holds real/ and fake/ images. Per set and score: AUROC (fake = positive) with a bootstrap 95% interval, and
-the shares of real (table and JSON) and fake (JSON) images flagged at the balanced level. combined is ranked
-by 1 - p, the others by value. --fake-jpeg-quality Q scores the sets again with fakes re-saved as JPEG at Q.
+the shares of real (table and JSON) and fake (JSON) images flagged at the balanced level.
+--fake-jpeg-quality Q scores the sets again with fakes re-saved as JPEG at Q.
 
     python scripts/generated/evaluate.py generated/sr_* --artifact-model artifact_detector \\
         --thresholds artifact_detector/thresholds_calibrated.json --output runs/eval/generated.json
@@ -21,7 +21,7 @@ import metrics  # noqa: E402
 import thresholds  # noqa: E402
 from data import jpeg_resave, to_pil  # noqa: E402
 from images import ImageReadError, iter_image_files, read_image  # noqa: E402
-from detector import AE_SCORES, SCORES, Detector  # noqa: E402
+from detector import SCORES, Detector  # noqa: E402
 from utils import (ArgumentParser, UserError, check_output, number, printable, run_cli,  # noqa: E402
                    write_json)
 
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     add("--checkpoint", default=None, help="the autoencoder (anything load_model accepts)")
     add("--artifact-model", default=None, help="the artifact detector (train.py --preset artifact)")
     add("--thresholds", required=True, help="written by calibrate.py for these models")
-    add("--scores", default="mse,artifact,combined",
+    add("--scores", default="mse,artifact",
         help="comma-separated scores to report; those the models given cannot compute are left out")
     add("--fake-jpeg-quality", type=number(int, 1, 95), default=None,
         help="also score every set with its fakes re-saved as JPEG at this quality")
@@ -85,12 +85,11 @@ def set_scores(dets, folder, quality=None):
 
 def evaluate(args):
     cfg = thresholds.read(args.thresholds)
-    cal = thresholds.calibration(cfg)
     asked = [s.strip() for s in args.scores.split(",") if s.strip()]
     if unknown := [s for s in asked if s not in SCORES]:
         raise UserError(f"unknown score {unknown[0]!r} in --scores; choose from {', '.join(SCORES)}")
-    given = set(AE_SCORES if args.checkpoint else ()) | ({"artifact"} if args.artifact_model else set())
-    names = [s for s in asked if s in given or s == "combined" and cal and set(cal) <= given]
+    given = {s for s, model in (("mse", args.checkpoint), ("artifact", args.artifact_model)) if model}
+    names = [s for s in asked if s in given]
     if not names:
         raise UserError(f"none of --scores {args.scores} can be computed with the models given")
     # results are named by folder name: a second set of that name would silently replace the first
@@ -99,9 +98,8 @@ def evaluate(args):
         raise UserError(f"two SETs have the same name {printable(clash)} ({both}): the results are named by "
                         f"folder name; rename or link one")
     levels = {s: thresholds.threshold(cfg, s, LEVEL)[0] for s in names}
-    # the Detectors' own verdicts are unused here (threshold 0.0: no table lookup); their rules make them
-    # compute every score in names
-    rule = "complexity" if args.checkpoint else "artifact"  # complexity: the autoencoder's two scores
+    # the Detectors' own verdicts are unused here (threshold 0.0: no table lookup)
+    rule = "mse" if args.checkpoint else "artifact"
     det = Detector(args.checkpoint, args.thresholds, args.device, rule, 0.0, workers=0,
                    artifact_model=args.artifact_model)
     dets = [det, det.with_rule("artifact", 0.0)] if args.checkpoint and args.artifact_model else [det]
@@ -114,13 +112,8 @@ def evaluate(args):
         rows, bad = set_scores(dets, folder, quality)
         results[name] = row = {"n_real": len(rows["real"]), "n_fake": len(rows["fake"]), "n_unreadable": bad}
         for s in names:
-            if s == "combined":  # ranked by p-value, flagged at p <= level
-                p = {part: thresholds.score_pvalues(cal, {k: np.array([r[k] for r in got]) for k in cal}, s)
-                     for part, got in rows.items()}
-                ranked, flagged = {k: 1 - v for k, v in p.items()}, {k: v <= levels[s] for k, v in p.items()}
-            else:
-                ranked = {part: np.array([r[s] for r in got]) for part, got in rows.items()}
-                flagged = {k: v > levels[s] for k, v in ranked.items()}
+            ranked = {part: np.array([r[s] for r in got]) for part, got in rows.items()}
+            flagged = {k: v > levels[s] for k, v in ranked.items()}
             ci = metrics.bootstrap_ci(metrics.auroc, ranked["real"], ranked["fake"], n_boot=args.bootstrap)
             row[s] = {"auroc": metrics.auroc(ranked["real"], ranked["fake"]), "auroc_ci95": list(ci),
                       **{f"{k}_flagged": float(v.mean()) for k, v in flagged.items()}}
