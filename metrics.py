@@ -1,6 +1,6 @@
 """Statistics for calibration and evaluation. Fake is the positive class, a higher score is more fake and
-flagged when `score > threshold`; ROC-style functions sweep `score >= t` as sklearn does (they differ only at
-ties). Inputs may be lists, numpy arrays or torch tensors."""
+flagged when `score > threshold`; the ranking metrics are sklearn's, which sweep `score >= t` (the two differ
+only at ties). Inputs may be lists, numpy arrays or torch tensors."""
 
 import math
 from fractions import Fraction
@@ -43,7 +43,7 @@ def conformal_pvalues(cal_scores_sorted, scores):
 
 def uniformity_pvalue(p_values, min_count=20):
     """One-sided KS-test p-value of "these conformal p-values are no smaller than uniform ones", as real
-    images' are (combined's Bonferroni p-values are larger: that keeps the guarantee); None if < min_count."""
+    images' are; None if < min_count."""
     if len(p_values) < min_count:
         return None
     from scipy.stats import kstest  # here: scipy.stats takes ~0.8 s to import, which scoring rarely needs
@@ -58,48 +58,39 @@ def clopper_pearson(k, n, confidence=0.95):
             1.0 if k == n else float(beta.ppf(1.0 - tail, k + 1, n - k)))
 
 
-# ---- ranking metrics, tested against sklearn, which the runtime does without
-def _counts_by_threshold(pos, neg):
-    # per distinct score t, descending: t and the numbers of positives / negatives >= t; one point per
-    # distinct score, so that ties move the curve diagonally instead of inventing an order
-    scores = np.concatenate([pos, neg])
-    order = np.argsort(-scores, kind="stable")
-    scores, is_pos = scores[order], order < pos.size
-    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]  # last index of each tie block
-    tps = np.cumsum(is_pos)[last]
-    return scores[last], tps, (last + 1) - tps
+# ---- ranking metrics: sklearn's, imported where used for the reason given in uniformity_pvalue
+def _labelled(real_scores, fake_scores):
+    # sklearn's (y_true, y_score) with fake as class 1; sklearn refuses infinite scores (ValueError)
+    real, fake = as_scores(real_scores, "real_scores"), as_scores(fake_scores, "fake_scores")
+    return np.r_[np.zeros(real.size), np.ones(fake.size)], np.r_[real, fake]
 
 
 def roc_curve(real_scores, fake_scores):
-    """(fpr, tpr, thresholds) of `score >= t`, t from +inf down, as roc_curve(drop_intermediate=False)."""
-    real, fake = as_scores(real_scores, "real_scores"), as_scores(fake_scores, "fake_scores")
-    thr, tps, fps = _counts_by_threshold(fake, real)
-    return np.r_[0.0, fps / real.size], np.r_[0.0, tps / fake.size], np.r_[np.inf, thr]
+    """(fpr, tpr, thresholds) of `score >= t`, one point per distinct score, t from +inf down."""
+    from sklearn.metrics import roc_curve as sk_roc_curve
+    return sk_roc_curve(*_labelled(real_scores, fake_scores), drop_intermediate=False)
 
 
 def auroc(real_scores, fake_scores):
-    """P(fake score > real score) + P(tie) / 2: Mann-Whitney U over n_real * n_fake."""
-    real, fake = np.sort(as_scores(real_scores, "real_scores")), as_scores(fake_scores, "fake_scores")
-    u = (np.searchsorted(real, fake, "left") + np.searchsorted(real, fake, "right")).sum() / 2  # a tie: 1/2
-    return float(u / (real.size * fake.size))
+    """P(fake score > real score) + P(tie) / 2, the area under roc_curve."""
+    from sklearn.metrics import roc_auc_score
+    return float(roc_auc_score(*_labelled(real_scores, fake_scores)))
 
 
 def aupr(real_scores, fake_scores, positive="fake"):
-    """Average precision of `score >= t` (sklearn's step sum): positive="fake" is AUPR-Out, "real" AUPR-In
-    (ranking by -score). Unlike AUROC it depends on the class balance."""
-    real, fake = as_scores(real_scores, "real_scores"), as_scores(fake_scores, "fake_scores")
+    """Average precision of `score >= t`: positive="fake" is AUPR-Out, "real" AUPR-In (ranking by -score).
+    Unlike AUROC it depends on the class balance."""
+    from sklearn.metrics import average_precision_score
     if positive not in ("fake", "real"):
         raise ValueError(f"positive must be 'fake' or 'real', got {positive!r}")
-    pos, neg = (fake, real) if positive == "fake" else (-real, -fake)
-    _, tps, fps = _counts_by_threshold(pos, neg)
-    return float(np.sum(np.diff(np.r_[0.0, tps / pos.size]) * (tps / (tps + fps))))  # d(recall) * precision
+    y, s = _labelled(real_scores, fake_scores)
+    return float(average_precision_score(y, s) if positive == "fake" else average_precision_score(1 - y, -s))
 
 
 def fpr_at_tpr(real_scores, fake_scores, tpr=0.95):
     """FPR of `score >= t` at the largest t with TPR >= tpr: the m-th largest fake, m = ceil(tpr * n_fake)."""
-    real, fake = as_scores(real_scores, "real_scores"), as_scores(fake_scores, "fake_scores")
-    i = fake.size - math.ceil(fake.size * Fraction(repr(float(tpr))))  # exact, as in conformal_rank
-    return float(np.mean(real >= np.partition(fake, i)[i]))
+    fprs, tprs, _ = roc_curve(real_scores, fake_scores)
+    return float(fprs[np.argmax(tprs >= tpr)])  # rounding keeps order, so m / n >= tpr iff m >= n * tpr
 
 
 def youden_threshold(real_scores, fake_scores):
@@ -163,12 +154,6 @@ def threshold_table(cal, held, fake_sets, benign, optimal_against):
     for entry in table.values():
         entry.update(rates(lambda s: s > entry["value"], held, fake_sets, benign))
     return table
-
-
-def level_table(held_p, fake_p, benign_p, rule, smallest):
-    """A p-value score's levels (FAKE when p <= level), what each flags, and the smallest p possible."""
-    return {name: {"value": a, "rule": rule, **rates(lambda p: p <= a, held_p, fake_p, benign_p),
-                   "smallest_possible_p": smallest} for name, a in FPR_LEVELS.items()}
 
 
 def evaluation_table(held, fake_sets, n_boot, seed):

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from sklearn import metrics as skm
 
 import metrics
 import thresholds
@@ -134,18 +133,27 @@ def test_clopper_pearson_known_values():
 
 
 # ----------------------------------------------------------------------------- ROC / AUROC / AUPR
+# checked against their definitions, counted pair by pair or threshold by threshold
 
-def sk_labels(real, fake):
-    return np.r_[np.zeros(real.size), np.ones(fake.size)], np.r_[real, fake]
+def by_threshold(pos, neg):
+    """Each distinct score t, descending, with the numbers of positives and of negatives >= t."""
+    t = np.unique(np.r_[pos, neg])[::-1]
+    return t, np.array([np.sum(pos >= v) for v in t]), np.array([np.sum(neg >= v) for v in t])
+
+
+def average_precision(pos, neg):
+    """Sum over thresholds of (recall gained) * precision, the step-wise area under precision-recall."""
+    _, tp, fp = by_threshold(pos, neg)
+    return float(np.sum(np.diff(np.r_[0, tp]) / pos.size * tp / (tp + fp)))
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_auroc_matches_sklearn_with_ties(seed):
+def test_auroc_is_the_pairwise_win_rate_with_ties(seed):
     real, fake = tied_scores(seed)
-    y, s = sk_labels(real, fake)
-    assert metrics.auroc(real, fake) == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
-    assert metrics.auroc(torch.from_numpy(real), fake.tolist()) == pytest.approx(
-        skm.roc_auc_score(y, s), abs=1e-12)
+    diff = fake[:, None] - real[None, :]
+    expected = np.mean(diff > 0) + np.mean(diff == 0) / 2
+    assert metrics.auroc(real, fake) == pytest.approx(expected, abs=1e-12)
+    assert metrics.auroc(torch.from_numpy(real), fake.tolist()) == pytest.approx(expected, abs=1e-12)
 
 
 def test_auroc_ties_count_half():
@@ -153,16 +161,27 @@ def test_auroc_ties_count_half():
     assert metrics.auroc([0.0], [1.0]) == 1.0
     assert metrics.auroc([1.0], [0.0]) == 0.0
     assert metrics.auroc([0.0, 1.0], [1.0]) == 0.75
-    assert metrics.auroc([-np.inf, 0.0], [np.inf, 0.0]) == 0.875  # infinite scores rank like any other
+    assert metrics.auroc([0.0, 1.0, 2.0], [0.5, 1.0]) == pytest.approx(2.5 / 6)  # wins 1, 1 + 1/2 of 6 pairs
+
+
+def test_aupr_hand_examples():
+    # ranked 0.8 F, 0.4 R, 0.35 F, 0.1 R: precision 1 at recall 1/2, 2/3 at recall 1
+    assert metrics.aupr([0.1, 0.4], [0.35, 0.8]) == pytest.approx(1 / 2 + 1 / 2 * 2 / 3, abs=1e-15)
+    # AUPR-In ranks reals by -score: 0.1 R, 0.35 F, 0.4 R, 0.8 F, the same steps
+    assert metrics.aupr([0.1, 0.4], [0.35, 0.8], positive="real") == pytest.approx(5 / 6, abs=1e-15)
+    # a tie is one step: t = 2 gives precision 1 at recall 1/2, t = 1 precision 2/4 at recall 1
+    assert metrics.aupr([1.0, 1.0], [1.0, 2.0]) == pytest.approx(0.75, abs=1e-15)
+    assert metrics.aupr([0.0, 0.0], [1.0]) == 1.0
+    assert metrics.aupr([1.0, 1.0, 1.0], [1.0]) == 0.25  # all tied: the class balance
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_aupr_matches_sklearn_both_conventions(seed):
+def test_aupr_against_counting_both_conventions(seed):
     real, fake = tied_scores(seed)
-    y, s = sk_labels(real, fake)
-    assert metrics.aupr(real, fake) == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)
-    assert metrics.aupr(real, fake, positive="real") == pytest.approx(
-        skm.average_precision_score(1 - y, -s), abs=1e-12)
+    assert metrics.aupr(real, fake) == pytest.approx(average_precision(fake, real), abs=1e-12)
+    assert metrics.aupr(real, fake, positive="real") == pytest.approx(average_precision(-real, -fake),
+                                                                      abs=1e-12)
+    assert metrics.aupr(real, fake) != pytest.approx(metrics.aupr(real, fake, positive="real"), abs=1e-3)
 
 
 def test_aupr_bad_positive():
@@ -170,18 +189,28 @@ def test_aupr_bad_positive():
         metrics.aupr([0.0], [1.0], positive="ood")
 
 
+def test_roc_curve_hand_example():
+    # a tie across the classes at 2 moves the curve diagonally, in one step
+    fpr, tpr, thr = metrics.roc_curve([1.0, 2.0], [2.0, 3.0])
+    np.testing.assert_array_equal(thr, [np.inf, 3.0, 2.0, 1.0])
+    np.testing.assert_array_equal(tpr, [0.0, 0.5, 1.0, 1.0])
+    np.testing.assert_array_equal(fpr, [0.0, 0.0, 0.5, 1.0])
+
+
 @pytest.mark.parametrize("seed", range(3))
-def test_roc_curve_matches_sklearn(seed):
+def test_roc_curve_counts_score_at_least_t(seed):
     real, fake = tied_scores(seed)
-    y, s = sk_labels(real, fake)
+    t, tp, fp = by_threshold(fake, real)
     fpr, tpr, thr = metrics.roc_curve(real, fake)
-    sfpr, stpr, sthr = skm.roc_curve(y, s, drop_intermediate=False)
-    np.testing.assert_allclose(fpr, sfpr)
-    np.testing.assert_allclose(tpr, stpr)
-    assert thr[0] == np.inf
-    np.testing.assert_array_equal(thr[1:], sthr[1:])  # sklearn's first threshold is inf or max + 1 by version
-    assert len(thr) == len(np.unique(s)) + 1  # one point per distinct score
-    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    np.testing.assert_array_equal(thr, np.r_[np.inf, t])  # one point per distinct score
+    np.testing.assert_allclose(tpr, np.r_[0, tp / fake.size], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(fpr, np.r_[0, fp / real.size], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("call", [metrics.roc_curve, metrics.auroc, metrics.aupr, metrics.fpr_at_tpr])
+def test_ranking_metrics_refuse_infinite_scores(call):
+    with pytest.raises(ValueError, match="infinity"):
+        call([0.0, np.inf], [1.0])
 
 
 def test_fpr_at_tpr_hand_example():
