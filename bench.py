@@ -12,18 +12,18 @@ peak memory and utilisation. Medians over --repeats, after warm-ups. Whole-scrip
 import platform
 import statistics
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 
 from model import AutoencoderConfig, ResidualAutoencoder, count_parameters, pixel_error, summarize
-from train import PRESETS
+from train import ARCHITECTURE, PRESETS
 from utils import (ArgumentParser, check_output, fast_math, number, peak_memory_gb, pick_device, run_cli,
                    write_json)
 
 # dense bf16 datasheet peaks, TFLOP/s; the first name match wins (PCIe / NVL boards clock below SXM ones)
-DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0,
-                         "H200": 989.0, "A100": 312.0, "L4": 121.0}
+DATASHEET_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+                    "A100": 312.0, "L4": 121.0}
 VARIANTS = ("eager", "channels_last", "bf16", "compile")
 
 
@@ -45,27 +45,28 @@ def peak_tflops(device, args):
     dtype, n, batch = (torch.bfloat16, 8192, 64) if device.type == "cuda" else (torch.float32, 4096, 8)
     a, b = torch.randn(2, n, n, device=device, dtype=dtype)
     best = rate(2 * n ** 3, lambda: a @ b, device, args.repeats, 2)
+    layout = torch.channels_last
     for channels, size in ((256, 64), (512, 32)):
-        x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(
-            memory_format=torch.channels_last)
-        conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(
-            device, dtype, memory_format=torch.channels_last)
-        with torch.no_grad():
-            flops = 2 * batch * channels ** 2 * 9 * size ** 2
-            best = max(best, rate(flops, lambda: conv(x), device, args.repeats, 2))
+        x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).to(memory_format=layout)
+        weight = torch.randn(channels, channels, 3, 3, device=device, dtype=dtype).to(memory_format=layout)
+        flops = 2 * batch * channels ** 2 * 9 * size ** 2
+        best = max(best, rate(flops, lambda: torch.conv2d(x, weight, padding=1), device, args.repeats, 2))
     return best / 1e12
 
 
-def cpu_theoretical_tflops(threads, fma_units):
-    """threads x clock x FLOP per cycle (2 per FMA lane: 16 fp32 lanes with AVX-512, 8 with AVX2) x FMA units
-    per core, from /proc/cpuinfo (Linux); None where it cannot be read."""
+def theoretical_tflops(cuda_name, threads, fma_units):
+    """(TFLOP/s or None, its basis): on CUDA the datasheet; on a CPU threads x clock x FLOP per cycle (2 per
+    FMA lane: 16 fp32 lanes with AVX-512, 8 with AVX2) x FMA units per core, from /proc/cpuinfo."""
+    if cuda_name:
+        return next((v for k, v in DATASHEET_TFLOPS.items() if k in cuda_name), None), "dense bf16 datasheet"
+    basis = f"{threads} threads x clock x fp32 FMA lanes x {fma_units} FMA units"
     try:
         info = open("/proc/cpuinfo").read()
     except OSError:
-        return None
+        return None, basis
     mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
     lanes = 16 if " avx512f" in info else 8 if " avx2" in info else 4
-    return threads * max(mhz) * 1e6 * 2 * lanes * fma_units / 1e12 if mhz else None
+    return (threads * max(mhz) * 1e6 * 2 * lanes * fma_units / 1e12 if mhz else None), basis
 
 
 def bench_variant(config, device, variant, args, gflops):
@@ -131,7 +132,6 @@ def main(argv=None):
     add("--variants", default="eager,channels_last,bf16,compile",
         help=f"comma-separated, of {','.join(VARIANTS)} (bf16: CUDA only)")
     add("--skip-train", action="store_true", help="inference only")
-    add("--threads", type=number(int, 1), default=None, help="torch threads; torch's choice if not given")
     add("--fma-units", type=number(int, 1), default=2, help="FMA units per core, for the CPU's theoretical "
         "peak (2 on recent x86 server cores; the CPU does not report it)")
     add("--json", default=None, help="also write every figure to this file")
@@ -141,24 +141,17 @@ def main(argv=None):
         p.error(f"--variants: unknown {', '.join(unknown)}; choose from {','.join(VARIANTS)}")
     if args.json:
         check_output(args.json)  # now, not after minutes of timing
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     device = pick_device(args.device)
     fast_math(device)
     args.batch_size = args.batch_size or (1024 if device.type == "cuda" else 32)
-    shape = {f.name for f in fields(AutoencoderConfig)}  # the preset's model fields, not its training ones
-    config = AutoencoderConfig(**{k: v for k, v in PRESETS[args.preset].items() if k in shape})
+    config = AutoencoderConfig(**{k: v for k, v in PRESETS[args.preset].items() if k in ARCHITECTURE})
     model, _, gflops = summarize(config)
     # the peak is read again after each variant and the best kept: one reading on a busy machine can come
     # out far too low, and every utilisation would then read above 100%
     peaks = [peak_tflops(device, args)]
     cuda_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     threads = torch.get_num_threads()
-    if cuda_name:
-        theory = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in cuda_name), None)
-        basis = "dense bf16 datasheet"
-    else:
-        theory = cpu_theoretical_tflops(threads, args.fma_units)
-        basis = f"{threads} threads x clock x fp32 FMA lanes x {args.fma_units} FMA units"
+    theory, basis = theoretical_tflops(cuda_name, threads, args.fma_units)
     result = {"device": str(device), "device_name": cuda_name or platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": threads, "batch_size": args.batch_size,
               "config": asdict(config), "params": count_parameters(model), "gflops_per_image": gflops,
@@ -168,7 +161,8 @@ def main(argv=None):
         try:
             result["variants"].append(bench_variant(config, device, variant, args, gflops))
         except Exception as e:  # e.g. compile without a compiler: reported, not fatal
-            error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            first_line = str(e).partition("\n")[0][:160]  # an empty message too
+            error = f"{type(e).__name__}: {first_line}"
             result["variants"].append({"variant": variant, "error": error})
         torch.cuda.empty_cache()  # the variant's model is gone; a no-op without CUDA
         peaks.append(peak_tflops(device, args))

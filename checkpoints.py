@@ -20,16 +20,13 @@ LAST_NAME = "last_checkpoint.ckpt"  # everything train.py --resume needs
 
 def clean_state_dict(state_dict):
     """Strips the prefixes DDP ('module.') and torch.compile ('_orig_mod.') add to keys."""
-    prefix = re.compile(r"^((module|_orig_mod)\.)+")
-    return {prefix.sub("", k): v for k, v in state_dict.items()}
+    return {re.sub(r"^((module|_orig_mod)\.)+", "", k): v for k, v in state_dict.items()}
 
 
-def weights_fingerprint(model_or_state_dict):
+def weights_fingerprint(model):
     """sha256 hex over parameter names, dtypes, shapes and bytes, whatever file the weights came from."""
-    sd = model_or_state_dict
-    sd = sd.state_dict() if isinstance(sd, torch.nn.Module) else sd
     h = hashlib.sha256()
-    for name, t in sorted(clean_state_dict(sd).items()):
+    for name, t in sorted(clean_state_dict(model.state_dict()).items()):
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -58,38 +55,24 @@ def load_checkpoint_dict(path):
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:160]})") from None
     if not isinstance(ckpt, dict):
-        raise UserError(f"{path}: not a checkpoint of this repo (holds a {type(ckpt).__name__}, "
-                        f"expected a dict)")
+        raise UserError(f"{path}: not a checkpoint of this repo (holds a {type(ckpt).__name__}, not a dict)")
     return ckpt
 
 
 def save_safetensors(model, folder):
     # safetensors refuses non-contiguous (channels_last) tensors
-    tensors = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(model.state_dict()).items()}
-    atomic_write(Path(folder) / "model.safetensors",
-                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    sd = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(model.state_dict()).items()}
+    atomic_write(Path(folder, "model.safetensors"), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
 
 
 def read_hub_folder(folder, weights_name="model.safetensors"):
     weights, config = Path(folder) / weights_name, Path(folder) / "config.json"
-    for p in (weights, config):
-        if not p.is_file():
-            raise UserError(f"{folder}: hub-layout folder lacks {p.name}")
+    if missing := [p.name for p in (weights, config) if not p.is_file()]:
+        raise UserError(f"{folder}: hub-layout folder lacks {missing[0]}")
     try:
         return load_file(str(weights)), json.loads(config.read_text(encoding="utf-8"))
     except Exception as e:  # safetensors' own error types, bad JSON, bad UTF-8
         raise UserError(f"{folder}: not a readable {weights.name} + config.json ({str(e)[:160]})") from None
-
-
-def download_from_hub(repo_ref):
-    from huggingface_hub import snapshot_download # looked up at call time (tests replace it)
-    repo_id, _, revision = repo_ref.partition("@")
-    try:
-        return snapshot_download(repo_id, revision=revision or None,
-                                 allow_patterns=["*.safetensors", "*.json"])
-    except Exception as e:  # network, auth and not-found errors all end in the same advice
-        detail = " ".join(str(e).split())[:200]
-        raise UserError(f"could not fetch {repo_ref!r} from the Hugging Face hub ({detail})") from None
 
 
 def read_source(source):
@@ -108,24 +91,20 @@ def read_source(source):
     # "user/name[@rev]" goes to the hub, unless it looks local (runs/x with runs/ here is a missing path)
     looks_local = path.suffix in (".ckpt", ".pt", ".pth", ".safetensors") or Path(path.parts[0]).exists()
     if str(source).count("/") == 1 and not str(source).startswith((".", "/")) and not looks_local:
-        return read_hub_folder(download_from_hub(str(source)))
+        from huggingface_hub import snapshot_download  # looked up at call time (tests replace it)
+        repo_id, _, revision = str(source).partition("@")
+        try:
+            folder = snapshot_download(repo_id, revision=revision or None,
+                                       allow_patterns=["*.safetensors", "*.json"])
+        except Exception as e:  # network, auth and not-found errors all end in the same advice
+            detail = " ".join(str(e).split())[:200]
+            raise UserError(f"could not fetch {str(source)!r} from the Hugging Face hub ({detail})") from None
+        return read_hub_folder(folder)
     raise UserError(f"{source}: not a regular file" if path.exists() else f"checkpoint not found: {source}")
 
 
-def resume_state(model, opt, sched, cfg, history, best_val, world):
-    """Everything --resume needs after the last epoch of `history`, in plain types for weights_only=True
-    loading; its tensors are the live ones."""
-    device = next(model.parameters()).device
-    cuda = {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
-    return {"model": model.state_dict(), "config": asdict(model.config), "train_config": asdict(cfg),
-            "epoch": history[-1]["epoch"], "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "best_val_loss": best_val, "rng": {"torch": torch.get_rng_state(), **cuda}, "history": history,
-            "world_size": world}
-
-
 def saved_settings(config_class, saved, path):
-    """The config dataclass a checkpoint saved, each value checked as its flag (the field's metadata) would
-    check it: the file may have been edited."""
+    """The config a checkpoint saved, each value checked as its flag would check it: it may be edited."""
     where = ""
     try:
         cfg = config_class(**saved)  # TypeError: a setting this version does not have
@@ -141,8 +120,7 @@ def saved_settings(config_class, saved, path):
 
 
 def restore(ckpt, opt, sched, cfg, device, path):
-    """Puts a resume checkpoint's optimizer, schedule and RNG back (the model's weights are loaded already);
-    -> (first epoch, best val loss, history, world size it trained on). UserError if they do not fit."""
+    """Restores `ckpt`'s optimizer, schedule, RNG -> (first epoch, best val, history, world), or UserError."""
     try:  # states that do not fit this model, optimizer or RNG: an edited file, or another run's
         saved_world = ckpt.get("world_size", 1)  # 1: a run saved before it was
         if not isinstance(saved_world, int) or saved_world < 1:
@@ -186,7 +164,6 @@ def write_results(out_dir, cfg, history, best, test_loss, fingerprints, world, d
     """Rank 0, after training: release/, the loss curve and results.json of the best model."""
     best.save_pretrained(out_dir / "release")
     import plots  # here: matplotlib costs every start (--help, a bad flag) a second otherwise
-
     plots.loss_curve(history, out_dir / "loss_curve.png")
     top, loss_name = min(history, key=lambda h: h["val_loss"]), "bce" if cfg.model == "artifact" else "mse"
     write_json(out_dir / "results.json", {

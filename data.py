@@ -24,8 +24,7 @@ PREPROCESSING = ("uint8 RGB -> float / 255 -> bilinear resize to image_size x im
 
 
 def preprocess(images, size=128):
-    """uint8 [B, 3, H, W] or [3, H, W] on any device -> float32 [B, 3, size, size] in [-1, 1]: antialiased
-    bilinear resize rounded to 8 bits (as PIL's Resize), then Normalize(0.5, 0.5). ValueError if not uint8."""
+    """uint8 [B, 3, H, W] or [3, H, W] -> float32 [B, 3, size, size] as PREPROCESSING says; or ValueError."""
     if images.dtype != torch.uint8:
         raise ValueError(f"preprocess expects uint8 pixels, got {images.dtype}")
     x = (images.unsqueeze(0) if images.dim() == 3 else images).float()  # [B, 3, H, W] in [0, 255]
@@ -63,8 +62,7 @@ def tile_origins(length, tile, per_side=MAX_TILES_PER_SIDE):
     """Evenly spread starts of at most per_side tiles along one side, deterministic and disjoint where the
     side allows; on multiples of 8 so that every tile sees the same JPEG block phase."""
     n = min(per_side, length // tile)
-    starts = torch.linspace(0, length - tile, n) if n > 1 else torch.zeros(1)
-    return [int(s) // 8 * 8 for s in starts.tolist()]
+    return [int(s) // 8 * 8 for s in torch.linspace(0, length - tile, n).tolist()]
 
 
 def tiles_of(image, tile):
@@ -74,12 +72,6 @@ def tiles_of(image, tile):
         raise ValueError(f"{w}x{h} pixels: too small for the artifact score's {tile}x{tile} tiles")
     ys, xs = tile_origins(h, tile), tile_origins(w, tile)
     return torch.stack([image[:, y:y + tile, x:x + tile] for y in ys for x in xs])
-
-
-def image_tiles(images, tile):
-    """uint8 images [3, H, W] (a list, or a batch) -> (their tiles [T, 3, tile, tile], tiles per image)."""
-    tiles = [tiles_of(im, tile) for im in images]
-    return torch.cat(tiles), [len(t) for t in tiles]
 
 
 def reduced(image, size):
@@ -111,10 +103,9 @@ def load_cifar10(data_dir, train=True):
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # [N, 3, 32, 32] uint8
 
 
-def load_image_folder(paths, size, on_error=None):
-    """Readable images under `paths`, resized by preprocess -> (uint8 [N, 3, size, size], number skipped);
-    each unreadable one, and each listing problem, goes to on_error(path, reason). Under torchrun each rank
-    decodes its share and every rank gets all of them, in listing order."""
+def load_image_folder(paths, size, on_error=lambda path, reason: None):
+    """Readable images under `paths`, resized by preprocess -> (uint8 [N, 3, size, size], number unreadable);
+    problems go to on_error(path, reason). Under torchrun ranks split the decoding; all get all, in order."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     problems, kept, names = [], [], ", ".join(map(str, paths if isinstance(paths, list) else [paths]))
     files = list(iter_image_files(paths, lambda path, reason: problems.append((-1, path, reason))))
@@ -129,8 +120,7 @@ def load_image_folder(paths, size, on_error=None):
         parts = gather((kept, [p for p in problems if p[0] >= 0 or rank == 0]))
         kept, problems = sorted(sum((k for k, _ in parts), [])), sorted(sum((p for _, p in parts), []))
     for _, path, reason in problems:
-        if on_error:
-            on_error(path, reason)
+        on_error(path, reason)
     if not kept:
         raise UserError(f"no readable images under {names}")
     return torch.cat([image for _, image in kept]), sum(i >= 0 for i, _, _ in problems)
@@ -207,12 +197,10 @@ class Labeled:
         return Labeled(self.images.to(device), self.labels.to(device))
 
 
-RESAMPLING = (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS)
-
-
 def resize(pil, factor, rng):
     side = tuple(max(8, round(n * factor)) for n in pil.size)
-    return pil.resize(side, RESAMPLING[rng.integers(len(RESAMPLING))])
+    filters = (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS)
+    return pil.resize(side, filters[rng.integers(len(filters))])
 
 
 def augmented_tile(pil, size, rng, real):
@@ -258,10 +246,8 @@ def load_pairs(data_dir, size, seed=0, fakes_per_image=2):
     return Labeled(torch.stack(tiles), torch.tensor(labels)), photos, generators
 
 
-# ---- what train.py trains on
 def load_datasets(cfg, device):
-    """train.py's data (cfg: its TrainConfig) -> uint8 tensors (train, val, test) on `device`, each
-    [N, 3, H, W] (Labeled for pairs), and where they came from."""
+    """TrainConfig -> uint8 (train, val, test) [N, 3, H, W] (pairs: Labeled) on `device`, and their source."""
     if (cfg.model == "artifact") != (cfg.dataset == "pairs"):
         raise UserError("only the artifact detector trains on labeled pairs: use --preset artifact --data-dir"
                         " PAIRS (real/ and one folder per generator, scripts/generated/make_pairs.py)")

@@ -26,13 +26,14 @@ deepfake classifier: see the repository's README for what it misses. Load it wit
 """
 
 
-def config_from_dict(cls, d):
-    """A config dataclass from a dict read from a file; ValueError on any key but its fields (an older file's
-    "architecture" name is ignored)."""
-    names = [f.name for f in fields(cls)]
-    if not isinstance(d, dict) or set(d) - {*names, "architecture"}:
-        raise ValueError(f"expected a JSON object with keys from {names}, got {d!r:.200}")
-    return cls(**{k: v for k, v in d.items() if k != "architecture"})
+class Config:
+    @classmethod
+    def from_dict(cls, d):
+        """cls from a file's dict; ValueError on keys not in its fields (an old "architecture" is ignored)."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(d, dict) or set(d) - {*names, "architecture"}:
+            raise ValueError(f"expected a JSON object with keys from {names}, got {d!r:.200}")
+        return cls(**{k: v for k, v in d.items() if k != "architecture"})
 
 
 def check_stages(config, max_stages, *counts):
@@ -49,14 +50,12 @@ def check_stages(config, max_stages, *counts):
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(Config):
     image_size: int = 128  # square input, H = W
     in_channels: int = 3
     channels: tuple = (64, 128, 256, 384, 512)  # one entry per down / up stage
     blocks_per_stage: int = 1  # residual blocks after each down / before each up
     latent_dim: int = 512
-
-    from_dict = classmethod(config_from_dict)
 
     def __post_init__(self):
         c = check_stages(self, 8, self.in_channels, self.latent_dim)
@@ -65,10 +64,6 @@ class AutoencoderConfig:
         params = 2 * c[-1] * s * s * self.latent_dim + 9 * convs * sum(x * x for x in c)
         if params + 9 * self.in_channels * c[0] > 1e9:
             raise ValueError(f"config too large: about {params:.3g} parameters (this loader's limit is 1e9)")
-
-    @property
-    def bottleneck_size(self):
-        return self.image_size // 2 ** len(self.channels)
 
 
 def count_parameters(model):
@@ -116,19 +111,19 @@ class ResidualAutoencoder(HubModel, model_card_template=MODEL_CARD, library_name
     def __init__(self, config: AutoencoderConfig = None):
         super().__init__(config or AutoencoderConfig())
         config = self.config
-        c, n, s = config.channels, config.blocks_per_stage, config.bottleneck_size
+        c, n, s = config.channels, config.blocks_per_stage, config.image_size // 2 ** len(config.channels)
         self.stem = conv_bn_relu(nn.Conv2d(config.in_channels, c[0], 3, padding=1, bias=False))
         c_in = (c[0],) + c[:-1]
-        self.down = nn.ModuleList(  # each stage halves the resolution
-            nn.Sequential(conv_bn_relu(nn.Conv2d(ci, co, 3, stride=2, padding=1, bias=False)),
-                          *[ResidualBlock(co) for _ in range(n)])
-            for ci, co in zip(c_in, c))
+        self.down = nn.Sequential(  # each stage halves the resolution
+            *[nn.Sequential(conv_bn_relu(nn.Conv2d(ci, co, 3, stride=2, padding=1, bias=False)),
+                            *[ResidualBlock(co) for _ in range(n)]) for ci, co in zip(c_in, c)])
         self.to_latent = nn.Linear(c[-1] * s * s, config.latent_dim)
         self.from_latent = nn.Linear(config.latent_dim, c[-1] * s * s)
-        self.up = nn.ModuleList(  # mirrors the encoder
-            nn.Sequential(*[ResidualBlock(ci) for _ in range(n)],
-                          conv_bn_relu(nn.ConvTranspose2d(ci, co, 4, stride=2, padding=1, bias=False)))
-            for ci, co in zip(reversed(c), reversed(c_in)))
+        self.bottleneck = (c[-1], s, s)  # the encoder's last feature map, [C, S, S]
+        self.up = nn.Sequential(  # mirrors the encoder
+            *[nn.Sequential(*[ResidualBlock(ci) for _ in range(n)],
+                            conv_bn_relu(nn.ConvTranspose2d(ci, co, 4, stride=2, padding=1, bias=False)))
+              for ci, co in zip(reversed(c), reversed(c_in))])
         self.head = nn.Conv2d(c[0], config.in_channels, 3, padding=1)
 
     def encode(self, x):
@@ -137,19 +132,13 @@ class ResidualAutoencoder(HubModel, model_card_template=MODEL_CARD, library_name
             got = f"{tuple(x.shape)} {x.dtype}" if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"expected a float batch [B, {', '.join(map(str, shape))}] in [-1, 1] "
                              f"(data.preprocess), got {got}")
-        h = self.stem(x)
-        for stage in self.down:
-            h = stage(h)
-        return self.to_latent(h.flatten(1))  # [B, latent_dim]
+        return self.to_latent(self.down(self.stem(x)).flatten(1))  # [B, latent_dim]
 
     def decode(self, z):
-        s = self.config.bottleneck_size
-        h = F.relu(self.from_latent(z)).view(z.shape[0], self.config.channels[-1], s, s)
+        h = F.relu(self.from_latent(z)).view(z.shape[0], *self.bottleneck)  # [B, C, S, S]
         if self.head.weight.is_contiguous(memory_format=torch.channels_last):
             h = h.contiguous(memory_format=torch.channels_last)  # .view() gave NCHW; keep the fast layout
-        for stage in self.up:
-            h = stage(h)
-        return torch.tanh(self.head(h))
+        return torch.tanh(self.head(self.up(h)))
 
     def forward(self, x):
         return self.decode(self.encode(x))
@@ -177,13 +166,11 @@ mean tile logit says whether a network made the image. See the repository's READ
 
 
 @dataclass
-class ArtifactConfig:
+class ArtifactConfig(Config):
     kind: str = "artifact"  # tells load_model which network a config describes
     image_size: int = 64  # training crop and scoring tile side, in original pixels
     channels: tuple = (32, 64, 128)  # one stage each, the first at half the tile's resolution
     blocks_per_stage: int = 1
-
-    from_dict = classmethod(config_from_dict)
 
     def __post_init__(self):
         c = check_stages(self, 6)
@@ -194,8 +181,7 @@ class ArtifactConfig:
 def neighbour_residual(x):
     """[B, 3, S, S] -> [B, 12, S/2, S/2]: each pixel minus the top-left one of its 2x2 block (NPR, Tan et
     al. CVPR 2024), the four positions as channels: up-sampling traces stay, the content mostly cancels."""
-    residual = x - F.interpolate(x[:, :, ::2, ::2], scale_factor=2.0, mode="nearest")
-    return F.pixel_unshuffle(residual, 2)
+    return F.pixel_unshuffle(x - F.interpolate(x[:, :, ::2, ::2], scale_factor=2.0, mode="nearest"), 2)
 
 
 class ArtifactDetector(HubModel, model_card_template=ARTIFACT_CARD, library_name="pytorch", license="mit",
@@ -261,23 +247,18 @@ def prepare_model(model, device):
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
-KINDS = {ResidualAutoencoder: ("an autoencoder", "--checkpoint"),
-         ArtifactDetector: ("an artifact detector", "--artifact-model")}
-
-
-def load_kind(source, kind, device):
-    """The model in `source`, checked to be of class `kind` (its flag names that kind), ready to score."""
-    model = load_model(source, device)
-    if not isinstance(model, kind):
-        (got, flag), (want, _) = (KINDS[type(model)], KINDS[kind])
-        raise UserError(f"{source} holds {got}, not {want}: give it with {flag}")
-    return prepare_model(model, device)
-
-
 def load_models(checkpoint, device, artifact_checkpoint=None):
     """(autoencoder or None, artifact detector or None), each checked to be the kind its flag asks for."""
-    return (checkpoint and load_kind(checkpoint, ResidualAutoencoder, device),
-            artifact_checkpoint and load_kind(artifact_checkpoint, ArtifactDetector, device))
+    kinds = {ResidualAutoencoder: ("an autoencoder", "--checkpoint"),  # in the order of the arguments
+             ArtifactDetector: ("an artifact detector", "--artifact-model")}
+    models = []
+    for source, kind in zip((checkpoint, artifact_checkpoint), kinds):
+        model = load_model(source, device) if source else None
+        if model is not None and not isinstance(model, kind):
+            (got, flag), (want, _) = kinds[type(model)], kinds[kind]
+            raise UserError(f"{source} holds {got}, not {want}: give it with {flag}")
+        models.append(model if model is None else prepare_model(model, device))
+    return tuple(models)
 
 
 def summarize(config):
@@ -286,7 +267,7 @@ def summarize(config):
     model = ResidualAutoencoder(config).eval()
     rows = []
     for name, m in model.named_children():
-        for i, stage in enumerate(m, 1) if isinstance(m, nn.ModuleList) else [("", m)]:  # down1, ...; stem
+        for i, stage in enumerate(m, 1) if name in ("down", "up") else [("", m)]:  # down1, ...; stem
             stage.register_forward_hook(lambda m, _, out, label=f"{name}{i}": rows.append(
                 (label, list(out.shape), count_parameters(m))))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -8,8 +8,7 @@
     python train.py --preset artifact --data-dir generated/pairs/train --out-dir runs/artifact
 
 Writes to --out-dir: model_best_checkpoint.ckpt, last_checkpoint.ckpt (to resume), metrics.jsonl,
-loss_curve.png, results.json and release/ (hub layout).
-"""
+loss_curve.png, results.json and release/ (hub layout)."""
 
 import argparse
 import copy
@@ -26,15 +25,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoints import (BEST_NAME, LAST_NAME, load_checkpoint_dict, restore, resume_state, save_checkpoints,
+from checkpoints import (BEST_NAME, LAST_NAME, load_checkpoint_dict, restore, save_checkpoints,
                          saved_settings, weights_fingerprint, write_metrics, write_results)
 from data import batches, epoch_shard, load_cifar10, load_datasets
 from model import NETWORKS, AutoencoderConfig, count_parameters, load_model, model_from_weights, prepare_model
 from utils import (SEED, ArgumentParser, UserError, all_reduce_sum, autocast, fast_math, gather, main_exit,
                    number, on_every_rank, parallel, peak_memory_gb, precision_name, run_cli,
                    setup_distributed)
-
-RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best_val_loss", "rng", "config", "train_config"}
 
 
 def setting(default, help, **argparse_kwargs):
@@ -118,8 +115,7 @@ def build_parser(preset=None):
 
 
 def parse_args(argv=None):
-    """(cfg, resume, overwrite, given): the preset's defaults overridden by the flags; `given` names the
-    settings the command line sets (by a flag, or by a typed --preset)."""
+    """(cfg, resume, overwrite, given): flags over the preset's defaults; `given`: the settings they set."""
     typed = vars(build_parser().parse_known_args(argv)[0])  # unknown flags and --help: the next parser's
     args = build_parser(typed.get("preset", "card")).parse_args(argv)
     if args.resume and args.overwrite:
@@ -142,7 +138,8 @@ def run_settings(cfg, resume, overwrite, given):
     if not last.exists():
         raise UserError(f"--resume: no {LAST_NAME} in {cfg.out_dir} (nothing to resume; drop --resume "
                         f"to start fresh)")
-    if missing := RESUME_KEYS - set(ckpt := load_checkpoint_dict(last)):
+    required = {"model", "optimizer", "scheduler", "epoch", "best_val_loss", "rng", "config", "train_config"}
+    if missing := required - set(ckpt := load_checkpoint_dict(last)):
         raise UserError(f"{last}: not a resume checkpoint (missing {sorted(missing)})")
     saved = saved_settings(TrainConfig, ckpt["train_config"], last)
     from_weights = ("model", *ARCHITECTURE) if saved.init_from else ()
@@ -216,8 +213,7 @@ def new_model(cfg):
 
 
 def build(cfg, ckpt, device, world):
-    """(cfg, model, opt, sched, first epoch, best val loss, history): fresh, or as the resume checkpoint
-    `ckpt` left them, at the global batch it trained with whatever the number of processes now."""
+    """(cfg, model, opt, sched, first epoch, best val, history): fresh, or from `ckpt` at its global batch."""
     torch.manual_seed(cfg.seed)
     last = Path(cfg.out_dir) / LAST_NAME
     if ckpt:  # existing weights (the run's, or --init-from's) decide the architecture
@@ -229,8 +225,7 @@ def build(cfg, ckpt, device, world):
     model = model.to(device, memory_format=torch.channels_last)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor,
-                                                       patience=cfg.lr_patience)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.lr_factor, patience=cfg.lr_patience)
     if not ckpt:
         return cfg, model, opt, sched, 1, math.inf, []
     start, best_val, history, saved_world = restore(ckpt, opt, sched, cfg, device, last)
@@ -247,8 +242,7 @@ def fit(cfg, ckpt, rank, world, device):
     fast_math(device)
     # what checkpoints record: the run's own per-process batch and process count, whatever they are now
     run_batch, run_world = cfg.batch_size, ckpt.get("world_size", 1) if ckpt else world
-    cfg, model, opt, sched, start_epoch, best_val, history = on_every_rank(
-        lambda: build(cfg, ckpt, device, world))
+    cfg, model, opt, sched, start, best_val, history = on_every_rank(lambda: build(cfg, ckpt, device, world))
     out_dir = Path(cfg.out_dir)
     train_u8, val_u8, test_u8, source = on_every_rank(lambda: load_datasets(cfg, device))
     if len(train_u8) // world < cfg.batch_size:
@@ -257,7 +251,7 @@ def fit(cfg, ckpt, rank, world, device):
     log(f"data: {source}; train {len(train_u8):,} / val {len(val_u8):,} / test {len(test_u8):,} images "
         f"at {tuple(train_u8.shape[2:])} -> {cfg.image_size}x{cfg.image_size}")
     if ckpt:
-        log(f"resumed from {out_dir / LAST_NAME} after epoch {start_epoch - 1} (best val {best_val:.6f})")
+        log(f"resumed from {out_dir / LAST_NAME} after epoch {start - 1} (best val {best_val:.6f})")
     elif cfg.init_from:
         log(f"fine-tuning from {cfg.init_from}")
     net = on_every_rank(lambda: parallel(model, device, world, cfg.sync_bn, cfg.compile))
@@ -265,7 +259,7 @@ def fit(cfg, ckpt, rank, world, device):
         f"{cfg.batch_size} per process ({cfg.batch_size * world} in all), {precision_name(device)}")
     pending = None  # rank 0: the resume state of the last epoch while it is not on disk
     try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
+        for epoch in range(start, cfg.epochs + 1):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
@@ -289,10 +283,14 @@ def fit(cfg, ckpt, rank, world, device):
             history.append(row)
             improved, best_val = val_loss < best_val, min(best_val, val_loss)
             # the first epoch too: after it no older run's resume state (--overwrite) sits beside this run's
-            due = epoch % cfg.checkpoint_every == 0 or epoch in (start_epoch, cfg.epochs)
+            due = epoch % cfg.checkpoint_every == 0 or epoch in (start, cfg.epochs)
             row["epoch_wall_s"] = round(time.perf_counter() - t0, 3)  # the checkpoint's: all but its writes
-            state = resume_state(model, opt, sched, replace(cfg, batch_size=run_batch), history, best_val,
-                                 run_world)
+            # what --resume needs, in plain types for weights_only=True loading; its tensors are the live ones
+            cuda = {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
+            state = {"model": model.state_dict(), "config": asdict(model.config), "epoch": epoch,
+                     "train_config": asdict(replace(cfg, batch_size=run_batch)), "world_size": run_world,
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
+                     "rng": {"torch": torch.get_rng_state(), **cuda}, "best_val_loss": best_val}
             if rank == 0 and not due:  # held until written: training goes on changing the live tensors
                 pending = copy.deepcopy(state)
             on_every_rank(lambda: rank == 0 and save_checkpoints(out_dir, state, improved, due))
@@ -326,9 +324,7 @@ def train(cfg, resume=False, overwrite=False, given=()):
         with on_every_rank(lambda: lock_folder(cfg.out_dir) if rank == 0 else nullcontext()):
             fit(cfg, ckpt, rank, world, device)
     except UserError as e:
-        if world > 1:
-            raise UserError(f"rank {rank}: {e}") from None
-        raise
+        raise UserError(f"rank {rank}: {e}" if world > 1 else str(e)) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -15,7 +15,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
-# ---- command line
 class UserError(Exception):
     """A problem the user can fix, said in one line: run_cli prints it as `error: ...` and exits 2."""
 
@@ -37,8 +36,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        self.exit(2, f"error: {message}\n")
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, extra = super().parse_known_args(args, namespace)
@@ -49,18 +47,16 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed, extra
 
 
-def number(kind=int, low=None, high=None):
-    """An argparse type: a finite `kind` in [low, high] (None: unbounded)."""
-    lo, hi = -math.inf if low is None else low, math.inf if high is None else high
-
+def number(kind=int, low=-math.inf, high=math.inf):
+    """An argparse type: a finite `kind` in [low, high] (unbounded by default)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{text} is outside [{lo}, {hi}]")
+        if not math.isfinite(value) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is outside [{low}, {high}]")
         return value
     return parse
 
@@ -81,10 +77,9 @@ def run_cli(main, argv=None):
 
 
 def main_exit(main):
-    """A script's __main__: runs main(), SIGTERM raising SystemExit (a scheduler's preemption: training
-    writes what it holds), and exits with its status. Under torchrun the process ends without C++
-    destructors: a gloo process group's threads can abort a finished process ('terminate called', exit -6),
-    which torchrun reports as a failed run."""
+    """A script's __main__: runs main(), SIGTERM raising SystemExit (a scheduler's preemption: training writes
+    what it holds), and exits with its status, under torchrun without C++ destructors: a gloo process group's
+    threads can abort a finished process ('terminate called', exit -6), which torchrun reports as failed."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         status = main()
@@ -118,7 +113,6 @@ def add_model_flags(parser, checkpoint_help="the autoencoder: train.py checkpoin
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
 
 
-# ---- output files
 def csv_cell(value):
     """None -> empty; text that starts like a formula gets a leading ' so spreadsheets show it as text."""
     if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
@@ -170,7 +164,6 @@ def write_json(path, obj):
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-# ---- devices, precision and torchrun
 def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
