@@ -103,6 +103,20 @@ def read_source(source):
     raise UserError(f"{source}: not a regular file" if path.exists() else f"checkpoint not found: {source}")
 
 
+RESUME_KEYS = {"model", "optimizer", "scheduler", "epoch", "best_val_loss", "rng", "config", "train_config"}
+
+
+def resume_state(model, opt, sched, cfg, history, best_val, world):
+    """What --resume needs after history's last epoch, in plain types for weights_only=True loading (live
+    tensors: copy before training goes on)."""
+    device = next(model.parameters()).device
+    cuda = {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
+    return {"model": model.state_dict(), "config": asdict(model.config), "train_config": asdict(cfg),
+            "epoch": history[-1]["epoch"], "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "best_val_loss": best_val, "rng": {"torch": torch.get_rng_state(), **cuda}, "history": history,
+            "world_size": world}
+
+
 def saved_settings(config_class, saved, path):
     """The config a checkpoint saved, each value checked as its flag would check it: it may be edited."""
     where = ""

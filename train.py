@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoints import (BEST_NAME, LAST_NAME, load_checkpoint_dict, restore, save_checkpoints,
-                         saved_settings, weights_fingerprint, write_metrics, write_results)
+from checkpoints import (BEST_NAME, LAST_NAME, RESUME_KEYS, load_checkpoint_dict, restore, resume_state,
+                         save_checkpoints, saved_settings, weights_fingerprint, write_metrics, write_results)
 from data import batches, epoch_shard, load_cifar10, load_datasets
 from model import NETWORKS, AutoencoderConfig, count_parameters, load_model, model_from_weights, prepare_model
 from utils import (SEED, ArgumentParser, UserError, all_reduce_sum, autocast, fast_math, gather, main_exit,
@@ -138,8 +138,7 @@ def run_settings(cfg, resume, overwrite, given):
     if not last.exists():
         raise UserError(f"--resume: no {LAST_NAME} in {cfg.out_dir} (nothing to resume; drop --resume "
                         f"to start fresh)")
-    required = {"model", "optimizer", "scheduler", "epoch", "best_val_loss", "rng", "config", "train_config"}
-    if missing := required - set(ckpt := load_checkpoint_dict(last)):
+    if missing := RESUME_KEYS - set(ckpt := load_checkpoint_dict(last)):
         raise UserError(f"{last}: not a resume checkpoint (missing {sorted(missing)})")
     saved = saved_settings(TrainConfig, ckpt["train_config"], last)
     from_weights = ("model", *ARCHITECTURE) if saved.init_from else ()
@@ -285,12 +284,8 @@ def fit(cfg, ckpt, rank, world, device):
             # the first epoch too: after it no older run's resume state (--overwrite) sits beside this run's
             due = epoch % cfg.checkpoint_every == 0 or epoch in (start, cfg.epochs)
             row["epoch_wall_s"] = round(time.perf_counter() - t0, 3)  # the checkpoint's: all but its writes
-            # what --resume needs, in plain types for weights_only=True loading; its tensors are the live ones
-            cuda = {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
-            state = {"model": model.state_dict(), "config": asdict(model.config), "epoch": epoch,
-                     "train_config": asdict(replace(cfg, batch_size=run_batch)), "world_size": run_world,
-                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
-                     "rng": {"torch": torch.get_rng_state(), **cuda}, "best_val_loss": best_val}
+            state = resume_state(model, opt, sched, replace(cfg, batch_size=run_batch), history, best_val,
+                                 run_world)
             if rank == 0 and not due:  # held until written: training goes on changing the live tensors
                 pending = copy.deepcopy(state)
             on_every_rank(lambda: rank == 0 and save_checkpoints(out_dir, state, improved, due))

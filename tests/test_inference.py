@@ -566,3 +566,14 @@ def test_torchrun_is_refused_in_one_line_and_nothing_written(env, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: inference_example.py runs as one process: start it with python, not torchrun"]
     assert not list(tmp_path.iterdir())
+
+
+def test_a_thresholds_file_with_the_removed_scores_still_applies(env, capsys, tmp_path):
+    cfg = json.loads(Path(env["th"]["bound"]).read_text(encoding="utf-8"))
+    cfg["score_thresholds"] = {"complexity": {"thresholds": {"balanced": {"value": 1.0}}},  # files before
+                               "combined": {"levels": {"balanced": {"value": 0.05}}}}      # their removal
+    cfg["calibration_scores"]["scores"]["complexity"] = [0.5, 1.5]
+    (old := tmp_path / "old.json").write_text(json.dumps(cfg), encoding="utf-8")
+    status, out, err = run_main(capsys, env["root"] / "good", "--checkpoint", env["ckpt"], "--thresholds", old,
+                                "--workers", "0")
+    assert status == 0 and out.count("\tmse=") == len(env["good"]) and "warning" not in err, err
